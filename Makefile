@@ -1,0 +1,42 @@
+# kube-fledged (Python). `make test` and `make demo` work as the first command on a
+# fresh machine: each builds what it needs (venv, generated protos are committed,
+# the real Kubernetes/containerd/etcd/helm binaries via tools/build-testenv.sh).
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export GOTOOLCHAIN := local
+
+.PHONY: venv protos testenv test test-unit lint demo clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+protos: $(STAMP)
+	$(PY) protos/generate.py
+
+testenv:
+	bash tools/build-testenv.sh
+
+test: $(STAMP) testenv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -m 'not env' $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+demo: $(STAMP) testenv
+	$(PY) -m tests.testenv.demo
+
+clean:
+	rm -rf $(VENV) .testenv .pytest_cache .mypy_cache .ruff_cache

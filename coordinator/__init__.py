@@ -1,0 +1,1 @@
+"""The coordinator: reconciles ImageCache resources into orders for the node agents."""

@@ -1,0 +1,1 @@
+"""Protocol buffer sources and the Python generated from them (see generate.py)."""
