@@ -11,8 +11,9 @@ import pytest
 from kubernetes import client
 
 from tests.testenv import MissingBinary, TestEnv
+from tests.testenv.agents import AgentProcess
 
-ENV_FIXTURES = {"testenv", "namespace", "kube"}
+ENV_FIXTURES = {"testenv", "namespace", "kube", "agents"}
 _env: TestEnv | None = None
 
 
@@ -50,6 +51,12 @@ def testenv(request: pytest.FixtureRequest) -> Iterator[TestEnv]:
         env.cleanup()
     else:
         print(f"\ntest environment files kept in {env.workdir}")
+
+
+@pytest.fixture(scope="session")
+def agents(testenv: TestEnv) -> dict[str, AgentProcess]:
+    """One real agent per simulated node, registered by Lease, for the whole run."""
+    return {agent.node_name: agent for agent in testenv.start_agents()}
 
 
 @pytest.fixture

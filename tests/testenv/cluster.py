@@ -16,6 +16,7 @@ from pathlib import Path
 
 from kubernetes import client
 
+from .agents import AGENT_NAMESPACE, AgentProcess
 from .containerd import Containerd
 from .dockerd import Dockerd
 from .images import RegistryClient
@@ -25,6 +26,7 @@ from .pki import CertificateAuthority
 from .procs import ManagedProcess
 from .registry import Registry
 
+AGENT_USER = "fledged-agent"
 AUTH_USER = "fledged"
 AUTH_PASSWORD = "s3cret-pull-password"  # test-only credentials of the htpasswd registry
 
@@ -65,6 +67,7 @@ class TestEnv:
         ]
         self.dockerd = Dockerd(self.workdir, hosts) if with_docker else None
         self._api_client: client.ApiClient | None = None
+        self._agent_identity: Identity | None = None
         self._started: list[ManagedProcess] = []
 
     # -- lifecycle -------------------------------------------------------------------
@@ -92,6 +95,9 @@ class TestEnv:
         core = client.CoreV1Api(self.api_client())
         for node in self.nodes:
             register_node(core, node.name, node.labels)
+        core.create_namespace(
+            client.V1Namespace(metadata=client.V1ObjectMeta(name=AGENT_NAMESPACE))
+        )
 
     def _run_start(self, process: ManagedProcess, start: object) -> None:
         self._started.append(process)
@@ -115,6 +121,50 @@ class TestEnv:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    # -- agents ----------------------------------------------------------------------
+
+    def agent_identity(self) -> Identity:
+        """A client-certificate user with only the Lease rights an agent needs."""
+        if self._agent_identity is None:
+            ensure_agent_rbac(self.api_client(), AGENT_USER)
+            self._agent_identity = self.identity(AGENT_USER)
+        return self._agent_identity
+
+    def start_agent(
+        self,
+        node: SimNode | None = None,
+        *,
+        node_name: str | None = None,
+        runtime_endpoint: str | None = None,
+        runtime: str = "cri",
+        lease: bool = True,
+        extra_args: tuple[str, ...] = (),
+        name: str | None = None,
+        wait_serving: bool = True,
+    ) -> AgentProcess:
+        """Starts a real agent process; it is stopped with the environment."""
+        agent = AgentProcess(
+            self.workdir,
+            node_name or (node.name if node else "unnamed"),
+            runtime_endpoint or (node.runtime_endpoint if node else ""),
+            runtime=runtime,
+            kubeconfig=self.agent_identity().kubeconfig if lease else None,
+            extra_args=extra_args,
+            name=name,
+        )
+        self._started.append(agent.process)
+        agent.start(wait_serving=wait_serving)
+        return agent
+
+    def start_agents(self) -> list[AgentProcess]:
+        """One agent per node, registered by Lease, as the DaemonSet would run them."""
+        return [self.start_agent(node) for node in self.nodes]
+
+    def add_registry_host(self, host: str) -> None:
+        """Makes another plain-HTTP registry (e.g. a proxy) reachable from every node."""
+        for node in self.nodes:
+            node.containerd.add_registry_host(host)
 
     # -- access ----------------------------------------------------------------------
 
@@ -145,6 +195,40 @@ class TestEnv:
     def log_report(self, lines: int = 30) -> str:
         parts = [f"--- {p.name} ({p.log_path}) ---\n{p.log_tail(lines)}" for p in self._started]
         return "\n".join(parts)
+
+
+def ensure_agent_rbac(api: client.ApiClient, user: str) -> None:
+    """A Role on Leases in the agent namespace, bound to `user` (idempotent)."""
+    rbac = client.RbacAuthorizationV1Api(api)
+    role = client.V1Role(
+        metadata=client.V1ObjectMeta(name="fledged-agent-test"),
+        rules=[
+            client.V1PolicyRule(
+                api_groups=["coordination.k8s.io"],
+                resources=["leases"],
+                verbs=["get", "create", "update", "delete"],
+            )
+        ],
+    )
+    binding = client.V1RoleBinding(
+        metadata=client.V1ObjectMeta(name="fledged-agent-test"),
+        role_ref=client.V1RoleRef(
+            api_group="rbac.authorization.k8s.io", kind="Role", name="fledged-agent-test"
+        ),
+        subjects=[
+            client.RbacV1Subject(kind="User", name=user, api_group="rbac.authorization.k8s.io")
+        ],
+    )
+    try:
+        rbac.create_namespaced_role(AGENT_NAMESPACE, role)
+    except client.ApiException as err:
+        if err.status != 409:
+            raise
+    try:
+        rbac.create_namespaced_role_binding(AGENT_NAMESPACE, binding)
+    except client.ApiException as err:
+        if err.status != 409:
+            raise
 
 
 @contextlib.contextmanager

@@ -36,7 +36,7 @@ class Containerd:
         self.socket = self.dir / "containerd.sock"
         self.endpoint = f"unix://{self.socket}"
         self.root = self.dir / "root"
-        certs_d = self.dir / "certs.d"
+        self.certs_d = certs_d = self.dir / "certs.d"
         write_hosts_toml(certs_d, registry_hosts)
         config = self.dir / "config.toml"
         config.write_text(
@@ -85,6 +85,10 @@ class Containerd:
     def start(self) -> None:
         self.process.start()
         self.process.wait_until(self._serving, timeout=60, what="containerd CRI ImageService")
+
+    def add_registry_host(self, host: str) -> None:
+        """Makes another plain-HTTP registry reachable (containerd reads this per pull)."""
+        write_hosts_toml(self.certs_d, [host])
 
     def stop(self) -> None:
         self.process.stop()

@@ -61,6 +61,7 @@ class PushedImage:
     digest: str  # of the manifest (or index) the tag points at
     config_digest: str  # of the host platform's config: the image id runtimes report
     layer_sizes: tuple[int, ...]  # compressed, as pulled
+    layer_digests: tuple[str, ...]
     content_size: int  # manifest + config + layers of the host platform
 
     @property
@@ -213,5 +214,6 @@ class RegistryClient:
             digest=digest,
             config_digest=config.digest,
             layer_sizes=tuple(b.size for b in blobs),
+            layer_digests=tuple(b.digest for b in blobs),
             content_size=manifest.size + config.size + sum(b.size for b in blobs),
         )

@@ -26,7 +26,7 @@ from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n3protos/containerd/services/content/v1/content.proto\x12\x1e\x63ontainerd.services.content.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf5\x01\n\x04Info\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12@\n\x06labels\x18\x05 \x03(\x0b\x32\x30.containerd.services.content.v1.Info.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1d\n\x0bInfoRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"B\n\x0cInfoResponse\x12\x32\n\x04info\x18\x01 \x01(\x0b\x32$.containerd.services.content.v1.Info\"%\n\x12ListContentRequest\x12\x0f\n\x07\x66ilters\x18\x01 \x03(\t\"I\n\x13ListContentResponse\x12\x32\n\x04info\x18\x01 \x03(\x0b\x32$.containerd.services.content.v1.Info\"&\n\x14\x44\x65leteContentRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"\xa6\x01\n\x06Status\x12.\n\nstarted_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0b\n\x03ref\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\r\n\x05total\x18\x05 \x01(\x03\x12\x10\n\x08\x65xpected\x18\x06 \x01(\t\"&\n\x13ListStatusesRequest\x12\x0f\n\x07\x66ilters\x18\x01 \x03(\t\"P\n\x14ListStatusesResponse\x12\x38\n\x08statuses\x18\x01 \x03(\x0b\x32&.containerd.services.content.v1.Status2\xb2\x03\n\x07\x43ontent\x12\x61\n\x04Info\x12+.containerd.services.content.v1.InfoRequest\x1a,.containerd.services.content.v1.InfoResponse\x12q\n\x04List\x12\x32.containerd.services.content.v1.ListContentRequest\x1a\x33.containerd.services.content.v1.ListContentResponse0\x01\x12V\n\x06\x44\x65lete\x12\x34.containerd.services.content.v1.DeleteContentRequest\x1a\x16.google.protobuf.Empty\x12y\n\x0cListStatuses\x12\x33.containerd.services.content.v1.ListStatusesRequest\x1a\x34.containerd.services.content.v1.ListStatusesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n3protos/containerd/services/content/v1/content.proto\x12\x1e\x63ontainerd.services.content.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf5\x01\n\x04Info\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12@\n\x06labels\x18\x05 \x03(\x0b\x32\x30.containerd.services.content.v1.Info.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1d\n\x0bInfoRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"B\n\x0cInfoResponse\x12\x32\n\x04info\x18\x01 \x01(\x0b\x32$.containerd.services.content.v1.Info\"%\n\x12ListContentRequest\x12\x0f\n\x07\x66ilters\x18\x01 \x03(\t\"I\n\x13ListContentResponse\x12\x32\n\x04info\x18\x01 \x03(\x0b\x32$.containerd.services.content.v1.Info\"B\n\x12ReadContentRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04size\x18\x03 \x01(\x03\"3\n\x13ReadContentResponse\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"&\n\x14\x44\x65leteContentRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"\xa6\x01\n\x06Status\x12.\n\nstarted_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0b\n\x03ref\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\r\n\x05total\x18\x05 \x01(\x03\x12\x10\n\x08\x65xpected\x18\x06 \x01(\t\"&\n\x13ListStatusesRequest\x12\x0f\n\x07\x66ilters\x18\x01 \x03(\t\"P\n\x14ListStatusesResponse\x12\x38\n\x08statuses\x18\x01 \x03(\x0b\x32&.containerd.services.content.v1.Status2\xa5\x04\n\x07\x43ontent\x12\x61\n\x04Info\x12+.containerd.services.content.v1.InfoRequest\x1a,.containerd.services.content.v1.InfoResponse\x12q\n\x04List\x12\x32.containerd.services.content.v1.ListContentRequest\x1a\x33.containerd.services.content.v1.ListContentResponse0\x01\x12q\n\x04Read\x12\x32.containerd.services.content.v1.ReadContentRequest\x1a\x33.containerd.services.content.v1.ReadContentResponse0\x01\x12V\n\x06\x44\x65lete\x12\x34.containerd.services.content.v1.DeleteContentRequest\x1a\x16.google.protobuf.Empty\x12y\n\x0cListStatuses\x12\x33.containerd.services.content.v1.ListStatusesRequest\x1a\x34.containerd.services.content.v1.ListStatusesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,14 +47,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTCONTENTREQUEST']._serialized_end=533
   _globals['_LISTCONTENTRESPONSE']._serialized_start=535
   _globals['_LISTCONTENTRESPONSE']._serialized_end=608
-  _globals['_DELETECONTENTREQUEST']._serialized_start=610
-  _globals['_DELETECONTENTREQUEST']._serialized_end=648
-  _globals['_STATUS']._serialized_start=651
-  _globals['_STATUS']._serialized_end=817
-  _globals['_LISTSTATUSESREQUEST']._serialized_start=819
-  _globals['_LISTSTATUSESREQUEST']._serialized_end=857
-  _globals['_LISTSTATUSESRESPONSE']._serialized_start=859
-  _globals['_LISTSTATUSESRESPONSE']._serialized_end=939
-  _globals['_CONTENT']._serialized_start=942
-  _globals['_CONTENT']._serialized_end=1376
+  _globals['_READCONTENTREQUEST']._serialized_start=610
+  _globals['_READCONTENTREQUEST']._serialized_end=676
+  _globals['_READCONTENTRESPONSE']._serialized_start=678
+  _globals['_READCONTENTRESPONSE']._serialized_end=729
+  _globals['_DELETECONTENTREQUEST']._serialized_start=731
+  _globals['_DELETECONTENTREQUEST']._serialized_end=769
+  _globals['_STATUS']._serialized_start=772
+  _globals['_STATUS']._serialized_end=938
+  _globals['_LISTSTATUSESREQUEST']._serialized_start=940
+  _globals['_LISTSTATUSESREQUEST']._serialized_end=978
+  _globals['_LISTSTATUSESRESPONSE']._serialized_start=980
+  _globals['_LISTSTATUSESRESPONSE']._serialized_end=1060
+  _globals['_CONTENT']._serialized_start=1063
+  _globals['_CONTENT']._serialized_end=1612
 # @@protoc_insertion_point(module_scope)

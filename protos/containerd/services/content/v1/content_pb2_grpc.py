@@ -45,6 +45,11 @@ class ContentStub:
                 request_serializer=protos_dot_containerd_dot_services_dot_content_dot_v1_dot_content__pb2.ListContentRequest.SerializeToString,
                 response_deserializer=protos_dot_containerd_dot_services_dot_content_dot_v1_dot_content__pb2.ListContentResponse.FromString,
                 _registered_method=True)
+        self.Read = channel.unary_stream(
+                '/containerd.services.content.v1.Content/Read',
+                request_serializer=protos_dot_containerd_dot_services_dot_content_dot_v1_dot_content__pb2.ReadContentRequest.SerializeToString,
+                response_deserializer=protos_dot_containerd_dot_services_dot_content_dot_v1_dot_content__pb2.ReadContentResponse.FromString,
+                _registered_method=True)
         self.Delete = channel.unary_unary(
                 '/containerd.services.content.v1.Content/Delete',
                 request_serializer=protos_dot_containerd_dot_services_dot_content_dot_v1_dot_content__pb2.DeleteContentRequest.SerializeToString,
@@ -67,6 +72,12 @@ class ContentServicer:
         raise NotImplementedError('Method not implemented!')
 
     def List(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Read(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -96,6 +107,11 @@ def add_ContentServicer_to_server(servicer, server):
                     servicer.List,
                     request_deserializer=protos_dot_containerd_dot_services_dot_content_dot_v1_dot_content__pb2.ListContentRequest.FromString,
                     response_serializer=protos_dot_containerd_dot_services_dot_content_dot_v1_dot_content__pb2.ListContentResponse.SerializeToString,
+            ),
+            'Read': grpc.unary_stream_rpc_method_handler(
+                    servicer.Read,
+                    request_deserializer=protos_dot_containerd_dot_services_dot_content_dot_v1_dot_content__pb2.ReadContentRequest.FromString,
+                    response_serializer=protos_dot_containerd_dot_services_dot_content_dot_v1_dot_content__pb2.ReadContentResponse.SerializeToString,
             ),
             'Delete': grpc.unary_unary_rpc_method_handler(
                     servicer.Delete,
@@ -162,6 +178,33 @@ class Content:
             '/containerd.services.content.v1.Content/List',
             protos_dot_containerd_dot_services_dot_content_dot_v1_dot_content__pb2.ListContentRequest.SerializeToString,
             protos_dot_containerd_dot_services_dot_content_dot_v1_dot_content__pb2.ListContentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Read(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/containerd.services.content.v1.Content/Read',
+            protos_dot_containerd_dot_services_dot_content_dot_v1_dot_content__pb2.ReadContentRequest.SerializeToString,
+            protos_dot_containerd_dot_services_dot_content_dot_v1_dot_content__pb2.ReadContentResponse.FromString,
             options,
             channel_credentials,
             insecure,

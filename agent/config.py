@@ -1,0 +1,217 @@
+"""The agent's settings: command-line flags, each with an environment variable of the
+same meaning (FLEDGED_<FLAG>, for the DaemonSet), parsed into one frozen dataclass."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTPE]i?|[kMGTPE])?[bB]?\s*$")
+_UNITS = {
+    None: 1,
+    "k": 10**3,
+    "K": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "P": 10**15,
+    "E": 10**18,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "Pi": 2**50,
+    "Ei": 2**60,
+}
+_DURATION_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
+
+
+def parse_size(text: str) -> int:
+    """Bytes from `500Mi`, `10G`, `1048576`."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ValueError(f"not a size: {text!r} (examples: 500Mi, 10Gi, 1000000)")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from a Go-style duration (`5m`, `1h30m`, `250ms`, `0s`)."""
+    text = text.strip()
+    if not text or _DURATION_RE.sub("", text):
+        raise ValueError(f"not a duration: {text!r} (examples: 30s, 5m, 1h30m)")
+    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    return sum(float(n) * scale[u] for n, u in _DURATION_RE.findall(text))
+
+
+@dataclass(frozen=True)
+class DiskThreshold:
+    """Minimum free space on the image filesystem: a share of it, or bytes."""
+
+    percent: float | None = None
+    bytes: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> DiskThreshold:
+        text = text.strip()
+        if text.endswith("%"):
+            value = float(text[:-1])
+            if not 0 <= value < 100:
+                raise ValueError(f"--min-free-disk percent out of range: {text}")
+            return cls(percent=value)
+        return cls(bytes=parse_size(text))
+
+    def required(self, capacity: int) -> int:
+        if self.percent is not None:
+            return int(capacity * self.percent / 100)
+        return self.bytes or 0
+
+    def __str__(self) -> str:
+        return f"{self.percent:g}%" if self.percent is not None else f"{self.bytes} bytes"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    node_name: str
+    listen: str
+    advertise_address: str | None
+    runtime: Literal["cri", "docker"]
+    runtime_endpoint: str
+    containerd_namespace: str
+    max_concurrent_pulls: int
+    min_free_disk: DiskThreshold
+    default_pull_deadline: float
+    metrics_listen: str | None
+    tls_cert: str | None
+    tls_key: str | None
+    tls_client_ca: str | None
+    kubeconfig: str | None
+    namespace: str
+    lease_renew_interval: float
+    lease_duration: float
+    health_interval: float
+    log_format: Literal["json", "text"]
+    log_level: str
+
+    @property
+    def listen_port(self) -> int:
+        return int(self.listen.rsplit(":", 1)[1])
+
+    @property
+    def endpoint(self) -> str:
+        """host:port the coordinator dials, as published in the Lease."""
+        host = self.advertise_address or self.listen.rsplit(":", 1)[0]
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"{host}:{self.listen_port}"
+
+    @property
+    def tls_enabled(self) -> bool:
+        return bool(self.tls_cert and self.tls_key)
+
+
+def _env(flag: str, default: str | None = None) -> str | None:
+    return os.environ.get("FLEDGED_" + flag.upper().replace("-", "_"), default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fledged-agent",
+        description=(
+            "Pulls, pins and removes images on this node through its container runtime, "
+            "on orders from the kube-fledged coordinator. Every flag can also be set by "
+            "the environment variable FLEDGED_<FLAG> (e.g. FLEDGED_NODE_NAME)."
+        ),
+    )
+    a = p.add_argument
+    a("--node-name", default=_env("node-name"), help="name of the Node this agent serves")
+    a("--listen", default=_env("listen", "0.0.0.0:9445"), help="gRPC listen address")
+    a(
+        "--advertise-address",
+        default=_env("advertise-address"),
+        help="IP the coordinator dials (default: the listen host); use the pod IP",
+    )
+    a("--runtime", choices=["cri", "docker"], default=_env("runtime", "cri"))
+    a(
+        "--runtime-endpoint",
+        default=_env("runtime-endpoint", "unix:///run/containerd/containerd.sock"),
+        help="runtime socket: containerd, CRI-O, k3s or the Docker socket",
+    )
+    a("--containerd-namespace", default=_env("containerd-namespace", "k8s.io"))
+    a("--max-concurrent-pulls", type=int, default=int(_env("max-concurrent-pulls", "2") or 2))
+    a(
+        "--min-free-disk",
+        default=_env("min-free-disk", "10%"),
+        help="refuse pulls when the image filesystem has less free space (10%%, 5Gi)",
+    )
+    a(
+        "--default-pull-deadline",
+        default=_env("default-pull-deadline", "5m"),
+        help="deadline of a pull whose order names none",
+    )
+    a("--metrics-listen", default=_env("metrics-listen"), help="Prometheus /metrics address")
+    a("--tls-cert", default=_env("tls-cert"), help="server certificate (enables TLS)")
+    a("--tls-key", default=_env("tls-key"), help="server key")
+    a("--tls-client-ca", default=_env("tls-client-ca"), help="CA that client certs must chain to")
+    a("--kubeconfig", default=_env("kubeconfig"), help="kubeconfig (default: in-cluster)")
+    a("--namespace", default=_env("namespace", "kube-fledged"), help="namespace of the Lease")
+    a(
+        "--no-lease",
+        action="store_true",
+        default=_env("no-lease") == "true",
+        help="do not register a Lease (no Kubernetes API access)",
+    )
+    a("--lease-renew-interval", default=_env("lease-renew-interval", "10s"))
+    a("--lease-duration", default=_env("lease-duration", "40s"))
+    a(
+        "--health-interval",
+        default=_env("health-interval", "5s"),
+        help="runtime health check period",
+    )
+    a("--log-format", choices=["json", "text"], default=_env("log-format", "text"))
+    a("--log-level", default=_env("log-level", "info"))
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[AgentConfig, bool]:
+    """The config and whether a Lease is wanted; exits with usage on bad input."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if not ns.node_name:
+        parser.error("--node-name (or FLEDGED_NODE_NAME) is required")
+    if ns.max_concurrent_pulls < 1:
+        parser.error("--max-concurrent-pulls must be at least 1")
+    if bool(ns.tls_cert) != bool(ns.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    if ns.tls_client_ca and not ns.tls_cert:
+        parser.error("--tls-client-ca needs --tls-cert and --tls-key")
+    try:
+        cfg = AgentConfig(
+            node_name=ns.node_name,
+            listen=ns.listen,
+            advertise_address=ns.advertise_address,
+            runtime=ns.runtime,
+            runtime_endpoint=ns.runtime_endpoint,
+            containerd_namespace=ns.containerd_namespace,
+            max_concurrent_pulls=ns.max_concurrent_pulls,
+            min_free_disk=DiskThreshold.parse(ns.min_free_disk),
+            default_pull_deadline=parse_duration(ns.default_pull_deadline),
+            metrics_listen=ns.metrics_listen,
+            tls_cert=ns.tls_cert,
+            tls_key=ns.tls_key,
+            tls_client_ca=ns.tls_client_ca,
+            kubeconfig=ns.kubeconfig,
+            namespace=ns.namespace,
+            lease_renew_interval=parse_duration(ns.lease_renew_interval),
+            lease_duration=parse_duration(ns.lease_duration),
+            health_interval=parse_duration(ns.health_interval),
+            log_format=ns.log_format,
+            log_level=ns.log_level.upper(),
+        )
+    except ValueError as err:
+        parser.error(str(err))
+    if ":" not in cfg.listen:
+        parser.error("--listen must be HOST:PORT")
+    return cfg, not ns.no_lease

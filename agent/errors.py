@@ -1,0 +1,105 @@
+"""Failure categories the coordinator can act on, classified once, here.
+
+Runtimes report failures as free text inside gRPC or HTTP errors; `classify` turns that
+text (and the transport status) into one category. Pure functions, tested as such.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+import grpc
+
+
+class Category(StrEnum):
+    NOT_FOUND = "NotFound"
+    UNAUTHORIZED = "Unauthorized"
+    REGISTRY_UNAVAILABLE = "RegistryUnavailable"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    INVALID_REFERENCE = "InvalidReference"
+    INSUFFICIENT_DISK = "InsufficientDisk"
+    RUNTIME_UNAVAILABLE = "RuntimeUnavailable"
+    INTERNAL = "Internal"
+
+
+class AgentError(Exception):
+    """A failure with its category; the message is the runtime's own words."""
+
+    def __init__(self, category: Category, message: str) -> None:
+        super().__init__(message)
+        self.category = category
+        self.message = message
+
+
+# Checked in order: the first pattern found in the lower-cased message wins.
+_PATTERNS: tuple[tuple[Category, tuple[str, ...]], ...] = (
+    (Category.INSUFFICIENT_DISK, ("no space left on device", "disk quota exceeded")),
+    (
+        Category.INVALID_REFERENCE,
+        (
+            "invalid reference format",
+            "failed to parse image reference",
+            "repository name must",
+            "invalid reference",
+        ),
+    ),
+    (
+        Category.UNAUTHORIZED,
+        (
+            "401 unauthorized",
+            "403 forbidden",
+            "unauthorized",
+            "authorization failed",
+            "no basic auth credentials",
+            "pull access denied",
+            "authentication required",
+            "denied:",
+            "incorrect username or password",
+        ),
+    ),
+    (
+        Category.NOT_FOUND,
+        ("manifest unknown", "not found", "name unknown", "no matching manifest", "404"),
+    ),
+    (Category.DEADLINE_EXCEEDED, ("context deadline exceeded", "deadline exceeded")),
+    (
+        Category.REGISTRY_UNAVAILABLE,
+        (
+            "connection refused",
+            "no such host",
+            "i/o timeout",
+            "dial tcp",
+            "server misbehaving",
+            "connection reset",
+            "network is unreachable",
+            "tls handshake",
+            "server gave http response",
+            "503 service unavailable",
+            "502 bad gateway",
+            "504 gateway",
+            "unexpected eof",
+            ": eof",
+            "toomanyrequests",
+            "too many requests",
+        ),
+    ),
+)
+
+
+def classify_message(message: str) -> Category:
+    text = message.lower()
+    for category, patterns in _PATTERNS:
+        if any(p in text for p in patterns):
+            return category
+    return Category.INTERNAL
+
+
+def classify_rpc_error(err: grpc.RpcError) -> AgentError:
+    """An error from the runtime's gRPC socket (CRI or containerd)."""
+    code = err.code() if hasattr(err, "code") else None
+    details = (err.details() if hasattr(err, "details") else None) or str(err)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return AgentError(Category.RUNTIME_UNAVAILABLE, f"container runtime unavailable: {details}")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return AgentError(Category.DEADLINE_EXCEEDED, details)
+    return AgentError(classify_message(details), details)

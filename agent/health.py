@@ -1,0 +1,54 @@
+"""The standard gRPC health service, SERVING only while the runtime answers.
+
+The kubelet's native gRPC probes read it, so a node whose runtime is down shows an
+unready agent instead of one that accepts orders it cannot carry out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from grpc_health.v1 import health, health_pb2
+
+from .metrics import AgentMetrics
+from .runtime import Runtime
+
+log = logging.getLogger(__name__)
+AGENT_SERVICE = "fledged.agent.v1.Agent"
+SERVICES = ("", AGENT_SERVICE)
+
+
+async def set_status(servicer: health.aio.HealthServicer, serving: bool) -> None:
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for name in SERVICES:
+        await servicer.set(name, status)
+
+
+async def watch_runtime(
+    runtime: Runtime,
+    servicer: health.aio.HealthServicer,
+    interval: float,
+    metrics: AgentMetrics,
+) -> None:
+    """Runs until cancelled; logs each change of state once."""
+    serving: bool | None = None
+    while True:
+        try:
+            await asyncio.wait_for(runtime.info(), timeout=max(1.0, interval))
+            now = True
+        except Exception as err:  # any failure to answer means not serving
+            now = False
+            if serving is not False:
+                log.warning("container runtime does not answer: %s", err)
+        if now != serving:
+            if now:
+                log.info("container runtime answers: SERVING")
+            await set_status(servicer, now)
+            metrics.runtime_up.set(1 if now else 0)
+            serving = now
+        await asyncio.sleep(interval)

@@ -1,0 +1,122 @@
+"""Self-registration: a coordination.k8s.io Lease per agent that carries its endpoint.
+
+The coordinator finds live agents by listing these Leases; one not renewed within its
+duration means the agent is gone. Works without a kubelet, so the test environment's
+simulated nodes register exactly as real ones do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+
+from kubernetes import client
+
+log = logging.getLogger(__name__)
+
+LEASE_PREFIX = "fledged-agent-"
+ENDPOINT_ANNOTATION = "kubefledged.io/agent-endpoint"
+TLS_ANNOTATION = "kubefledged.io/agent-tls"
+VERSION_ANNOTATION = "kubefledged.io/agent-version"
+NODE_LABEL = "kubefledged.io/node"
+COMPONENT_LABELS = {
+    "app.kubernetes.io/name": "kube-fledged",
+    "app.kubernetes.io/component": "agent",
+}
+
+
+def lease_name(node: str) -> str:
+    return f"{LEASE_PREFIX}{node}"
+
+
+class LeaseRegistrar:
+    def __init__(
+        self,
+        api: client.ApiClient,
+        namespace: str,
+        node: str,
+        endpoint: str,
+        tls: bool,
+        version: str,
+        duration: float,
+        renew_interval: float,
+    ) -> None:
+        self._api = client.CoordinationV1Api(api)
+        self.namespace = namespace
+        self.node = node
+        self.name = lease_name(node)
+        self._endpoint = endpoint
+        self._tls = tls
+        self._version = version
+        self._duration = duration
+        self._interval = renew_interval
+
+    def _metadata(self, resource_version: str | None = None) -> client.V1ObjectMeta:
+        return client.V1ObjectMeta(
+            name=self.name,
+            namespace=self.namespace,
+            labels={**COMPONENT_LABELS, NODE_LABEL: self.node},
+            annotations={
+                ENDPOINT_ANNOTATION: self._endpoint,
+                TLS_ANNOTATION: "true" if self._tls else "false",
+                VERSION_ANNOTATION: self._version,
+            },
+            resource_version=resource_version,
+        )
+
+    def renew_once(self) -> None:
+        """Creates the Lease or renews it (blocking; run in a thread)."""
+        now = datetime.now(UTC)
+        spec = client.V1LeaseSpec(
+            holder_identity=self.node,
+            lease_duration_seconds=max(1, int(self._duration)),
+            renew_time=now,
+        )
+        try:
+            current = self._api.read_namespaced_lease(self.name, self.namespace)
+        except client.ApiException as err:
+            if err.status != 404:
+                raise
+            spec.acquire_time = now
+            self._api.create_namespaced_lease(
+                self.namespace, client.V1Lease(metadata=self._metadata(), spec=spec)
+            )
+            log.info(
+                "registered Lease %s/%s for endpoint %s", self.namespace, self.name, self._endpoint
+            )
+            return
+        spec.acquire_time = current.spec.acquire_time if current.spec else now
+        self._api.replace_namespaced_lease(
+            self.name,
+            self.namespace,
+            client.V1Lease(
+                metadata=self._metadata(
+                    current.metadata.resource_version if current.metadata else None
+                ),
+                spec=spec,
+            ),
+        )
+
+    async def run(self) -> None:
+        """Renews every interval until cancelled; API errors are retried, not fatal."""
+        failing = False
+        while True:
+            try:
+                await asyncio.to_thread(self.renew_once)
+                if failing:
+                    log.info("Lease renewal works again")
+                failing = False
+            except Exception as err:
+                if not failing:
+                    log.warning("cannot renew Lease %s/%s: %s", self.namespace, self.name, err)
+                failing = True
+            await asyncio.sleep(self._interval)
+
+    def release(self) -> None:
+        """Deletes the Lease on shutdown so the coordinator knows at once."""
+        try:
+            self._api.delete_namespaced_lease(self.name, self.namespace)
+        except client.ApiException as err:
+            if err.status != 404:
+                log.warning("could not delete Lease %s/%s: %s", self.namespace, self.name, err)

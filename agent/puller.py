@@ -1,0 +1,264 @@
+"""Pull orders on one node: policy, de-duplication, the concurrency cap, the disk guard
+and deadlines. Runtime-agnostic: it sees only the `Runtime` protocol.
+
+Orders for the same image that overlap share one runtime pull: each order subscribes
+to the shared pull's events. A shared pull runs to its end even when every subscriber
+has gone (a coordinator restart), so the work is not lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+
+from common.reference import InvalidReference, normalize, parse
+
+from .config import DiskThreshold
+from .errors import AgentError, Category
+from .metrics import AgentMetrics
+from .runtime import Credentials, ImageRecord, PinState, Progress, Runtime
+
+log = logging.getLogger(__name__)
+PROGRESS_EVERY = 0.25  # seconds between progress events of one pull
+
+
+class Phase(StrEnum):
+    WAITING = "Waiting"
+    PULLING = "Pulling"
+    SUCCEEDED = "Succeeded"
+    ALREADY_PRESENT = "AlreadyPresent"
+    FAILED = "Failed"
+
+
+TERMINAL = frozenset({Phase.SUCCEEDED, Phase.ALREADY_PRESENT, Phase.FAILED})
+
+
+class Policy(StrEnum):
+    IF_NOT_PRESENT = "IfNotPresent"
+    ALWAYS = "Always"
+
+
+@dataclass(frozen=True)
+class PullOrder:
+    image: str
+    policy: Policy = Policy.IF_NOT_PRESENT
+    credentials: tuple[Credentials, ...] = field(default=(), repr=False)
+    deadline: float | None = None
+    pin: bool = False
+
+
+@dataclass(frozen=True)
+class PullEvent:
+    image: str
+    phase: Phase
+    bytes_done: int = 0
+    bytes_total: int = 0
+    record: ImageRecord | None = None
+    repo_digest: str = ""
+    pin: PinState | None = None
+    category: Category | None = None
+    message: str = ""
+    time: float = field(default_factory=time.time)
+
+    @property
+    def terminal(self) -> bool:
+        return self.phase in TERMINAL
+
+
+def disk_refusal(free: int, capacity: int, threshold: DiskThreshold) -> str | None:
+    """Why a pull must not start, or None. Unknown capacity never refuses."""
+    if capacity <= 0:
+        return None
+    required = threshold.required(capacity)
+    if free >= required:
+        return None
+    return (
+        f"image filesystem has {free} bytes free of {capacity} ({100 * free / capacity:.1f}%),"
+        f" below the minimum of {threshold} ({required} bytes)"
+    )
+
+
+class _SharedPull:
+    """One runtime pull and the orders waiting on it."""
+
+    def __init__(self, manager: PullManager, key: str, order: PullOrder) -> None:
+        self._manager = manager
+        self._key = key
+        self._order = order
+        self._queues: list[asyncio.Queue[PullEvent]] = []
+        self._latest: PullEvent | None = None
+        self._last_progress = 0.0
+        self.task = asyncio.create_task(self._run(), name=f"pull {key}")
+
+    def _publish(self, event: PullEvent) -> None:
+        self._latest = event
+        for queue in self._queues:
+            queue.put_nowait(event)
+
+    async def events(self) -> AsyncIterator[PullEvent]:
+        queue: asyncio.Queue[PullEvent] = asyncio.Queue()
+        if self._latest is not None:
+            queue.put_nowait(self._latest)  # a late joiner starts from where the pull is
+        self._queues.append(queue)
+        try:
+            while True:
+                event = await queue.get()
+                yield event
+                if event.terminal:
+                    return
+        finally:
+            self._queues.remove(queue)
+
+    def _on_progress(self, progress: Progress) -> None:
+        now = time.monotonic()
+        complete = progress.bytes_total and progress.bytes_done >= progress.bytes_total
+        if now - self._last_progress < PROGRESS_EVERY and not complete:
+            return
+        self._last_progress = now
+        self._publish(
+            PullEvent(self._order.image, Phase.PULLING, progress.bytes_done, progress.bytes_total)
+        )
+
+    async def _run(self) -> None:
+        m = self._manager
+        image = self._order.image
+        try:
+            if m.semaphore.locked():
+                self._publish(PullEvent(image, Phase.WAITING))
+            async with m.semaphore:
+                fs = await m.runtime.image_fs()
+                refusal = disk_refusal(fs.available, fs.capacity, m.min_free_disk)
+                if refusal:
+                    raise AgentError(Category.INSUFFICIENT_DISK, refusal)
+                self._publish(PullEvent(image, Phase.PULLING))
+                deadline = self._order.deadline or m.default_deadline
+                m.metrics.runtime_pulls.inc()
+                m.metrics.in_flight.inc()
+                started = time.monotonic()
+                try:
+                    record = await m.runtime.pull(
+                        image, self._order.credentials, deadline, self._on_progress
+                    )
+                finally:
+                    m.metrics.in_flight.dec()
+                m.metrics.pull_duration.observe(time.monotonic() - started)
+                m.metrics.bytes_pulled.inc(record.size)
+            done = self._latest.bytes_total if self._latest else 0
+            self._publish(
+                PullEvent(
+                    image,
+                    Phase.SUCCEEDED,
+                    bytes_done=done or record.size,
+                    bytes_total=done or record.size,
+                    record=record,
+                )
+            )
+        except AgentError as err:
+            self._publish(
+                PullEvent(image, Phase.FAILED, category=err.category, message=err.message)
+            )
+        except Exception as err:  # a bug or an unexpected runtime answer: report, don't hang
+            log.exception("pull of %s failed unexpectedly", image)
+            self._publish(
+                PullEvent(image, Phase.FAILED, category=Category.INTERNAL, message=str(err))
+            )
+        finally:
+            m.inflight.pop(self._key, None)
+
+
+class PullManager:
+    def __init__(
+        self,
+        runtime: Runtime,
+        max_concurrent: int,
+        min_free_disk: DiskThreshold,
+        default_deadline: float,
+        metrics: AgentMetrics | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.semaphore = asyncio.Semaphore(max_concurrent)
+        self.min_free_disk = min_free_disk
+        self.default_deadline = default_deadline
+        self.metrics = metrics or AgentMetrics()
+        self.inflight: dict[str, _SharedPull] = {}
+
+    async def pull(self, order: PullOrder) -> AsyncIterator[PullEvent]:
+        """Events of one order, ending with exactly one terminal event."""
+        final: PullEvent | None = None
+        try:
+            async for event in self._events(order):
+                if event.terminal:
+                    final = event
+                yield event
+        finally:
+            if final is not None:
+                result = {
+                    Phase.SUCCEEDED: "succeeded",
+                    Phase.ALREADY_PRESENT: "already_present",
+                }.get(final.phase, "failed")
+                self.metrics.pulls.labels(result, final.category or "").inc()
+
+    async def _events(self, order: PullOrder) -> AsyncIterator[PullEvent]:
+        try:
+            key = normalize(order.image)
+        except InvalidReference as err:
+            yield PullEvent(
+                order.image, Phase.FAILED, category=Category.INVALID_REFERENCE, message=str(err)
+            )
+            return
+        if order.policy != Policy.ALWAYS:
+            try:
+                present = await self.runtime.status(order.image)
+            except AgentError as err:
+                yield PullEvent(
+                    order.image, Phase.FAILED, category=err.category, message=err.message
+                )
+                return
+            if present is not None:
+                yield await self._finish(order, Phase.ALREADY_PRESENT, present, present.size)
+                return
+        shared = self.inflight.get(key)
+        if shared is None:
+            shared = self.inflight[key] = _SharedPull(self, key, order)
+        async for event in shared.events():
+            event = replace(event, image=order.image)
+            if event.phase == Phase.SUCCEEDED and event.record is not None:
+                event = await self._finish(order, Phase.SUCCEEDED, event.record, event.bytes_total)
+            yield event
+
+    async def _finish(
+        self, order: PullOrder, phase: Phase, record: ImageRecord, size: int
+    ) -> PullEvent:
+        """The terminal event, after pinning when the order asks for it."""
+        pin = record.pin
+        if order.pin and pin == PinState.UNPINNED:
+            try:
+                pin = await self.runtime.set_pinned(order.image, True)
+            except AgentError as err:
+                return PullEvent(
+                    order.image,
+                    Phase.FAILED,
+                    record=record,
+                    category=err.category,
+                    message=f"pulled, but pinning failed: {err.message}",
+                )
+        return PullEvent(
+            order.image,
+            phase,
+            bytes_done=size,
+            bytes_total=size,
+            record=record,
+            repo_digest=record.digest_for(parse(order.image).name),
+            pin=pin,
+        )
+
+    async def close(self) -> None:
+        for shared in list(self.inflight.values()):
+            shared.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await shared.task

@@ -1,0 +1,104 @@
+"""The one small interface the agent needs from a container runtime.
+
+The pull manager and the gRPC service see only this; CRI (with or without containerd's
+extras) and Docker each implement it in their own module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+
+class PinState(StrEnum):
+    PINNED = "pinned"
+    UNPINNED = "unpinned"
+    UNSUPPORTED = "unsupported"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Registry credentials for one pull. Secret fields never appear in repr or logs."""
+
+    server_address: str = ""
+    username: str = ""
+    password: str = field(default="", repr=False)
+    auth: str = field(default="", repr=False)
+    identity_token: str = field(default="", repr=False)
+    registry_token: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True)
+class Progress:
+    bytes_done: int
+    bytes_total: int  # 0 while unknown
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    id: str
+    repo_tags: tuple[str, ...]
+    repo_digests: tuple[str, ...]
+    size: int
+    pin: PinState
+
+    def digest_for(self, name: str) -> str:
+        """The repo digest (sha256:...) under repository `name`, or the first one."""
+        for entry in self.repo_digests:
+            repo, _, digest = entry.partition("@")
+            if repo == name:
+                return digest
+        return self.repo_digests[0].partition("@")[2] if self.repo_digests else ""
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    name: str  # containerd, cri-o, docker
+    version: str
+    api: str  # cri, cri+containerd, docker
+    pinning_supported: bool
+
+
+@dataclass(frozen=True)
+class FsUsage:
+    used: int
+    capacity: int  # 0 when unknown
+    available: int  # 0 when unknown
+    mountpoint: str = ""
+
+
+class Runtime(Protocol):
+    """A node's container runtime. Methods raise agent.errors.AgentError."""
+
+    async def info(self) -> RuntimeInfo:
+        """Identity of the runtime; also the health check (raises when it does not answer)."""
+        ...
+
+    async def status(self, ref: str) -> ImageRecord | None: ...
+
+    async def list(self) -> list[ImageRecord]: ...
+
+    async def pull(
+        self,
+        ref: str,
+        credentials: Sequence[Credentials],
+        deadline: float,
+        on_progress: ProgressCallback,
+    ) -> ImageRecord:
+        """Pulls `ref` (trying each credential in turn), reporting bytes as it goes."""
+        ...
+
+    async def remove(self, ref: str) -> bool:
+        """Removes the image; False when it was not there."""
+        ...
+
+    async def set_pinned(self, ref: str, pinned: bool) -> PinState: ...
+
+    async def image_fs(self) -> FsUsage: ...
+
+    async def close(self) -> None: ...

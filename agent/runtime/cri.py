@@ -1,0 +1,271 @@
+"""The CRI runtime adapter (containerd, CRI-O, k3s), with containerd's own API for what
+CRI lacks when the socket turns out to be containerd: pin labels and byte progress."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Sequence
+
+import grpc
+from google.protobuf import empty_pb2, field_mask_pb2
+
+from common.reference import DOCKER_HUB, InvalidReference, parse, registry_of_server_address
+from protos.containerd.services.content.v1 import content_pb2_grpc
+from protos.containerd.services.images.v1 import images_pb2, images_pb2_grpc
+from protos.containerd.services.version.v1 import version_pb2_grpc
+from protos.cri.runtime.v1 import api_pb2, api_pb2_grpc
+
+from ..errors import AgentError, Category, classify_rpc_error
+from .base import (
+    Credentials,
+    FsUsage,
+    ImageRecord,
+    PinState,
+    Progress,
+    ProgressCallback,
+    RuntimeInfo,
+)
+from .containerd_progress import PullProgressTracker, tracking
+
+log = logging.getLogger(__name__)
+
+PINNED_LABEL = "io.cri-containerd.pinned"
+PINNED_VALUE = "pinned"
+NAMESPACE_HEADER = "containerd-namespace"
+CALL_TIMEOUT = 30.0
+
+
+def host_arch() -> str:
+    machine = os.uname().machine.lower()
+    return {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine)
+
+
+def auth_config(creds: Credentials) -> api_pb2.AuthConfig:
+    """CRI AuthConfig for `creds`.
+
+    containerd matches `url.Parse(server_address).Host` against the registry host it
+    dials, so the address must carry a scheme; Docker Hub is dialled as
+    registry-1.docker.io whatever alias the secret used.
+    """
+    server = ""
+    if creds.server_address:
+        host = registry_of_server_address(creds.server_address)
+        server = "https://" + ("registry-1.docker.io" if host == DOCKER_HUB else host)
+    return api_pb2.AuthConfig(
+        username=creds.username,
+        password=creds.password,
+        auth=creds.auth,
+        server_address=server,
+        identity_token=creds.identity_token,
+        registry_token=creds.registry_token,
+    )
+
+
+def _record(image: api_pb2.Image, pinning: bool) -> ImageRecord:
+    if pinning:
+        pin = PinState.PINNED if image.pinned else PinState.UNPINNED
+    else:
+        pin = PinState.PINNED if image.pinned else PinState.UNSUPPORTED
+    return ImageRecord(
+        id=image.id,
+        repo_tags=tuple(image.repo_tags),
+        repo_digests=tuple(image.repo_digests),
+        size=int(image.size),
+        pin=pin,
+    )
+
+
+class CriRuntime:
+    def __init__(self, endpoint: str, containerd_namespace: str = "k8s.io") -> None:
+        self.endpoint = endpoint
+        self._channel = grpc.aio.insecure_channel(
+            endpoint, options=[("grpc.max_receive_message_length", 64 << 20)]
+        )
+        self._images = api_pb2_grpc.ImageServiceStub(self._channel)
+        self._runtime = api_pb2_grpc.RuntimeServiceStub(self._channel)
+        self._ctr_version = version_pb2_grpc.VersionStub(self._channel)
+        self._ctr_images = images_pb2_grpc.ImagesStub(self._channel)
+        self._ctr_content = content_pb2_grpc.ContentStub(self._channel)
+        self._metadata: tuple[tuple[str, str | bytes], ...] = (
+            (NAMESPACE_HEADER, containerd_namespace),
+        )
+        self._is_containerd: bool | None = None
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _containerd(self) -> bool:
+        """Whether containerd's own services answer on this socket (asked once)."""
+        if self._is_containerd is None:
+            try:
+                await self._ctr_version.Version(empty_pb2.Empty(), timeout=5)
+                self._is_containerd = True
+            except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.UNAVAILABLE:
+                    raise classify_rpc_error(err) from err
+                self._is_containerd = False
+        return self._is_containerd
+
+    async def info(self) -> RuntimeInfo:
+        try:
+            version = await self._runtime.Version(api_pb2.VersionRequest(version="v1"), timeout=5)
+        except grpc.RpcError as err:
+            raise classify_rpc_error(err) from err
+        containerd = await self._containerd()
+        return RuntimeInfo(
+            name=version.runtime_name,
+            version=version.runtime_version,
+            api="cri+containerd" if containerd else "cri",
+            pinning_supported=containerd,
+        )
+
+    async def status(self, ref: str) -> ImageRecord | None:
+        try:
+            resp = await self._images.ImageStatus(
+                api_pb2.ImageStatusRequest(image=api_pb2.ImageSpec(image=ref)),
+                timeout=CALL_TIMEOUT,
+            )
+        except grpc.RpcError as err:
+            raise classify_rpc_error(err) from err
+        if not resp.HasField("image"):
+            return None
+        return _record(resp.image, await self._containerd())
+
+    async def list(self) -> list[ImageRecord]:
+        try:
+            resp = await self._images.ListImages(api_pb2.ListImagesRequest(), timeout=CALL_TIMEOUT)
+        except grpc.RpcError as err:
+            raise classify_rpc_error(err) from err
+        pinning = await self._containerd()
+        return [_record(image, pinning) for image in resp.images]
+
+    async def pull(
+        self,
+        ref: str,
+        credentials: Sequence[Credentials],
+        deadline: float,
+        on_progress: ProgressCallback,
+    ) -> ImageRecord:
+        try:
+            parsed = parse(ref)
+        except InvalidReference as err:
+            raise AgentError(Category.INVALID_REFERENCE, str(err)) from err
+        tracker = None
+        if await self._containerd():
+            tracker = PullProgressTracker(
+                self._ctr_content, self._metadata, parsed, host_arch(), on_progress
+            )
+        auths: list[api_pb2.AuthConfig | None] = [auth_config(c) for c in credentials] or [None]
+        ends = time.monotonic() + deadline
+        async with tracking(tracker):
+            for attempt, auth in enumerate(auths):
+                remaining = ends - time.monotonic()
+                if remaining <= 0:
+                    break
+                request = api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=ref), auth=auth)
+                try:
+                    await self._images.PullImage(request, timeout=remaining)
+                    break
+                except grpc.RpcError as err:
+                    failure = classify_rpc_error(err)
+                    if failure.category == Category.DEADLINE_EXCEEDED:
+                        raise AgentError(
+                            Category.DEADLINE_EXCEEDED,
+                            f"pull of {ref} did not finish within {deadline:g}s",
+                        ) from err
+                    if failure.category == Category.UNAUTHORIZED and attempt < len(auths) - 1:
+                        continue  # the next pull secret may be the right one, as in the kubelet
+                    raise failure from err
+        if time.monotonic() > ends:
+            raise AgentError(
+                Category.DEADLINE_EXCEEDED, f"pull of {ref} did not finish within {deadline:g}s"
+            )
+        record = await self.status(ref)
+        if record is None:
+            raise AgentError(
+                Category.INTERNAL, f"{ref} was pulled but the runtime does not list it"
+            )
+        total = tracker.total if tracker and tracker.total else record.size
+        on_progress(Progress(total, total))
+        return record
+
+    async def remove(self, ref: str) -> bool:
+        record = await self.status(ref)
+        if record is None:
+            return False
+        if record.pin == PinState.PINNED and await self._containerd():
+            await self.set_pinned(ref, False)
+        try:
+            await self._images.RemoveImage(
+                api_pb2.RemoveImageRequest(image=api_pb2.ImageSpec(image=ref)),
+                timeout=CALL_TIMEOUT,
+            )
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.NOT_FOUND:
+                return False
+            raise classify_rpc_error(err) from err
+        return True
+
+    async def set_pinned(self, ref: str, pinned: bool) -> PinState:
+        """Labels every containerd record of the image (tags, digests, id)."""
+        if not await self._containerd():
+            return PinState.UNSUPPORTED
+        record = await self.status(ref)
+        if record is None:
+            raise AgentError(Category.NOT_FOUND, f"{ref} is not on this node")
+        for name in {*record.repo_tags, *record.repo_digests, record.id}:
+            await self._label(name, pinned)
+        return PinState.PINNED if pinned else PinState.UNPINNED
+
+    async def _label(self, name: str, pinned: bool) -> None:
+        try:
+            image = (
+                await self._ctr_images.Get(
+                    images_pb2.GetImageRequest(name=name), metadata=self._metadata, timeout=10
+                )
+            ).image
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.NOT_FOUND:
+                return
+            raise classify_rpc_error(err) from err
+        if (image.labels.get(PINNED_LABEL) == PINNED_VALUE) == pinned:
+            return
+        if pinned:
+            image.labels[PINNED_LABEL] = PINNED_VALUE
+        else:
+            del image.labels[PINNED_LABEL]
+        # The whole record goes back: containerd 2.2 crashes on an Update without target.
+        request = images_pb2.UpdateImageRequest(
+            image=image, update_mask=field_mask_pb2.FieldMask(paths=[f"labels.{PINNED_LABEL}"])
+        )
+        try:
+            await self._ctr_images.Update(request, metadata=self._metadata, timeout=10)
+        except grpc.RpcError as err:
+            raise classify_rpc_error(err) from err
+
+    async def image_fs(self) -> FsUsage:
+        try:
+            resp = await self._images.ImageFsInfo(
+                api_pb2.ImageFsInfoRequest(), timeout=CALL_TIMEOUT
+            )
+        except grpc.RpcError as err:
+            raise classify_rpc_error(err) from err
+        if not resp.image_filesystems:
+            return FsUsage(used=0, capacity=0, available=0)
+        fs = resp.image_filesystems[0]
+        mountpoint = fs.fs_id.mountpoint
+        capacity = available = 0
+        try:
+            st = await asyncio.to_thread(os.statvfs, mountpoint)
+            capacity, available = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+        except OSError:
+            log.debug("image filesystem %s is not visible to the agent", mountpoint)
+        return FsUsage(
+            used=int(fs.used_bytes.value),
+            capacity=capacity,
+            available=available,
+            mountpoint=mountpoint,
+        )

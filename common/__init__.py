@@ -1,0 +1,1 @@
+"""Pure helpers shared by the agent and the coordinator (no I/O)."""

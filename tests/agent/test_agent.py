@@ -1,0 +1,467 @@
+"""The agent against real containerd (CRI + containerd API), a real Docker daemon, real
+registries and the real apiserver: every behaviour the coordinator relies on.
+
+Tests taking `backend` run once per runtime (containerd through CRI, Docker through
+its SDK); the others exercise what only one runtime has (pinning, CRI health...).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2
+from grpc_health.v1 import health_pb2
+from kubernetes import client
+
+from protos.fledged.agent.v1 import agent_pb2, agent_pb2_grpc
+from tests.conftest import unique
+from tests.testenv import AUTH_PASSWORD, AUTH_USER, PushedImage, TestEnv
+from tests.testenv.agents import AGENT_NAMESPACE, AgentProcess
+from tests.testenv.containerd import Containerd
+from tests.testenv.pki import CertFiles, CertificateAuthority
+from tests.testenv.procs import free_port
+from tests.testenv.proxy import RegistryProxy
+from tests.testenv.runtime import NodeRuntime
+
+A = agent_pb2
+TERMINAL = {A.PHASE_SUCCEEDED, A.PHASE_ALREADY_PRESENT, A.PHASE_FAILED}
+
+
+@dataclass(frozen=True)
+class Backend:
+    kind: str  # containerd | docker
+    agent: AgentProcess
+
+    @property
+    def pinned(self) -> int:
+        """The pin state a pin order ends in on this runtime."""
+        return A.PIN_STATE_PINNED if self.kind == "containerd" else A.PIN_STATE_UNSUPPORTED
+
+    def downloaded(self, image: PushedImage) -> int:
+        """Bytes a fresh pull downloads, as each runtime counts them."""
+        return image.content_size if self.kind == "containerd" else sum(image.layer_sizes)
+
+
+@pytest.fixture(scope="session")
+def docker_agent(testenv: TestEnv) -> AgentProcess:
+    assert testenv.dockerd is not None
+    return testenv.start_agent(
+        node_name="docker-node",
+        runtime_endpoint=testenv.dockerd.endpoint,
+        runtime="docker",
+        lease=False,
+        name="agent-docker",
+    )
+
+
+@pytest.fixture(params=["containerd", "docker"])
+def backend(
+    request: pytest.FixtureRequest, agents: dict[str, AgentProcess], docker_agent: AgentProcess
+) -> Backend:
+    if request.param == "docker":
+        return Backend("docker", docker_agent)
+    return Backend("containerd", agents["node-1"])
+
+
+def final(events: Iterable[agent_pb2.PullEvent], image: str) -> agent_pb2.PullEvent:
+    ends = [e for e in events if e.image == image and e.phase in TERMINAL]
+    assert len(ends) == 1, f"expected one terminal event for {image}, got {ends}"
+    return ends[0]
+
+
+def order(image: str, **kw: object) -> agent_pb2.ImagePull:
+    return A.ImagePull(image=image, **kw)  # type: ignore[arg-type]
+
+
+def test_pull_succeeds_with_monotonic_progress_ending_at_the_image_size(
+    testenv: TestEnv, backend: Backend
+) -> None:
+    image = testenv.registry_client().push_image(
+        unique("agent/progress"), "v1", size=12 << 20, layers=3
+    )
+    with RegistryProxy(testenv.registry.host, rate=6 << 20) as slow:
+        testenv.add_registry_host(slow.host)
+        ref = image.ref.replace(image.registry, slow.host)
+        events = backend.agent.pull(order(ref))
+    phases = [e.phase for e in events]
+    assert phases[0] == A.PHASE_PULLING
+    assert phases[-1] == A.PHASE_SUCCEEDED
+    progress = [e for e in events if e.phase == A.PHASE_PULLING and e.bytes_total]
+    assert len(progress) >= 3, f"expected live progress, got {events}"
+    done = [e.bytes_done for e in progress]
+    assert done == sorted(done), "progress went backwards"
+    assert any(0 < e.bytes_done < e.bytes_total for e in progress)
+    end = events[-1]
+    assert end.image_id == image.config_digest
+    assert end.repo_digest == image.digest
+    assert end.bytes_done == end.bytes_total == backend.downloaded(image)
+    assert all(e.bytes_total == backend.downloaded(image) for e in progress[1:])
+    if backend.kind == "containerd":  # CRI's size is the stored content: what was downloaded
+        assert end.size == image.content_size
+    else:  # Docker's size is the unpacked size
+        assert end.size >= 12 << 20
+
+
+def test_if_not_present_skips_an_image_already_on_the_node(
+    testenv: TestEnv, backend: Backend
+) -> None:
+    image = testenv.registry_client().push_image(unique("agent/present"), "v1")
+    first = backend.agent.pull(order(image.ref))
+    assert final(first, image.ref).phase == A.PHASE_SUCCEEDED
+    second = backend.agent.pull(order(image.ref, policy=A.PULL_POLICY_IF_NOT_PRESENT))
+    assert [e.phase for e in second] == [A.PHASE_ALREADY_PRESENT]
+    assert second[0].image_id == image.config_digest
+    assert second[0].repo_digest == image.digest
+
+
+def test_always_repulls_and_reports_the_new_digest_of_a_moved_tag(
+    testenv: TestEnv, backend: Backend
+) -> None:
+    registry = testenv.registry_client()
+    repo = unique("agent/moving")
+    old = registry.push_image(repo, "latest", seed="old")
+    assert final(backend.agent.pull(order(old.ref)), old.ref).repo_digest == old.digest
+    new = registry.push_image(repo, "latest", seed="new")
+    again = backend.agent.pull(order(new.ref, policy=A.PULL_POLICY_ALWAYS))
+    end = final(again, new.ref)
+    assert end.phase == A.PHASE_SUCCEEDED
+    assert end.repo_digest == new.digest != old.digest
+    assert end.image_id == new.config_digest
+
+
+def test_missing_image_fails_as_not_found(testenv: TestEnv, backend: Backend) -> None:
+    ref = f"{testenv.registry.host}/{unique('agent/missing')}:v1"
+    end = final(backend.agent.pull(order(ref)), ref)
+    assert end.phase == A.PHASE_FAILED
+    assert end.error_category == A.ERROR_CATEGORY_NOT_FOUND
+    assert "not found" in end.error_message
+
+
+def test_invalid_reference_is_refused_before_the_runtime(backend: Backend) -> None:
+    bad = "Registry.example/UPPER/case:v1"
+    end = final(backend.agent.pull(order(bad)), bad)
+    assert end.error_category == A.ERROR_CATEGORY_INVALID_REFERENCE
+    assert "lowercase" in end.error_message
+
+
+def test_authenticated_registry_needs_the_right_credentials(
+    testenv: TestEnv, backend: Backend
+) -> None:
+    image = testenv.registry_client(authenticated=True).push_image(unique("agent/auth"), "v1")
+    agent = backend.agent
+    server = image.registry
+    anonymous = final(agent.pull(order(image.ref)), image.ref)
+    assert anonymous.error_category == A.ERROR_CATEGORY_UNAUTHORIZED
+    wrong = A.RegistryCredentials(server_address=server, username=AUTH_USER, password="wrong")
+    refused = final(agent.pull(order(image.ref, credentials=[wrong])), image.ref)
+    assert refused.error_category == A.ERROR_CATEGORY_UNAUTHORIZED
+    right = A.RegistryCredentials(server_address=server, username=AUTH_USER, password=AUTH_PASSWORD)
+    # As the kubelet does with several pull secrets: the wrong one first, then the right one.
+    ok = final(agent.pull(order(image.ref, credentials=[wrong, right])), image.ref)
+    assert ok.phase == A.PHASE_SUCCEEDED, ok.error_message
+    assert ok.image_id == image.config_digest
+    log = agent.process.log_path.read_text()
+    assert AUTH_PASSWORD not in log
+    assert "wrong" not in log.replace("went wrong", "")
+
+
+def test_unreachable_registry_fails_as_registry_unavailable(backend: Backend) -> None:
+    ref = f"127.0.0.1:{free_port()}/agent/down:v1"
+    end = final(backend.agent.pull(order(ref, deadline=duration_pb2.Duration(seconds=30))), ref)
+    assert end.error_category == A.ERROR_CATEGORY_REGISTRY_UNAVAILABLE, end.error_message
+    assert "connection refused" in end.error_message
+
+
+def test_a_stalling_registry_hits_the_pull_deadline(testenv: TestEnv, backend: Backend) -> None:
+    with RegistryProxy(testenv.registry.host, stall=True) as stall:
+        testenv.add_registry_host(stall.host)
+        ref = f"{stall.host}/agent/stalled:v1"
+        started = time.monotonic()
+        events = backend.agent.pull(order(ref, deadline=duration_pb2.Duration(seconds=2)))
+        elapsed = time.monotonic() - started
+    end = final(events, ref)
+    assert end.error_category == A.ERROR_CATEGORY_DEADLINE_EXCEEDED, end.error_message
+    assert "within 2s" in end.error_message
+    assert elapsed < 15
+
+
+def test_concurrent_orders_for_one_image_share_one_runtime_pull(
+    testenv: TestEnv, agents: dict[str, AgentProcess]
+) -> None:
+    image = testenv.registry_client().push_image(
+        unique("agent/dedup"), "v1", size=6 << 20, layers=2
+    )
+    agent = agents["node-3"]
+    before = agent.metric("fledged_agent_runtime_pulls_total")
+    with RegistryProxy(testenv.registry.host, rate=4 << 20) as slow:
+        testenv.add_registry_host(slow.host)
+        ref = image.ref.replace(image.registry, slow.host)
+        results: list[list[agent_pb2.PullEvent]] = []
+        threads = [
+            threading.Thread(
+                target=lambda: results.append(agent.pull(order(ref, policy=A.PULL_POLICY_ALWAYS)))
+            )
+            for _ in range(3)
+        ]
+        for t in threads:
+            t.start()
+            time.sleep(0.2)
+        for t in threads:
+            t.join(60)
+    assert len(results) == 3
+    for events in results:
+        assert final(events, ref).phase == A.PHASE_SUCCEEDED
+    assert agent.metric("fledged_agent_runtime_pulls_total") - before == 1
+    # The registry served each layer once: one runtime pull, not three.
+    access = testenv.registry.process.log_path.read_text()
+    for size, digest in zip(image.layer_sizes, image.layer_digests, strict=True):
+        assert access.count(f"GET /v2/{image.repository}/blobs/{digest}") == 1, size
+
+
+def test_concurrency_cap_queues_the_rest_as_waiting(testenv: TestEnv) -> None:
+    registry = testenv.registry_client()
+    images = [registry.push_image(unique("agent/cap"), "v1", size=2 << 20) for _ in range(3)]
+    agent = testenv.start_agent(
+        testenv.nodes[1], lease=False, extra_args=("--max-concurrent-pulls=1",), name="agent-cap"
+    )
+    try:
+        with RegistryProxy(testenv.registry.host, rate=4 << 20) as slow:
+            testenv.add_registry_host(slow.host)
+            refs = [i.ref.replace(i.registry, slow.host) for i in images]
+            events = agent.pull(*(order(r) for r in refs))
+    finally:
+        agent.stop()
+    active: set[str] = set()
+    most = 0
+    for e in events:
+        if e.phase == A.PHASE_PULLING:
+            active.add(e.image)
+        elif e.phase in TERMINAL:
+            active.discard(e.image)
+        most = max(most, len(active))
+    assert most == 1
+    assert sum(e.phase == A.PHASE_WAITING for e in events) == 2
+    assert all(final(events, r).phase == A.PHASE_SUCCEEDED for r in refs)
+
+
+def test_pin_and_unpin_are_visible_through_cri(
+    testenv: TestEnv, agents: dict[str, AgentProcess]
+) -> None:
+    image = testenv.registry_client().push_image(unique("agent/pin"), "v1")
+    agent = agents["node-1"]
+    end = final(agent.pull(order(image.ref, pin=True)), image.ref)
+    assert end.pin == A.PIN_STATE_PINNED
+    with NodeRuntime(testenv.nodes[0].runtime_endpoint) as cri:
+        status = cri.status(image.ref)
+        assert status is not None
+        assert status.pinned
+        resp = agent.call("SetPinned", A.SetPinnedRequest(images=[image.ref], pinned=False))
+        assert [r.pin for r in resp.results] == [A.PIN_STATE_UNPINNED]  # type: ignore[attr-defined]
+        status = cri.status(image.ref)
+        assert status is not None
+        assert not status.pinned
+        # IfNotPresent with pin re-pins an image that lost its pin.
+        again = final(agent.pull(order(image.ref, pin=True)), image.ref)
+        assert again.phase == A.PHASE_ALREADY_PRESENT
+        assert again.pin == A.PIN_STATE_PINNED
+        status = cri.status(image.ref)
+        assert status is not None
+        assert status.pinned
+        listed = agent.call("ListImages", A.ListImagesRequest())
+        mine = [i for i in listed.images if i.id == image.config_digest]  # type: ignore[attr-defined]
+        assert mine
+        assert mine[0].pin == A.PIN_STATE_PINNED
+
+
+def test_remove_unpins_removes_and_is_idempotent(testenv: TestEnv, backend: Backend) -> None:
+    image = testenv.registry_client().push_image(unique("agent/remove"), "v1")
+    agent = backend.agent
+    assert final(agent.pull(order(image.ref, pin=True)), image.ref).pin == backend.pinned
+    first = agent.call("RemoveImages", A.RemoveImagesRequest(images=[image.ref]))
+    assert [(r.was_present, r.error_category) for r in first.results] == [(True, 0)]  # type: ignore[attr-defined]
+    listed = agent.call("ListImages", A.ListImagesRequest())
+    assert image.config_digest not in {i.id for i in listed.images}  # type: ignore[attr-defined]
+    second = agent.call("RemoveImages", A.RemoveImagesRequest(images=[image.ref]))
+    assert [(r.was_present, r.error_category) for r in second.results] == [(False, 0)]  # type: ignore[attr-defined]
+
+
+def test_digest_references_work_for_pull_list_and_remove(
+    testenv: TestEnv, backend: Backend
+) -> None:
+    image = testenv.registry_client().push_image(unique("agent/digest"), "v2")
+    agent = backend.agent
+    for ref in (image.digest_ref, f"{image.name}:{image.tag}@{image.digest}"):
+        end = final(agent.pull(order(ref, pin=True)), ref)
+        assert end.phase in (A.PHASE_SUCCEEDED, A.PHASE_ALREADY_PRESENT), end.error_message
+        assert end.image_id == image.config_digest
+        assert end.repo_digest == image.digest
+        assert end.pin == backend.pinned
+    removed = agent.call("RemoveImages", A.RemoveImagesRequest(images=[image.digest_ref]))
+    assert removed.results[0].was_present  # type: ignore[attr-defined]
+    listed = agent.call("ListImages", A.ListImagesRequest())
+    assert image.config_digest not in {i.id for i in listed.images}  # type: ignore[attr-defined]
+
+
+def test_insufficient_disk_refuses_the_pull_with_the_numbers(testenv: TestEnv) -> None:
+    image = testenv.registry_client().push_image(unique("agent/disk"), "v1")
+    agent = testenv.start_agent(
+        testenv.nodes[0], lease=False, extra_args=("--min-free-disk=99.99%",), name="agent-disk"
+    )
+    try:
+        end = final(agent.pull(order(image.ref)), image.ref)
+    finally:
+        agent.stop()
+    assert end.error_category == A.ERROR_CATEGORY_INSUFFICIENT_DISK
+    assert "bytes free of" in end.error_message
+    assert "99.99%" in end.error_message
+    with NodeRuntime(testenv.nodes[0].runtime_endpoint) as cri:
+        assert cri.status(image.ref) is None
+
+
+def test_node_info_reports_docker_without_pinning(docker_agent: AgentProcess) -> None:
+    info = docker_agent.call("GetNodeInfo", A.GetNodeInfoRequest())
+    assert (info.runtime_name, info.runtime_api) == ("docker", "docker")  # type: ignore[attr-defined]
+    assert info.runtime_version.startswith("20.10")  # type: ignore[attr-defined]
+    assert not info.pinning_supported  # type: ignore[attr-defined]
+    assert info.image_fs_capacity_bytes > 0  # type: ignore[attr-defined]
+
+
+def test_node_info_reports_containerd_and_its_image_filesystem(
+    agents: dict[str, AgentProcess],
+) -> None:
+    info = agents["node-1"].call("GetNodeInfo", A.GetNodeInfoRequest())
+    assert info.node_name == "node-1"  # type: ignore[attr-defined]
+    assert info.runtime_name == "containerd"  # type: ignore[attr-defined]
+    assert info.runtime_version.startswith("v2.")  # type: ignore[attr-defined]
+    assert info.runtime_api == "cri+containerd"  # type: ignore[attr-defined]
+    assert info.pinning_supported  # type: ignore[attr-defined]
+    assert info.image_fs_capacity_bytes > 0  # type: ignore[attr-defined]
+
+
+def test_health_follows_the_runtime_down_and_back(testenv: TestEnv) -> None:
+    containerd = Containerd(testenv.workdir, "health-node", [testenv.registry.host])
+    containerd.start()
+    agent = testenv.start_agent(
+        node_name="health-node",
+        runtime_endpoint=containerd.endpoint,
+        lease=False,
+        name="agent-health",
+    )
+    try:
+        assert agent.health() == health_pb2.HealthCheckResponse.SERVING
+        assert agent.health("fledged.agent.v1.Agent") == health_pb2.HealthCheckResponse.SERVING
+        containerd.stop()
+        agent.process.wait_until(
+            lambda: agent.health() == health_pb2.HealthCheckResponse.NOT_SERVING,
+            timeout=15,
+            what="NOT_SERVING after containerd stopped",
+        )
+        containerd.start()
+        agent.process.wait_until(
+            agent.serving, timeout=15, what="SERVING after containerd returned"
+        )
+    finally:
+        agent.stop()
+        containerd.stop()
+
+
+def read_lease(testenv: TestEnv, node: str) -> tuple[client.V1ObjectMeta, client.V1LeaseSpec]:
+    lease = client.CoordinationV1Api(testenv.api_client()).read_namespaced_lease(
+        f"fledged-agent-{node}", AGENT_NAMESPACE
+    )
+    assert lease.metadata is not None
+    assert lease.spec is not None
+    return lease.metadata, lease.spec
+
+
+def test_agents_register_and_renew_their_leases(
+    testenv: TestEnv, agents: dict[str, AgentProcess]
+) -> None:
+    for node, agent in agents.items():
+        meta, spec = read_lease(testenv, node)
+        assert spec.holder_identity == node
+        assert (meta.annotations or {})["kubefledged.io/agent-endpoint"] == agent.address
+        assert (meta.labels or {})["kubefledged.io/node"] == node
+    first = read_lease(testenv, "node-1")[1].renew_time
+    assert first is not None
+
+    def renewed() -> bool:
+        later = read_lease(testenv, "node-1")[1].renew_time
+        return later is not None and later > first
+
+    agents["node-1"].process.wait_until(renewed, timeout=10, what="Lease renewal")
+
+
+def test_a_stopped_agent_deletes_its_lease(testenv: TestEnv) -> None:
+    agent = testenv.start_agent(testenv.nodes[0], node_name="lease-check", name="agent-lease")
+    api = client.CoordinationV1Api(testenv.api_client())
+    agent.process.wait_until(
+        lambda: api.read_namespaced_lease("fledged-agent-lease-check", AGENT_NAMESPACE) is not None,
+        timeout=10,
+        what="Lease created",
+    )
+    agent.stop()
+    with pytest.raises(client.ApiException) as err:
+        api.read_namespaced_lease("fledged-agent-lease-check", AGENT_NAMESPACE)
+    assert err.value.status == 404
+
+
+def test_mtls_refuses_clients_without_a_certificate_from_the_ca(testenv: TestEnv) -> None:
+    ca = testenv.ca
+    server = ca.issue("agent-server", "fledged-agent", ips=("127.0.0.1",), server=True)
+    good = ca.issue("coordinator-client", "fledged-coordinator", client=True)
+    other_ca = CertificateAuthority(testenv.workdir / "pki-other", name="other-ca")
+    stranger = other_ca.issue("stranger", "fledged-coordinator", client=True)
+    agent = testenv.start_agent(
+        testenv.nodes[0],
+        lease=False,
+        name="agent-mtls",
+        extra_args=(
+            f"--tls-cert={server.cert}",
+            f"--tls-key={server.key}",
+            f"--tls-client-ca={ca.cert_path}",
+        ),
+    )
+    root = ca.cert_path.read_bytes()
+
+    def node_info(channel: grpc.Channel) -> agent_pb2.NodeInfo:
+        with channel:
+            return agent_pb2_grpc.AgentStub(channel).GetNodeInfo(A.GetNodeInfoRequest(), timeout=5)
+
+    def with_cert(files: CertFiles | None) -> grpc.Channel:
+        creds = grpc.ssl_channel_credentials(
+            root,
+            files.key.read_bytes() if files else None,
+            files.cert.read_bytes() if files else None,
+        )
+        return grpc.secure_channel(agent.address, creds)
+
+    try:
+        assert node_info(with_cert(good)).runtime_name == "containerd"
+        for refused in (with_cert(None), with_cert(stranger), grpc.insecure_channel(agent.address)):
+            with pytest.raises(grpc.RpcError) as err:
+                node_info(refused)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        agent.stop()
+
+
+def test_metrics_count_pulls_by_result(testenv: TestEnv, agents: dict[str, AgentProcess]) -> None:
+    agent = agents["node-2"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{agent.metrics_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    for name in (
+        "fledged_agent_pulls_total",
+        "fledged_agent_pull_duration_seconds_bucket",
+        "fledged_agent_pulled_bytes_total",
+        "fledged_agent_pulls_in_flight",
+        "fledged_agent_pinned_images",
+        "fledged_agent_runtime_up 1.0",
+    ):
+        assert name in text

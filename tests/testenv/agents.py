@@ -1,0 +1,117 @@
+"""Real agent processes (`python -m agent.main`), one per simulated node or ad hoc."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos.fledged.agent.v1 import agent_pb2, agent_pb2_grpc
+
+from .paths import REPO_ROOT
+from .procs import ManagedProcess, free_port
+
+AGENT_NAMESPACE = "kube-fledged"
+
+
+class AgentProcess:
+    """An agent serving one runtime; `stub()` talks to it."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        node_name: str,
+        runtime_endpoint: str,
+        runtime: str = "cri",
+        kubeconfig: Path | None = None,
+        extra_args: Sequence[str] = (),
+        name: str | None = None,
+    ) -> None:
+        self.node_name = node_name
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        argv: list[str | Path] = [
+            sys.executable,
+            "-m",
+            "agent.main",
+            f"--node-name={node_name}",
+            f"--listen={self.address}",
+            f"--runtime={runtime}",
+            f"--runtime-endpoint={runtime_endpoint}",
+            f"--metrics-listen=127.0.0.1:{self.metrics_port}",
+            f"--namespace={AGENT_NAMESPACE}",
+            "--health-interval=1s",
+            "--lease-renew-interval=2s",
+            "--lease-duration=10s",
+            "--log-level=debug",
+        ]
+        argv += [f"--kubeconfig={kubeconfig}"] if kubeconfig else ["--no-lease"]
+        argv += list(extra_args)
+        self.tls = any(a.startswith("--tls-cert") for a in extra_args)
+        label = name or f"agent-{node_name}"
+        self.process = ManagedProcess(label, argv, workdir / "logs" / f"{label}.log", cwd=REPO_ROOT)
+
+    def start(self, wait_serving: bool = True) -> AgentProcess:
+        self.process.start()
+        if self.tls:
+            self.process.wait_until(self._listening, timeout=30, what="agent port")
+        elif wait_serving:
+            self.process.wait_until(self.serving, timeout=30, what="agent health SERVING")
+        return self
+
+    def stop(self) -> None:
+        self.process.stop()
+
+    def _listening(self) -> bool:
+        from .procs import port_open
+
+        return port_open(self.port)
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.address)
+
+    def health(self, service: str = "") -> int:
+        with self.channel() as channel:
+            resp = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=3
+            )
+            return int(resp.status)
+
+    def serving(self) -> bool:
+        return bool(self.health() == health_pb2.HealthCheckResponse.SERVING)
+
+    def pull(self, *pulls: agent_pb2.ImagePull, timeout: float = 120) -> list[agent_pb2.PullEvent]:
+        """All events of one batch, in the order the agent sent them."""
+        with self.channel() as channel:
+            stub = agent_pb2_grpc.AgentStub(channel)
+            return list(stub.PullImages(agent_pb2.PullImagesRequest(images=pulls), timeout=timeout))
+
+    def stream(
+        self, *pulls: agent_pb2.ImagePull, timeout: float = 120
+    ) -> Iterator[agent_pb2.PullEvent]:
+        channel = self.channel()
+        try:
+            stub = agent_pb2_grpc.AgentStub(channel)
+            yield from stub.PullImages(agent_pb2.PullImagesRequest(images=pulls), timeout=timeout)
+        finally:
+            channel.close()
+
+    def call(self, method: str, request: object, timeout: float = 30) -> object:
+        with self.channel() as channel:
+            return getattr(agent_pb2_grpc.AgentStub(channel), method)(request, timeout=timeout)
+
+    def metric(self, name: str) -> float:
+        """The value of one unlabelled sample on /metrics."""
+        import urllib.request
+
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5
+        ) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith(name + " ") or line.startswith(name + "{}"):
+                    return float(line.rsplit(" ", 1)[1])
+        raise KeyError(name)

@@ -1,0 +1,103 @@
+"""A TCP proxy in front of a registry that can throttle or stall, to make pulls slow
+(progress, overlap, concurrency) or hang (deadlines) on demand. Loopback only."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Awaitable, Callable
+
+from .procs import free_port
+
+
+class RegistryProxy:
+    """Forwards 127.0.0.1:<port> to `upstream` (host:port) in a background thread."""
+
+    def __init__(self, upstream: str, rate: float | None = None, stall: bool = False) -> None:
+        self.upstream_host, upstream_port = upstream.rsplit(":", 1)
+        self.upstream_port = int(upstream_port)
+        self.rate = rate  # bytes per second towards the client, None for unlimited
+        self.stall = stall  # accept connections and never answer
+        self.port = free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name=f"proxy-{self.port}", daemon=True)
+        self._server: asyncio.Server | None = None
+        self._next_slot = 0.0  # the rate is shared by all connections, as one link would be
+
+    def start(self) -> RegistryProxy:
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("registry proxy did not start")
+        return self
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def __enter__(self) -> RegistryProxy:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._server = self._loop.run_until_complete(
+            asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        )
+        self._ready.set()
+        try:
+            self._loop.run_forever()
+        finally:
+            self._server.close()
+            for task in asyncio.all_tasks(self._loop):
+                task.cancel()
+            with contextlib.suppress(Exception):
+                self._loop.run_until_complete(asyncio.sleep(0))
+            self._loop.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.stall:
+            with contextlib.suppress(Exception):
+                await reader.read()  # hold the connection open until the client gives up
+            writer.close()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(
+                self.upstream_host, self.upstream_port
+            )
+        except OSError:
+            writer.close()
+            return
+        await asyncio.gather(
+            self._pipe(reader, up_writer, None),
+            self._pipe(up_reader, writer, self._throttle if self.rate else None),
+            return_exceptions=True,
+        )
+
+    async def _throttle(self, size: int) -> None:
+        assert self.rate
+        now = time.monotonic()
+        self._next_slot = max(self._next_slot, now) + size / self.rate
+        await asyncio.sleep(self._next_slot - now)
+
+    @staticmethod
+    async def _pipe(
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        throttle: Callable[[int], Awaitable[None]] | None,
+    ) -> None:
+        chunk = 16 * 1024
+        try:
+            while data := await reader.read(chunk):
+                if throttle:
+                    await throttle(len(data))
+                writer.write(data)
+                await writer.drain()
+        finally:
+            with contextlib.suppress(Exception):
+                writer.close()

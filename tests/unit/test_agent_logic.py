@@ -1,0 +1,130 @@
+"""The agent's pure decisions: error categories, flags, the disk guard, progress sums."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.config import DiskThreshold, parse_args, parse_duration, parse_size
+from agent.errors import Category, classify_message
+from agent.puller import disk_refusal
+from agent.runtime import Credentials
+from agent.runtime.containerd_progress import manifest_blobs, pick_platform_manifest
+from agent.runtime.cri import auth_config
+from agent.runtime.docker import LayerProgress, docker_ref
+
+
+@pytest.mark.parametrize(
+    ("message", "category"),
+    [
+        (
+            'failed to resolve reference "r/x:v1": r/x:v1: not found',
+            Category.NOT_FOUND,
+        ),
+        ("manifest for r/x:v1 not found: manifest unknown", Category.NOT_FOUND),
+        (
+            "pull access denied, repository does not exist or may require authorization: "
+            "authorization failed: no basic auth credentials",
+            Category.UNAUTHORIZED,
+        ),
+        ("unexpected status from HEAD request: 401 Unauthorized", Category.UNAUTHORIZED),
+        ("dial tcp 127.0.0.1:1: connect: connection refused", Category.REGISTRY_UNAVAILABLE),
+        ("lookup reg.example: no such host", Category.REGISTRY_UNAVAILABLE),
+        ("503 Service Unavailable", Category.REGISTRY_UNAVAILABLE),
+        ("write /var/lib/x: no space left on device", Category.INSUFFICIENT_DISK),
+        ("invalid reference format: repository name must be lowercase", Category.INVALID_REFERENCE),
+        ("context deadline exceeded", Category.DEADLINE_EXCEEDED),
+        ("something nobody expected", Category.INTERNAL),
+    ],
+)
+def test_runtime_messages_map_to_categories(message: str, category: Category) -> None:
+    assert classify_message(message) == category
+
+
+def test_sizes_and_durations_parse_like_kubernetes_quantities_and_go_durations() -> None:
+    assert parse_size("10Gi") == 10 * 2**30
+    assert parse_size("500M") == 500 * 10**6
+    assert parse_size("1024") == 1024
+    assert parse_duration("5m") == 300
+    assert parse_duration("1h30m") == 5400
+    assert parse_duration("250ms") == 0.25
+    assert parse_duration("0s") == 0
+    for bad in ("5 minutes", "", "m5"):
+        with pytest.raises(ValueError, match="not a duration"):
+            parse_duration(bad)
+
+
+def test_disk_guard_refuses_below_the_threshold_and_says_by_how_much() -> None:
+    ten_percent = DiskThreshold.parse("10%")
+    assert disk_refusal(free=200, capacity=1000, threshold=ten_percent) is None
+    refusal = disk_refusal(free=50, capacity=1000, threshold=ten_percent)
+    assert refusal is not None
+    assert "50 bytes free of 1000 (5.0%)" in refusal
+    assert "minimum of 10% (100 bytes)" in refusal
+    assert disk_refusal(free=10, capacity=0, threshold=ten_percent) is None  # unknown: allow
+    assert disk_refusal(free=10, capacity=10**9, threshold=DiskThreshold.parse("1Gi")) is not None
+
+
+def test_agent_flags_validate_and_default() -> None:
+    cfg, lease = parse_args(["--node-name=n1", "--min-free-disk=5Gi", "--no-lease"])
+    assert cfg.node_name == "n1"
+    assert not lease
+    assert cfg.min_free_disk.bytes == 5 * 2**30
+    assert cfg.max_concurrent_pulls == 2
+    assert cfg.default_pull_deadline == 300
+    with pytest.raises(SystemExit):
+        parse_args([])  # no node name
+    with pytest.raises(SystemExit):
+        parse_args(["--node-name=n", "--tls-cert=c"])  # cert without key
+
+
+def test_docker_layer_progress_is_monotonic_and_sums_layers() -> None:
+    p = LayerProgress()
+    assert p.update({"status": "Pulling fs layer", "id": "a"}) is None
+    first = p.update(
+        {"status": "Downloading", "id": "a", "progressDetail": {"current": 10, "total": 100}}
+    )
+    second = p.update(
+        {"status": "Downloading", "id": "b", "progressDetail": {"current": 5, "total": 50}}
+    )
+    done = p.update({"status": "Download complete", "id": "a", "progressDetail": {}})
+    assert first is not None
+    assert (first.bytes_done, first.bytes_total) == (10, 100)
+    assert second is not None
+    assert (second.bytes_done, second.bytes_total) == (15, 150)
+    assert done is not None
+    assert (done.bytes_done, done.bytes_total) == (105, 150)
+
+
+def test_manifest_helpers_pick_the_platform_and_list_blobs() -> None:
+    index = {
+        "manifests": [
+            {"digest": "sha256:arm", "platform": {"os": "linux", "architecture": "arm64"}},
+            {"digest": "sha256:amd", "platform": {"os": "linux", "architecture": "amd64"}},
+        ]
+    }
+    assert pick_platform_manifest(index, "linux", "amd64") == "sha256:amd"
+    assert pick_platform_manifest(index, "linux", "s390x") is None
+    manifest = {
+        "config": {"digest": "sha256:c", "size": 7},
+        "layers": [{"digest": "sha256:l1", "size": 10}, {"digest": "sha256:l2", "size": 20}],
+    }
+    assert manifest_blobs(manifest) == {"sha256:c": 7, "sha256:l1": 10, "sha256:l2": 20}
+
+
+def test_cri_server_address_gets_a_scheme_and_docker_hub_its_api_host() -> None:
+    assert auth_config(Credentials(server_address="reg:5000")).server_address == "https://reg:5000"
+    hub = auth_config(Credentials(server_address="https://index.docker.io/v1/"))
+    assert hub.server_address == "https://registry-1.docker.io"
+    assert auth_config(Credentials(username="u")).server_address == ""
+
+
+def test_credentials_never_show_secrets_in_repr() -> None:
+    text = repr(Credentials(server_address="r", username="u", password="hunter2", auth="c2VjcmV0"))
+    assert "hunter2" not in text
+    assert "c2VjcmV0" not in text
+
+
+def test_docker_refs_drop_the_tag_when_a_digest_pins_the_content() -> None:
+    digest = "sha256:" + "b" * 64
+    assert docker_ref(f"r.io/a:v1@{digest}") == f"r.io/a@{digest}"
+    assert docker_ref("r.io/a:v1") == "r.io/a:v1"

@@ -1,0 +1,134 @@
+"""The pull manager's queueing and sharing, over a scripted in-memory runtime (pure
+logic; the same behaviours are proven against real containerd in tests/agent)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from agent.config import DiskThreshold
+from agent.errors import AgentError, Category
+from agent.puller import Phase, Policy, PullEvent, PullManager, PullOrder
+from agent.runtime import Credentials, FsUsage, ImageRecord, PinState, ProgressCallback, RuntimeInfo
+from agent.runtime.base import Progress
+
+
+class ScriptedRuntime:
+    """Pulls that finish when the test releases them."""
+
+    def __init__(self, free: int = 10**9, capacity: int = 10**10) -> None:
+        self.images: dict[str, ImageRecord] = {}
+        self.pulls: list[str] = []
+        self.release = asyncio.Event()
+        self.fs = FsUsage(used=0, capacity=capacity, available=free)
+        self.fail: AgentError | None = None
+
+    async def info(self) -> RuntimeInfo:
+        return RuntimeInfo("fake", "1", "cri", True)
+
+    async def status(self, ref: str) -> ImageRecord | None:
+        return self.images.get(ref)
+
+    async def list(self) -> list[ImageRecord]:
+        return list(self.images.values())
+
+    async def pull(
+        self,
+        ref: str,
+        credentials: Sequence[Credentials],
+        deadline: float,
+        on_progress: ProgressCallback,
+    ) -> ImageRecord:
+        self.pulls.append(ref)
+        on_progress(Progress(0, 100))
+        await self.release.wait()
+        if self.fail:
+            raise self.fail
+        on_progress(Progress(100, 100))
+        record = ImageRecord("sha256:id-" + ref, (ref,), (), 100, PinState.UNPINNED)
+        self.images[ref] = record
+        return record
+
+    async def remove(self, ref: str) -> bool:
+        return self.images.pop(ref, None) is not None
+
+    async def set_pinned(self, ref: str, pinned: bool) -> PinState:
+        state = PinState.PINNED if pinned else PinState.UNPINNED
+        self.images[ref] = ImageRecord(self.images[ref].id, (ref,), (), 100, state)
+        return state
+
+    async def image_fs(self) -> FsUsage:
+        return self.fs
+
+    async def close(self) -> None:
+        pass
+
+
+async def collect(manager: PullManager, order: PullOrder) -> list[PullEvent]:
+    return [e async for e in manager.pull(order)]
+
+
+def manager_for(runtime: ScriptedRuntime, cap: int = 2) -> PullManager:
+    return PullManager(runtime, cap, DiskThreshold.parse("10%"), 60)
+
+
+async def test_overlapping_orders_for_one_image_share_one_runtime_pull() -> None:
+    runtime = ScriptedRuntime()
+    manager = manager_for(runtime)
+    first = asyncio.create_task(collect(manager, PullOrder("r.io/a:1", pin=True)))
+    second = asyncio.create_task(collect(manager, PullOrder("r.io/a:1")))
+    await asyncio.sleep(0.05)
+    runtime.release.set()
+    a, b = await first, await second
+    assert runtime.pulls == ["r.io/a:1"]
+    assert a[-1].phase == b[-1].phase == Phase.SUCCEEDED
+    assert a[-1].pin == PinState.PINNED  # each order applies its own pin wish
+
+
+async def test_the_cap_queues_pulls_as_waiting() -> None:
+    runtime = ScriptedRuntime()
+    manager = manager_for(runtime, cap=1)
+    tasks = [asyncio.create_task(collect(manager, PullOrder(f"r.io/img:{i}"))) for i in range(3)]
+    await asyncio.sleep(0.05)
+    assert runtime.pulls == ["r.io/img:0"]
+    runtime.release.set()
+    results = await asyncio.gather(*tasks)
+    assert [r[0].phase for r in results] == [Phase.PULLING, Phase.WAITING, Phase.WAITING]
+    assert all(r[-1].phase == Phase.SUCCEEDED for r in results)
+
+
+async def test_if_not_present_does_not_pull_and_always_does() -> None:
+    runtime = ScriptedRuntime()
+    runtime.images["r.io/a:1"] = ImageRecord("sha256:x", ("r.io/a:1",), (), 5, PinState.UNPINNED)
+    manager = manager_for(runtime)
+    present = await collect(manager, PullOrder("r.io/a:1", pin=True))
+    assert [e.phase for e in present] == [Phase.ALREADY_PRESENT]
+    assert present[0].pin == PinState.PINNED
+    runtime.release.set()
+    again = await collect(manager, PullOrder("r.io/a:1", policy=Policy.ALWAYS))
+    assert again[-1].phase == Phase.SUCCEEDED
+    assert runtime.pulls == ["r.io/a:1"]
+
+
+async def test_low_disk_and_runtime_failures_end_in_one_failed_event() -> None:
+    runtime = ScriptedRuntime(free=1, capacity=100)
+    manager = manager_for(runtime)
+    events = await collect(manager, PullOrder("r.io/a:1"))
+    assert [(e.phase, e.category) for e in events] == [(Phase.FAILED, Category.INSUFFICIENT_DISK)]
+    runtime.fs = FsUsage(0, 100, 100)
+    runtime.fail = AgentError(Category.UNAUTHORIZED, "401")
+    runtime.release.set()
+    events = await collect(manager, PullOrder("r.io/a:1"))
+    assert events[-1].phase == Phase.FAILED
+    assert events[-1].category == Category.UNAUTHORIZED
+    assert not manager.inflight
+
+
+@pytest.mark.parametrize("bad", ["UPPER:1", "r.io/a:bad tag"])
+async def test_invalid_references_fail_without_touching_the_runtime(bad: str) -> None:
+    runtime = ScriptedRuntime()
+    events = await collect(manager_for(runtime), PullOrder(bad))
+    assert [(e.phase, e.category) for e in events] == [(Phase.FAILED, Category.INVALID_REFERENCE)]
+    assert runtime.pulls == []

@@ -1,0 +1,78 @@
+"""Image references are parsed and normalized as Docker and containerd do."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.reference import InvalidReference, normalize, parse, registry_of_server_address
+
+DIGEST = "sha256:" + "a" * 64
+
+
+@pytest.mark.parametrize(
+    ("text", "canonical"),
+    [
+        ("nginx", "docker.io/library/nginx:latest"),
+        ("nginx:1.27", "docker.io/library/nginx:1.27"),
+        ("bitnami/redis:7", "docker.io/bitnami/redis:7"),
+        ("index.docker.io/library/nginx:1", "docker.io/library/nginx:1"),
+        ("registry-1.docker.io/x/y", "docker.io/x/y:latest"),
+        ("localhost/app", "localhost/app:latest"),
+        ("127.0.0.1:5000/team/app:v1", "127.0.0.1:5000/team/app:v1"),
+        ("quay.io/a/b/c:tag_1.0-x", "quay.io/a/b/c:tag_1.0-x"),
+        (f"ghcr.io/org/app@{DIGEST}", f"ghcr.io/org/app@{DIGEST}"),
+        (f"ghcr.io/org/app:v2@{DIGEST}", f"ghcr.io/org/app:v2@{DIGEST}"),
+        ("[::1]:5000/app:v1", "[::1]:5000/app:v1"),
+    ],
+)
+def test_references_normalize_to_their_canonical_form(text: str, canonical: str) -> None:
+    assert normalize(text) == canonical
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("", "empty"),
+        (" nginx", "padded"),
+        ("Nginx", "lowercase"),
+        ("nginx:", "bad tag"),
+        ("nginx:bad tag", "bad tag"),
+        ("nginx@sha256:abc", "bad digest"),
+        ("nginx@sha256:" + "a" * 40, "64 hex"),
+        ("nginx@md5", "bad digest"),
+        ("registry.io/", "bad repository"),
+        ("registry.io//x", "bad repository"),
+        ("a" * 300, "longer than"),
+    ],
+)
+def test_bad_references_are_refused_with_a_reason(text: str, why: str) -> None:
+    with pytest.raises(InvalidReference, match=why):
+        parse(text)
+
+
+def test_parts_of_a_reference() -> None:
+    ref = parse(f"127.0.0.1:5000/team/app:v1@{DIGEST}")
+    assert (ref.domain, ref.hostname, ref.path, ref.tag, ref.digest) == (
+        "127.0.0.1:5000",
+        "127.0.0.1",
+        "team/app",
+        "v1",
+        DIGEST,
+    )
+    assert ref.name == "127.0.0.1:5000/team/app"
+    assert not ref.is_mutable
+    assert parse("nginx:1").is_mutable
+
+
+@pytest.mark.parametrize(
+    ("server", "registry"),
+    [
+        ("https://index.docker.io/v1/", "docker.io"),
+        ("docker.io", "docker.io"),
+        ("registry-1.docker.io", "docker.io"),
+        ("http://127.0.0.1:5000", "127.0.0.1:5000"),
+        ("Quay.IO/some/path", "quay.io"),
+    ],
+)
+def test_server_addresses_name_their_registry(server: str, registry: str) -> None:
+    assert registry_of_server_address(server) == registry
