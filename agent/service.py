@@ -105,6 +105,7 @@ def image_to_proto(record: ImageRecord) -> agent_pb2.ImageInfo:
         repo_digests=record.repo_digests,
         size=record.size,
         pin=PINS[record.pin],
+        pinned_by_fledged=record.pin_owned,
     )
 
 

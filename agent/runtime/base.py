@@ -46,6 +46,7 @@ class ImageRecord:
     repo_digests: tuple[str, ...]
     size: int
     pin: PinState
+    pin_owned: bool = False  # pinned by kube-fledged, not by someone else
 
     def digest_for(self, name: str) -> str:
         """The repo digest (sha256:...) under repository `name`, or the first one."""

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 PINNED_LABEL = "io.cri-containerd.pinned"
 PINNED_VALUE = "pinned"
+# Marks pins kube-fledged set, so it lifts only its own (never the sandbox image's).
+OWNER_LABEL = "kubefledged.io/pinned"
 NAMESPACE_HEADER = "containerd-namespace"
 CALL_TIMEOUT = 30.0
 
@@ -64,7 +66,7 @@ def auth_config(creds: Credentials) -> api_pb2.AuthConfig:
     )
 
 
-def _record(image: api_pb2.Image, pinning: bool) -> ImageRecord:
+def _record(image: api_pb2.Image, pinning: bool, owned: bool = False) -> ImageRecord:
     if pinning:
         pin = PinState.PINNED if image.pinned else PinState.UNPINNED
     else:
@@ -75,7 +77,13 @@ def _record(image: api_pb2.Image, pinning: bool) -> ImageRecord:
         repo_digests=tuple(image.repo_digests),
         size=int(image.size),
         pin=pin,
+        pin_owned=owned and image.pinned,
     )
+
+
+def _names(image: api_pb2.Image | ImageRecord) -> set[str]:
+    """Every containerd image record CRI keeps for one image."""
+    return {*image.repo_tags, *image.repo_digests, image.id}
 
 
 class CriRuntime:
@@ -132,15 +140,32 @@ class CriRuntime:
             raise classify_rpc_error(err) from err
         if not resp.HasField("image"):
             return None
-        return _record(resp.image, await self._containerd())
+        if not await self._containerd():
+            return _record(resp.image, False)
+        owned = await self._owned_records()
+        return _record(resp.image, True, bool(_names(resp.image) & owned))
 
     async def list(self) -> list[ImageRecord]:
         try:
             resp = await self._images.ListImages(api_pb2.ListImagesRequest(), timeout=CALL_TIMEOUT)
         except grpc.RpcError as err:
             raise classify_rpc_error(err) from err
-        pinning = await self._containerd()
-        return [_record(image, pinning) for image in resp.images]
+        if not await self._containerd():
+            return [_record(image, False) for image in resp.images]
+        owned = await self._owned_records()
+        return [_record(image, True, bool(_names(image) & owned)) for image in resp.images]
+
+    async def _owned_records(self) -> set[str]:
+        """Names of the containerd image records whose pin kube-fledged set."""
+        try:
+            resp = await self._ctr_images.List(
+                images_pb2.ListImagesRequest(filters=[f'labels."{OWNER_LABEL}"']),
+                metadata=self._metadata,
+                timeout=CALL_TIMEOUT,
+            )
+        except grpc.RpcError as err:
+            raise classify_rpc_error(err) from err
+        return {image.name for image in resp.images}
 
     async def pull(
         self,
@@ -196,7 +221,7 @@ class CriRuntime:
         record = await self.status(ref)
         if record is None:
             return False
-        if record.pin == PinState.PINNED and await self._containerd():
+        if record.pin_owned:
             await self.set_pinned(ref, False)
         try:
             await self._images.RemoveImage(
@@ -210,15 +235,22 @@ class CriRuntime:
         return True
 
     async def set_pinned(self, ref: str, pinned: bool) -> PinState:
-        """Labels every containerd record of the image (tags, digests, id)."""
+        """Labels every containerd record of the image (tags, digests, id).
+
+        A pin someone else set stays theirs: pinning leaves it alone and unpinning
+        does not lift it.
+        """
         if not await self._containerd():
             return PinState.UNSUPPORTED
         record = await self.status(ref)
         if record is None:
             raise AgentError(Category.NOT_FOUND, f"{ref} is not on this node")
-        for name in {*record.repo_tags, *record.repo_digests, record.id}:
-            await self._label(name, pinned)
-        return PinState.PINNED if pinned else PinState.UNPINNED
+        foreign = record.pin == PinState.PINNED and not record.pin_owned
+        if not foreign:
+            for name in _names(record):
+                await self._label(name, pinned)
+        after = await self.status(ref)
+        return after.pin if after else PinState.UNPINNED
 
     async def _label(self, name: str, pinned: bool) -> None:
         try:
@@ -231,15 +263,20 @@ class CriRuntime:
             if err.code() == grpc.StatusCode.NOT_FOUND:
                 return
             raise classify_rpc_error(err) from err
-        if (image.labels.get(PINNED_LABEL) == PINNED_VALUE) == pinned:
+        if (OWNER_LABEL in image.labels) == pinned:
             return
         if pinned:
             image.labels[PINNED_LABEL] = PINNED_VALUE
+            image.labels[OWNER_LABEL] = "true"
         else:
-            del image.labels[PINNED_LABEL]
+            image.labels.pop(PINNED_LABEL, None)
+            image.labels.pop(OWNER_LABEL, None)
         # The whole record goes back: containerd 2.2 crashes on an Update without target.
         request = images_pb2.UpdateImageRequest(
-            image=image, update_mask=field_mask_pb2.FieldMask(paths=[f"labels.{PINNED_LABEL}"])
+            image=image,
+            update_mask=field_mask_pb2.FieldMask(
+                paths=[f"labels.{PINNED_LABEL}", f"labels.{OWNER_LABEL}"]
+            ),
         )
         try:
             await self._ctr_images.Update(request, metadata=self._metadata, timeout=10)

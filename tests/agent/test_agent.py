@@ -27,7 +27,7 @@ from tests.testenv.containerd import Containerd
 from tests.testenv.pki import CertFiles, CertificateAuthority
 from tests.testenv.procs import free_port
 from tests.testenv.proxy import RegistryProxy
-from tests.testenv.runtime import NodeRuntime
+from tests.testenv.runtime import PINNED_LABEL, NodeRuntime
 
 A = agent_pb2
 TERMINAL = {A.PHASE_SUCCEEDED, A.PHASE_ALREADY_PRESENT, A.PHASE_FAILED}
@@ -277,6 +277,26 @@ def test_pin_and_unpin_are_visible_through_cri(
         mine = [i for i in listed.images if i.id == image.config_digest]  # type: ignore[attr-defined]
         assert mine
         assert mine[0].pin == A.PIN_STATE_PINNED
+        assert mine[0].pinned_by_fledged
+
+
+def test_a_pin_set_by_someone_else_is_never_lifted(
+    testenv: TestEnv, agents: dict[str, AgentProcess]
+) -> None:
+    image = testenv.registry_client().push_image(unique("agent/foreign-pin"), "v1")
+    agent = agents["node-2"]
+    assert final(agent.pull(order(image.ref)), image.ref).phase == A.PHASE_SUCCEEDED
+    with NodeRuntime(testenv.nodes[1].runtime_endpoint) as cri:
+        cri.set_label(image.ref, PINNED_LABEL, "pinned")  # as the runtime does for its sandbox
+        resp = agent.call("SetPinned", A.SetPinnedRequest(images=[image.ref], pinned=False))
+        assert [r.pin for r in resp.results] == [A.PIN_STATE_PINNED]  # type: ignore[attr-defined]
+        status = cri.status(image.ref)
+        assert status is not None
+        assert status.pinned
+        listed = agent.call("ListImages", A.ListImagesRequest())
+        mine = [i for i in listed.images if i.id == image.config_digest]  # type: ignore[attr-defined]
+        assert mine[0].pin == A.PIN_STATE_PINNED
+        assert not mine[0].pinned_by_fledged
 
 
 def test_remove_unpins_removes_and_is_idempotent(testenv: TestEnv, backend: Backend) -> None:

@@ -442,9 +442,14 @@ class ImageInfo(_message.Message):
     REPO_DIGESTS_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
     PIN_FIELD_NUMBER: _builtins.int
+    PINNED_BY_FLEDGED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     size: _builtins.int
     pin: Global___PinState.ValueType
+    pinned_by_fledged: _builtins.bool
+    """The pin was set by kube-fledged (and so may be lifted by it); pins set by
+    others, such as the runtime's own sandbox image, are never touched.
+    """
     @_builtins.property
     def repo_tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -457,10 +462,11 @@ class ImageInfo(_message.Message):
         repo_digests: _abc.Iterable[_builtins.str] | None = ...,
         size: _builtins.int = ...,
         pin: Global___PinState.ValueType = ...,
+        pinned_by_fledged: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "pin", b"pin", "repo_digests", b"repo_digests", "repo_tags", b"repo_tags", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "pin", b"pin", "pinned_by_fledged", b"pinned_by_fledged", "repo_digests", b"repo_digests", "repo_tags", b"repo_tags", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -80,7 +80,8 @@ class AgentServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetPinned(self, request, context):
-        """Pins or unpins images already present, without pulling.
+        """Pins or unpins images already present, without pulling. Unpinning lifts only
+        pins kube-fledged set; pinning an image pinned by someone else leaves it theirs.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

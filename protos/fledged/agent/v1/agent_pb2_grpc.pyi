@@ -43,7 +43,9 @@ class AgentStub:
     RemoveImages: _grpc.UnaryUnaryMultiCallable[_agent_pb2.RemoveImagesRequest, _agent_pb2.RemoveImagesResponse]
     """Unpins, then removes images. Idempotent: an absent image counts as removed."""
     SetPinned: _grpc.UnaryUnaryMultiCallable[_agent_pb2.SetPinnedRequest, _agent_pb2.SetPinnedResponse]
-    """Pins or unpins images already present, without pulling."""
+    """Pins or unpins images already present, without pulling. Unpinning lifts only
+    pins kube-fledged set; pinning an image pinned by someone else leaves it theirs.
+    """
     ListImages: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ListImagesRequest, _agent_pb2.ListImagesResponse]
     """What the node's runtime holds now."""
     GetNodeInfo: _grpc.UnaryUnaryMultiCallable[_agent_pb2.GetNodeInfoRequest, _agent_pb2.NodeInfo]
@@ -59,7 +61,9 @@ class AgentAsyncStub(AgentStub):
     RemoveImages: _aio.UnaryUnaryMultiCallable[_agent_pb2.RemoveImagesRequest, _agent_pb2.RemoveImagesResponse]  # type: ignore[assignment]
     """Unpins, then removes images. Idempotent: an absent image counts as removed."""
     SetPinned: _aio.UnaryUnaryMultiCallable[_agent_pb2.SetPinnedRequest, _agent_pb2.SetPinnedResponse]  # type: ignore[assignment]
-    """Pins or unpins images already present, without pulling."""
+    """Pins or unpins images already present, without pulling. Unpinning lifts only
+    pins kube-fledged set; pinning an image pinned by someone else leaves it theirs.
+    """
     ListImages: _aio.UnaryUnaryMultiCallable[_agent_pb2.ListImagesRequest, _agent_pb2.ListImagesResponse]  # type: ignore[assignment]
     """What the node's runtime holds now."""
     GetNodeInfo: _aio.UnaryUnaryMultiCallable[_agent_pb2.GetNodeInfoRequest, _agent_pb2.NodeInfo]  # type: ignore[assignment]
@@ -90,7 +94,9 @@ class AgentServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_pb2.SetPinnedRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.SetPinnedResponse, _abc.Awaitable[_agent_pb2.SetPinnedResponse]]:
-        """Pins or unpins images already present, without pulling."""
+        """Pins or unpins images already present, without pulling. Unpinning lifts only
+        pins kube-fledged set; pinning an image pinned by someone else leaves it theirs.
+        """
 
     @_abc_1.abstractmethod
     def ListImages(
