@@ -33,5 +33,7 @@ def setup(fmt: str, level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # The Kubernetes client logs request bodies at DEBUG; they may carry secrets.
-    logging.getLogger("kubernetes").setLevel(max(logging.INFO, root.level))
+    # Client libraries log request bodies and loop details at DEBUG; the bodies may
+    # carry secrets, so they stay at INFO whatever our level.
+    for name in ("kubernetes", "urllib3", "grpc", "asyncio"):
+        logging.getLogger(name).setLevel(max(logging.INFO, root.level))

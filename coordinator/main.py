@@ -1,29 +1,154 @@
-"""Command line of the coordinator (the Deployment)."""
+"""Entry point of `fledged-coordinator` (the Deployment): wiring and lifecycle."""
 
 from __future__ import annotations
 
-import argparse
+import asyncio
+import logging
+import os
+import signal
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from kubernetes import client, config
+from prometheus_client import start_http_server
+
+from common import logs
+
+from .agents import AgentPool, TlsConfig
+from .config import CoordinatorConfig, parse_args
+from .controller import Controller, ControllerConfig
+from .kube import KubeWriter
+from .leader import LeaderElector
+from .nodes import NodeRegistry
+from .plan import Settings
+
+log = logging.getLogger("coordinator")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fledged-coordinator",
-        description="Reconciles ImageCache resources into pull and remove orders for node agents.",
+def kube_client(cfg: CoordinatorConfig) -> client.ApiClient:
+    if cfg.kubeconfig:
+        api: client.ApiClient = config.new_client_from_config(cfg.kubeconfig)  # type: ignore[no-untyped-call]
+        return api
+    config.load_incluster_config()  # type: ignore[no-untyped-call]
+    return client.ApiClient()
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, port = address.rsplit(":", 1)
+    return host or "0.0.0.0", int(port)
+
+
+class Probes:
+    """/healthz: the process answers. /readyz: informers synced (or standing by)."""
+
+    def __init__(self) -> None:
+        self.ready = threading.Event()
+
+    def serve(self, address: str) -> ThreadingHTTPServer:
+        probes = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                ok = self.path == "/healthz" or (self.path == "/readyz" and probes.ready.is_set())
+                self.send_response(200 if ok else 503)
+                self.end_headers()
+                self.wfile.write(b"ok\n" if ok else b"not ready\n")
+
+            def log_message(self, *args: object) -> None:
+                return
+
+        server = ThreadingHTTPServer(_split(address), Handler)
+        threading.Thread(target=server.serve_forever, name="probes", daemon=True).start()
+        return server
+
+
+async def run(cfg: CoordinatorConfig) -> int:
+    api = kube_client(cfg)
+    probes = Probes()
+    if cfg.health_probe_bind_address:
+        probes.serve(cfg.health_probe_bind_address)
+    if cfg.metrics_bind_address:
+        host, port = _split(cfg.metrics_bind_address)
+        start_http_server(port, addr=host)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("second signal: exiting at once")
+            os._exit(1)
+        log.info("received %s: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+    elector = None
+    if cfg.leader_elect:
+        elector = LeaderElector(
+            api, cfg.leader_election_namespace, cfg.leader_election_id, cfg.identity
+        )
+        probes.ready.set()  # a standby is ready: it is waiting by design
+        acquire = asyncio.create_task(elector.acquire())
+        waiter = asyncio.create_task(stop.wait())
+        await asyncio.wait([acquire, waiter], return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            acquire.cancel()
+            return 0
+        waiter.cancel()
+
+    tls = None
+    if cfg.agent_tls_ca and cfg.agent_tls_cert and cfg.agent_tls_key:
+        tls = TlsConfig(
+            cfg.agent_tls_ca, cfg.agent_tls_cert, cfg.agent_tls_key, cfg.agent_tls_server_name
+        )
+    pool = AgentPool(tls)
+    controller: Controller | None = None
+
+    def node_changed(node: str) -> None:
+        if controller is not None:
+            controller.node_changed(node)
+
+    registry = NodeRegistry(pool, node_changed, cfg.image_pull_deadline)
+    controller = Controller(
+        api,
+        KubeWriter(api),
+        registry,
+        ControllerConfig(
+            agent_namespace=cfg.agent_namespace,
+            settings=Settings(always_pull=cfg.always_pull, wave=cfg.max_concurrent_nodes_per_image),
+            refresh_every=cfg.refresh_every,
+            workers=cfg.workers,
+            watch_namespace=cfg.watch_namespace,
+        ),
     )
-    parser.add_argument("--kubeconfig", help="kubeconfig for running out of cluster")
-    parser.add_argument("--image-pull-deadline-duration", default="5m")
-    parser.add_argument("--image-cache-refresh-frequency", default="15m")
-    parser.add_argument("--image-pull-policy", default="IfNotPresent")
-    return parser
+    tasks = [asyncio.create_task(controller.run(stop), name="controller")]
+    if elector is not None:
+        tasks.append(asyncio.create_task(elector.hold(), name="leadership"))
+    probes.ready.set()
+    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if not stop.is_set():
+        code = 1  # leadership lost or the controller died: exit, let the Deployment restart us
+        stop.set()
+    for task in tasks:
+        if task not in done:
+            task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await registry.close()
+    await pool.close()
+    if elector is not None:
+        await asyncio.to_thread(elector.release)
+    log.info("coordinator stopped")
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    parser.parse_args(argv)
-    parser.print_help()
-    print("\nfledged-coordinator: reconciling is not implemented yet.", file=sys.stderr)
-    return 2
+    cfg = parse_args(argv)
+    logs.setup(cfg.log_format, cfg.log_level)
+    return asyncio.run(run(cfg))
 
 
 if __name__ == "__main__":

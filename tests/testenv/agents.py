@@ -115,3 +115,48 @@ class AgentProcess:
                 if line.startswith(name + " ") or line.startswith(name + "{}"):
                     return float(line.rsplit(" ", 1)[1])
         raise KeyError(name)
+
+
+class CoordinatorProcess:
+    """`python -m coordinator.main` against the test apiserver."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        kubeconfig: Path,
+        extra_args: Sequence[str] = (),
+        name: str = "coordinator",
+    ) -> None:
+        self.metrics_port = free_port()
+        self.health_port = free_port()
+        argv: list[str | Path] = [
+            sys.executable,
+            "-m",
+            "coordinator.main",
+            f"--kubeconfig={kubeconfig}",
+            f"--agent-namespace={AGENT_NAMESPACE}",
+            f"--metrics-bind-address=127.0.0.1:{self.metrics_port}",
+            f"--health-probe-bind-address=127.0.0.1:{self.health_port}",
+            "--image-cache-refresh-frequency=0s",
+            "--image-pull-deadline-duration=60s",
+            "--log-level=debug",
+            *extra_args,
+        ]
+        self.process = ManagedProcess(name, argv, workdir / "logs" / f"{name}.log", cwd=REPO_ROOT)
+
+    def start(self) -> CoordinatorProcess:
+        self.process.start()
+        self.process.wait_until(self.ready, timeout=30, what="coordinator /readyz")
+        return self
+
+    def ready(self) -> bool:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/readyz", timeout=2) as r:
+            return bool(r.status == 200)
+
+    def stop(self) -> None:
+        self.process.stop()
+
+    def kill(self) -> None:
+        self.process.kill()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,12 +17,13 @@ from pathlib import Path
 
 from kubernetes import client
 
-from .agents import AGENT_NAMESPACE, AgentProcess
+from .agents import AGENT_NAMESPACE, AgentProcess, CoordinatorProcess
 from .containerd import Containerd
 from .dockerd import Dockerd
 from .images import RegistryClient
 from .kube import ApiServer, Etcd, Identity, client_for
 from .nodes import SimNode, node_labels, register_node
+from .paths import REPO_ROOT, binary
 from .pki import CertificateAuthority
 from .procs import ManagedProcess
 from .registry import Registry
@@ -160,6 +162,37 @@ class TestEnv:
     def start_agents(self) -> list[AgentProcess]:
         """One agent per node, registered by Lease, as the DaemonSet would run them."""
         return [self.start_agent(node) for node in self.nodes]
+
+    def install_crds(self) -> None:
+        """Applies deploy/crds with the real kubectl and waits until they are served."""
+        kubectl = [str(binary("kubectl")), f"--kubeconfig={self.kubeconfig}"]
+        subprocess.run(
+            [*kubectl, "apply", "-f", str(REPO_ROOT / "deploy" / "crds")],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        subprocess.run(
+            [
+                *kubectl,
+                "wait",
+                "--for=condition=Established",
+                "--timeout=60s",
+                "crd/imagecaches.kubefledged.io",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=90,
+        )
+
+    def start_coordinator(
+        self, extra_args: tuple[str, ...] = (), name: str = "coordinator"
+    ) -> CoordinatorProcess:
+        """A real coordinator process (admin identity) serving every namespace."""
+        coordinator = CoordinatorProcess(self.workdir, self.kubeconfig, extra_args, name)
+        self._started.append(coordinator.process)
+        coordinator.start()
+        return coordinator
 
     def add_registry_host(self, host: str) -> None:
         """Makes another plain-HTTP registry (e.g. a proxy) reachable from every node."""

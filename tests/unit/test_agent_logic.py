@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from agent.config import DiskThreshold, parse_args, parse_duration, parse_size
+from agent.config import DiskThreshold, parse_args
 from agent.errors import Category, classify_message
 from agent.puller import disk_refusal
 from agent.runtime import Credentials
 from agent.runtime.containerd_progress import manifest_blobs, pick_platform_manifest
 from agent.runtime.cri import auth_config
 from agent.runtime.docker import LayerProgress, docker_ref
+from common.units import parse_duration, parse_size
 
 
 @pytest.mark.parametrize(

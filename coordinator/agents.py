@@ -1,0 +1,91 @@
+"""gRPC I/O to the node agents: one asyncio channel per agent endpoint, mTLS when
+configured. Thin: requests in, responses and event streams out."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from protos.fledged.agent.v1 import agent_pb2, agent_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    ca: Path
+    cert: Path
+    key: Path
+    server_name: str = "fledged-agent"
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            self.ca.read_bytes(), self.key.read_bytes(), self.cert.read_bytes()
+        )
+
+
+class AgentClient:
+    def __init__(self, endpoint: str, tls: TlsConfig | None) -> None:
+        self.endpoint = endpoint
+        options: list[tuple[str, Any]] = [("grpc.keepalive_time_ms", 30_000)]
+        if tls is not None:
+            options.append(("grpc.ssl_target_name_override", tls.server_name))
+            self._channel = grpc.aio.secure_channel(endpoint, tls.credentials(), options=options)
+        else:
+            self._channel = grpc.aio.insecure_channel(endpoint, options=options)
+        self._stub = agent_pb2_grpc.AgentStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def pull(
+        self, request: agent_pb2.PullImagesRequest, limit: float
+    ) -> AsyncIterator[agent_pb2.PullEvent]:
+        call = self._stub.PullImages(request, timeout=limit)
+        async for event in call:
+            yield event
+
+    async def list_images(self) -> agent_pb2.ListImagesResponse:
+        return await self._stub.ListImages(agent_pb2.ListImagesRequest(), timeout=30)
+
+    async def node_info(self) -> agent_pb2.NodeInfo:
+        return await self._stub.GetNodeInfo(agent_pb2.GetNodeInfoRequest(), timeout=30)
+
+    async def set_pinned(self, images: list[str], pinned: bool) -> agent_pb2.SetPinnedResponse:
+        return await self._stub.SetPinned(
+            agent_pb2.SetPinnedRequest(images=images, pinned=pinned), timeout=60
+        )
+
+    async def remove(self, images: list[str]) -> agent_pb2.RemoveImagesResponse:
+        return await self._stub.RemoveImages(
+            agent_pb2.RemoveImagesRequest(images=images), timeout=300
+        )
+
+
+class AgentPool:
+    """Channels by endpoint; a node whose agent moved gets a new one."""
+
+    def __init__(self, tls: TlsConfig | None) -> None:
+        self._tls = tls
+        self._clients: dict[str, AgentClient] = {}
+
+    def get(self, endpoint: str) -> AgentClient:
+        agent = self._clients.get(endpoint)
+        if agent is None:
+            agent = self._clients[endpoint] = AgentClient(endpoint, self._tls)
+        return agent
+
+    async def drop(self, endpoint: str) -> None:
+        agent = self._clients.pop(endpoint, None)
+        if agent is not None:
+            await agent.close()
+
+    async def close(self) -> None:
+        for agent in list(self._clients.values()):
+            await agent.close()
+        self._clients.clear()

@@ -1,0 +1,478 @@
+"""The ImageCache controller, shaped like Kubernetes' sample-controller.
+
+Informer events only enqueue keys. Workers take a key and run `reconcile`, which reads
+the cache from the local store, asks the planner what to do, hands the orders to the
+node registry and offers the new status to the debounced status writer. Retries live
+in one place: a failed reconcile is requeued with per-key backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from kubernetes import client
+
+from common.reference import ImageRef, InvalidReference, parse
+from protos.fledged.agent.v1 import agent_pb2
+
+from . import api
+from .kube import Informer, KubeWriter, Obj, now_iso
+from .model import AgentInfo
+from .nodes import NodeRegistry
+from .plan import CacheView, PairState, Plan, Settings, plan_cache
+from .secrets import RegistryAuth, SecretError, credentials_for, parse_secret
+from .status import build_status, comparable, events_for
+
+log = logging.getLogger(__name__)
+
+AGENT_LEASE_SELECTOR = "app.kubernetes.io/component=agent"
+NODE_LEASE_LABEL = "kubefledged.io/node"
+ENDPOINT_ANNOTATION = "kubefledged.io/agent-endpoint"
+TLS_ANNOTATION = "kubefledged.io/agent-tls"
+STATUS_MIN_INTERVAL = 1.0  # seconds between two status writes of one cache
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    agent_namespace: str
+    settings: Settings
+    refresh_every: float  # 0: off
+    workers: int = 4
+    status_interval: float = STATUS_MIN_INTERVAL
+    watch_namespace: str | None = None
+
+
+def agent_from_lease(lease: Mapping[str, Any]) -> AgentInfo | None:
+    meta, spec = lease.get("metadata") or {}, lease.get("spec") or {}
+    node = (meta.get("labels") or {}).get(NODE_LEASE_LABEL) or spec.get("holderIdentity")
+    endpoint = (meta.get("annotations") or {}).get(ENDPOINT_ANNOTATION)
+    renew = spec.get("renewTime")
+    if not node or not endpoint or not renew:
+        return None
+    renewed = datetime.fromisoformat(str(renew).replace("Z", "+00:00")).timestamp()
+    return AgentInfo(
+        node=node,
+        endpoint=endpoint,
+        tls=(meta.get("annotations") or {}).get(TLS_ANNOTATION) == "true",
+        expires=renewed + float(spec.get("leaseDurationSeconds") or 40),
+    )
+
+
+class StatusWriter:
+    """At most one status write per cache per interval; conflicts retried on a fresh read."""
+
+    def __init__(self, kube: KubeWriter, interval: float) -> None:
+        self._kube = kube
+        self._interval = interval
+        self._pending: dict[str, tuple[dict[str, Any], list[PairState]]] = {}
+        self._written: dict[str, dict[str, Any]] = {}
+        self._last: dict[str, float] = {}
+        self._wake = asyncio.Event()
+
+    def last_written(self, key: str) -> dict[str, Any] | None:
+        return self._written.get(key)
+
+    def offer(self, key: str, status: dict[str, Any], pairs: list[PairState]) -> None:
+        """The newest status wins; Events are derived when it is written."""
+        self._pending[key] = (status, pairs)
+        self._wake.set()
+
+    def forget(self, key: str) -> None:
+        self._pending.pop(key, None)
+        self._written.pop(key, None)
+        self._last.pop(key, None)
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            now = time.monotonic()
+            later = None
+            for key in list(self._pending):
+                due = self._last.get(key, 0) + self._interval
+                if due > now:
+                    later = min(later or due, due)
+                    continue
+                status, pairs = self._pending.pop(key)
+                self._last[key] = now
+                try:
+                    await asyncio.to_thread(self._write, key, status, pairs)
+                except Exception as err:
+                    log.warning("status of %s not written: %s; retrying", key, err)
+                    self._pending.setdefault(key, (status, pairs))
+                    later = min(later or now + 2, now + 2)
+            if later is not None:
+                asyncio.get_running_loop().call_later(
+                    max(0.0, later - time.monotonic()), self._wake.set
+                )
+
+    def _write(self, key: str, status: dict[str, Any], pairs: list[PairState]) -> None:
+        ns, name = key.split("/", 1)
+        for _ in range(5):
+            fresh = self._kube.get_cache(ns, name)
+            if fresh is None:
+                return
+            before = fresh.get("status") or {}
+            if comparable(before) != comparable(status):
+                fresh["status"] = status
+                try:
+                    self._kube.replace_status(fresh)
+                except client.ApiException as err:
+                    if err.status == 409:
+                        continue  # changed meanwhile: read again
+                    raise
+            self._written[key] = status
+            for event in events_for(before, status, pairs):
+                self._kube.event(fresh, event.type, event.reason, event.message)
+            return
+        raise RuntimeError("status kept conflicting")
+
+
+class Controller:
+    def __init__(
+        self,
+        api_client: client.ApiClient,
+        kube: KubeWriter,
+        registry: NodeRegistry,
+        config: ControllerConfig,
+    ) -> None:
+        self._api = api_client
+        self._kube = kube
+        self._registry = registry
+        self._config = config
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.queue: Any = None
+        self.status = StatusWriter(kube, config.status_interval)
+        self._refreshing: dict[str, float] = {}
+        self._specs: dict[str, tuple[str, api.CacheSpec | None, str]] = {}
+        custom = client.CustomObjectsApi(api_client)
+        if config.watch_namespace:
+            list_caches: Any = custom.list_namespaced_custom_object
+            cache_kwargs: dict[str, Any] = {"namespace": config.watch_namespace}
+        else:
+            list_caches = custom.list_cluster_custom_object
+            cache_kwargs = {}
+        self.caches = Informer(
+            "imagecaches",
+            api_client,
+            list_caches,
+            self._on_cache,
+            group=api.GROUP,
+            version=api.VERSION,
+            plural=api.PLURAL,
+            **cache_kwargs,
+        )
+        self.nodes = Informer(
+            "nodes", api_client, client.CoreV1Api(api_client).list_node, self._on_node
+        )
+        self.leases = Informer(
+            "agent-leases",
+            api_client,
+            client.CoordinationV1Api(api_client).list_namespaced_lease,
+            self._on_lease,
+            namespace=config.agent_namespace,
+            label_selector=AGENT_LEASE_SELECTOR,
+        )
+
+    # -- event handlers: they only enqueue (called from informer threads) -------------
+
+    def _threadsafe(self, fn: Any, *args: Any) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    def _on_cache(self, key: str, old: Obj | None, new: Obj | None) -> None:
+        self._threadsafe(self.queue.add, key)
+
+    def _on_node(self, key: str, old: Obj | None, new: Obj | None) -> None:
+        old_labels = (old or {}).get("metadata", {}).get("labels")
+        new_labels = (new or {}).get("metadata", {}).get("labels")
+        if new is None:
+            self._threadsafe(self._registry.forget_node, key)
+        if old is None or new is None or old_labels != new_labels:
+            self._threadsafe(self.enqueue_all)
+
+    def _on_lease(self, key: str, old: Obj | None, new: Obj | None) -> None:
+        agent = agent_from_lease(new) if new else None
+        before = agent_from_lease(old) if old else None
+        node = agent.node if agent else before.node if before else None
+        if node:
+            self._threadsafe(self._registry.set_agent, node, agent)
+
+    def node_changed(self, node: str) -> None:
+        """The registry's callback: something changed on `node`."""
+        self.enqueue_all()
+
+    def enqueue_all(self) -> None:
+        for key in list(self.caches.store):
+            self.queue.add(key)
+
+    # -- the loop --------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        from .workqueue import WorkQueue
+
+        self._loop = asyncio.get_running_loop()
+        self.queue = WorkQueue()
+        for informer in (self.nodes, self.leases, self.caches):
+            informer.start()
+        for informer in (self.nodes, self.leases, self.caches):
+            await asyncio.to_thread(informer.synced.wait)
+        log.info(
+            "informers synced: %d caches, %d nodes, %d agent leases",
+            len(self.caches.store),
+            len(self.nodes.store),
+            len(self.leases.store),
+        )
+        tasks = [
+            asyncio.create_task(self._worker(i), name=f"worker-{i}")
+            for i in range(self._config.workers)
+        ]
+        tasks.append(asyncio.create_task(self.status.run(), name="status-writer"))
+        tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        self.enqueue_all()
+        waiter = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is not waiter and task.exception() is not None:
+                log.error("controller task %s died", task.get_name(), exc_info=task.exception())
+        self.queue.shutdown()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for informer in (self.nodes, self.leases, self.caches):
+            informer.stop()
+        if any(t is not waiter and not t.cancelled() and t.exception() for t in done):
+            raise RuntimeError("a controller task died")
+
+    async def _worker(self, index: int) -> None:
+        while True:
+            key = await self.queue.get()
+            if key is None:
+                return
+            try:
+                await self.reconcile(key)
+                self.queue.forget(key)
+            except Exception:
+                log.exception("reconcile of %s failed; requeued", key)
+                self.queue.add_rate_limited(key)
+            finally:
+                self.queue.done(key)
+
+    async def _housekeeping(self) -> None:
+        """Lease expiry, periodic inventory resync and the refresh timer."""
+        alive: dict[str, bool] = {}
+        last_refresh = time.time()
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.time()
+            for node, obs in self._registry.observations.items():
+                state = obs.agent is not None and obs.agent.alive(now)
+                if alive.get(node) != state:
+                    alive[node] = state
+                    if not state:
+                        log.warning("agent of node %s is gone (Lease expired or missing)", node)
+                    self.enqueue_all()
+            for node in self._registry.resync_due(now):
+                self._registry.resync(node)
+            every = self._config.refresh_every
+            if every > 0 and now - last_refresh >= every:
+                last_refresh = now
+                for key in self.caches.store:
+                    self._refreshing.setdefault(key, now)
+                self.enqueue_all()
+
+    # -- reconcile -------------------------------------------------------------------
+
+    def _spec(self, key: str, obj: Obj) -> tuple[api.CacheSpec | None, str]:
+        version = str(obj["metadata"].get("resourceVersion"))
+        cached = self._specs.get(key)
+        if cached is None or cached[0] != version:
+            try:
+                spec, error = api.parse_spec(obj), ""
+            except api.SpecError as err:
+                spec, error = None, str(err)
+            cached = self._specs[key] = (version, spec, error)
+        return cached[1], cached[2]
+
+    def _others(self, key: str) -> Any:
+        node_labels = {k: (o["metadata"].get("labels") or {}) for k, o in self.nodes.store.items()}
+        caches = []
+        for other_key, obj in self.caches.store.items():
+            if other_key == key or obj["metadata"].get("deletionTimestamp"):
+                continue
+            spec, _ = self._spec(other_key, obj)
+            status = obj.get("status") or {}
+            dormant = status.get("purgedGeneration") == obj["metadata"].get("generation")
+            if spec is not None and not dormant:
+                caches.append(spec)
+
+        def want(node: str, ref: ImageRef) -> tuple[bool, bool]:
+            labels = node_labels.get(node, {})
+            wanted = pinned = False
+            for spec in caches:
+                for cache_list in spec.lists:
+                    if cache_list.matches(labels) and any(
+                        _same(image, ref) for image in cache_list.images
+                    ):
+                        wanted = True
+                        pinned = pinned or cache_list.pin
+            return wanted, pinned
+
+        return want
+
+    def _credentials(
+        self, namespace: str, spec: api.CacheSpec
+    ) -> tuple[list[RegistryAuth], list[str]]:
+        auths: list[RegistryAuth] = []
+        errors = []
+        for name in spec.pull_secrets:
+            secret = self._kube.get_secret(namespace, name)
+            if secret is None:
+                errors.append(f"imagePullSecret {name!r} not found in namespace {namespace!r}")
+                continue
+            try:
+                data = {k: str(v) for k, v in (secret.data or {}).items()}
+                auths.extend(parse_secret(name, secret.type or "", data))
+            except SecretError as err:
+                errors.append(str(err))
+        return auths, errors
+
+    async def reconcile(self, key: str) -> None:
+        obj = self.caches.store.get(key)
+        if obj is None:
+            self.status.forget(key)
+            self._refreshing.pop(key, None)
+            self._specs.pop(key, None)
+            return
+        meta = obj["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        deleting = bool(meta.get("deletionTimestamp"))
+        finalizers = list(meta.get("finalizers") or [])
+        if not deleting and api.FINALIZER not in finalizers:
+            await asyncio.to_thread(
+                self._kube.patch_metadata,
+                namespace,
+                name,
+                {
+                    "finalizers": [*finalizers, api.FINALIZER],
+                    "resourceVersion": meta["resourceVersion"],
+                },
+            )
+            return  # the update comes back through the informer
+        if deleting and api.FINALIZER not in finalizers:
+            return
+        annotations = meta.get("annotations") or {}
+        if api.REFRESH_ANNOTATION in annotations:
+            self._refreshing.setdefault(key, time.time())
+        spec, spec_error = self._spec(key, obj)
+        previous = self.status.last_written(key) or obj.get("status") or {}
+        removing = tuple(
+            (str(r["image"]), tuple(sorted((r.get("nodeSelector") or {}).items())))
+            for r in previous.get("removing") or ()
+        )
+        view = CacheView(
+            key=key,
+            generation=int(meta.get("generation") or 0),
+            spec=spec,
+            applied=api.applied_lists(previous),
+            removing=removing,
+            deleting=deleting,
+            purge=api.PURGE_ANNOTATION in annotations,
+            purged_generation=previous.get("purgedGeneration"),
+            refresh_since=self._refreshing.get(key),
+        )
+        auths: list[RegistryAuth] = []
+        secret_errors: list[str] = []
+        if spec is not None and spec.pull_secrets and not deleting:
+            auths, secret_errors = await asyncio.to_thread(self._credentials, namespace, spec)
+        nodes = {k: (o["metadata"].get("labels") or {}) for k, o in self.nodes.store.items()}
+        now = time.time()
+        plan = plan_cache(
+            view,
+            nodes,
+            self._registry.observations,
+            self._others(key),
+            self._registry.in_flight_by_image(),
+            self._config.settings,
+            now,
+        )
+        self._dispatch(key, plan, auths)
+        if deleting:
+            if plan.finalize_done:
+                log.info("%s: pins lifted; releasing the finalizer", key)
+                await asyncio.to_thread(
+                    self._kube.patch_metadata,
+                    namespace,
+                    name,
+                    {
+                        "finalizers": [f for f in finalizers if f != api.FINALIZER],
+                        "resourceVersion": meta["resourceVersion"],
+                    },
+                )
+            return
+        status = build_status(view, plan, previous, now_iso(), spec_error, secret_errors)
+        self.status.offer(key, status, plan.pairs)
+        await self._finish_operations(key, obj, view, plan)
+        retry = plan.next_retry
+        if retry is not None:
+            self.queue.add_after(key, max(0.5, retry - now))
+
+    async def _finish_operations(self, key: str, obj: Obj, view: CacheView, plan: Plan) -> None:
+        meta = obj["metadata"]
+        annotations = meta.get("annotations") or {}
+        done = []
+        if view.purge and plan.purge_done:
+            done.append(api.PURGE_ANNOTATION)
+        if view.refresh_since is not None and plan.refresh_done:
+            self._refreshing.pop(key, None)
+            if api.REFRESH_ANNOTATION in annotations:
+                done.append(api.REFRESH_ANNOTATION)
+        if done:
+            await asyncio.sleep(self._config.status_interval)  # let the final status land first
+            await asyncio.to_thread(
+                self._kube.patch_metadata,
+                meta["namespace"],
+                meta["name"],
+                {"annotations": {a: None for a in done}},
+            )
+            log.info("%s: %s done", key, ", ".join(done))
+
+    def _dispatch(self, key: str, plan: Plan, auths: list[RegistryAuth]) -> None:
+        def creds(image: str) -> list[agent_pb2.RegistryCredentials]:
+            try:
+                ref = parse(image)
+            except InvalidReference:
+                return []
+            return [
+                agent_pb2.RegistryCredentials(
+                    server_address=a.server_address,
+                    username=a.username,
+                    password=a.password,
+                    auth=a.auth,
+                    identity_token=a.identity_token,
+                )
+                for a in credentials_for(ref, auths)
+            ]
+
+        for node, items in plan.pulls.items():
+            if items:
+                self._registry.submit_pulls(node, items, creds, key)
+        for node, changes in plan.pins.items():
+            if changes:
+                self._registry.submit_pins(node, changes)
+        for node, images in plan.removals.items():
+            if images:
+                self._registry.submit_removals(node, images)
+
+
+def _same(image: str, ref: ImageRef) -> bool:
+    try:
+        return parse(image).canonical == ref.canonical
+    except InvalidReference:
+        return False

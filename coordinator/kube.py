@@ -1,0 +1,200 @@
+"""Kubernetes I/O: informers (list + watch into a local store) and the few writes the
+coordinator makes. Blocking client calls run in threads; nothing here decides."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from kubernetes import client, watch
+
+from .api import GROUP, PLURAL, VERSION
+
+log = logging.getLogger(__name__)
+
+Obj = dict[str, Any]
+Handler = Callable[[str, Obj | None, Obj | None], None]  # key, old, new
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Informer:
+    """Keeps `store` equal to the server's objects and calls `handler` on each change.
+
+    Relists when the watch expires (410) or fails; handlers must only enqueue work.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        api: client.ApiClient,
+        list_fn: Callable[..., Any],
+        handler: Handler,
+        **list_kwargs: Any,
+    ) -> None:
+        self.name = name
+        self._api = api
+        self._list = list_fn
+        self._kwargs = list_kwargs
+        self._handler = handler
+        self.store: dict[str, Obj] = {}
+        self.synced = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"informer-{name}", daemon=True)
+
+    @staticmethod
+    def key(obj: Mapping[str, Any]) -> str:
+        meta = obj["metadata"]
+        ns = meta.get("namespace")
+        return f"{ns}/{meta['name']}" if ns else str(meta["name"])
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _as_dict(self, obj: Any) -> Obj:
+        if isinstance(obj, dict):
+            return obj
+        result: Obj = self._api.sanitize_for_serialization(obj)  # type: ignore[no-untyped-call]
+        return result
+
+    def _relist(self) -> str:
+        resp = self._as_dict(self._list(**self._kwargs))
+        fresh = {self.key(o): o for o in resp.get("items") or ()}
+        for key, obj in fresh.items():
+            old = self.store.get(key)
+            if old is None or old["metadata"].get("resourceVersion") != obj["metadata"].get(
+                "resourceVersion"
+            ):
+                self.store[key] = obj
+                self._handler(key, old, obj)
+        for key in set(self.store) - set(fresh):
+            old = self.store.pop(key)
+            self._handler(key, old, None)
+        self.synced.set()
+        return str(resp["metadata"].get("resourceVersion", ""))
+
+    def _run(self) -> None:
+        delay = 1.0
+        while not self._stop.is_set():
+            try:
+                version = self._relist()
+                delay = 1.0
+                while not self._stop.is_set():
+                    stream = watch.Watch().stream(  # type: ignore[no-untyped-call]
+                        self._list,
+                        resource_version=version,
+                        timeout_seconds=240,
+                        allow_watch_bookmarks=True,
+                        **self._kwargs,
+                    )
+                    for event in stream:
+                        kind = event["type"]
+                        obj = self._as_dict(event["object"])
+                        if kind == "ERROR":
+                            raise client.ApiException(
+                                status=obj.get("code", 500), reason=obj.get("message")
+                            )
+                        version = obj["metadata"].get("resourceVersion", version)
+                        if kind == "BOOKMARK":
+                            continue
+                        key = self.key(obj)
+                        old = self.store.get(key)
+                        if kind == "DELETED":
+                            self.store.pop(key, None)
+                            self._handler(key, old, None)
+                        else:
+                            self.store[key] = obj
+                            self._handler(key, old, obj)
+                        if self._stop.is_set():
+                            return
+            except client.ApiException as err:
+                if err.status != 410:
+                    log.warning(
+                        "%s watch failed (%s); relisting in %.0fs", self.name, err.reason, delay
+                    )
+                    time.sleep(delay)
+                    delay = min(delay * 2, 30)
+            except Exception as err:  # connection trouble: relist after a pause
+                log.warning("%s watch broke (%s); relisting in %.0fs", self.name, err, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 30)
+
+
+class KubeWriter:
+    """The coordinator's writes: status, metadata patches, Events; and Secret reads."""
+
+    def __init__(self, api: client.ApiClient, component: str = "kube-fledged-coordinator") -> None:
+        self._custom = client.CustomObjectsApi(api)
+        self._core = client.CoreV1Api(api)
+        self._component = component
+        self._host = f"{component}-{uuid.uuid4().hex[:6]}"
+
+    def get_cache(self, namespace: str, name: str) -> Obj | None:
+        try:
+            obj = self._custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+            return cast(Obj, obj)
+        except client.ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+
+    def replace_status(self, obj: Obj) -> Obj:
+        meta = obj["metadata"]
+        result = self._custom.replace_namespaced_custom_object_status(
+            GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], obj
+        )
+        return cast(Obj, result)
+
+    def patch_metadata(self, namespace: str, name: str, metadata: Obj) -> None:
+        """A merge patch of metadata; carrying resourceVersion makes it conditional."""
+        self._custom.patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name, {"metadata": metadata}
+        )
+
+    def get_secret(self, namespace: str, name: str) -> client.V1Secret | None:
+        try:
+            return self._core.read_namespaced_secret(name, namespace)
+        except client.ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+
+    def event(self, obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        meta = obj["metadata"]
+        stamp = datetime.now(UTC)
+        body = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(
+                generate_name=f"{meta['name']}.", namespace=meta["namespace"]
+            ),
+            involved_object=client.V1ObjectReference(
+                api_version=obj.get("apiVersion"),
+                kind=obj.get("kind"),
+                name=meta["name"],
+                namespace=meta["namespace"],
+                uid=meta.get("uid"),
+                resource_version=meta.get("resourceVersion"),
+            ),
+            type=type_,
+            reason=reason,
+            message=message,
+            first_timestamp=stamp,
+            last_timestamp=stamp,
+            count=1,
+            source=client.V1EventSource(component=self._component),
+            reporting_component=self._component,
+            reporting_instance=self._host,
+        )
+        try:
+            self._core.create_namespaced_event(meta["namespace"], body)
+        except client.ApiException as err:  # Events are best effort
+            log.warning("could not record event %s on %s: %s", reason, meta["name"], err.reason)

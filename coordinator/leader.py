@@ -1,0 +1,118 @@
+"""Leader election on a coordination.k8s.io Lease, as client-go's leaderelection does:
+acquire when free or expired, renew while leading, and stop leading (the process
+exits) when renewal has failed for longer than the renew deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import UTC, datetime
+
+from kubernetes import client
+
+log = logging.getLogger(__name__)
+
+
+class LeaderElector:
+    def __init__(
+        self,
+        api: client.ApiClient,
+        namespace: str,
+        name: str,
+        identity: str,
+        lease_duration: float = 15.0,
+        renew_deadline: float = 10.0,
+        retry_period: float = 2.0,
+    ) -> None:
+        self._api = client.CoordinationV1Api(api)
+        self.namespace = namespace
+        self.name = name
+        self.identity = identity
+        self._duration = lease_duration
+        self._deadline = renew_deadline
+        self._retry = retry_period
+
+    def try_acquire_or_renew(self) -> bool:
+        """One attempt (blocking). True while this identity holds the Lease."""
+        now = datetime.now(UTC)
+        try:
+            lease = self._api.read_namespaced_lease(self.name, self.namespace)
+        except client.ApiException as err:
+            if err.status != 404:
+                raise
+            body = client.V1Lease(
+                metadata=client.V1ObjectMeta(name=self.name, namespace=self.namespace),
+                spec=client.V1LeaseSpec(
+                    holder_identity=self.identity,
+                    lease_duration_seconds=int(self._duration),
+                    acquire_time=now,
+                    renew_time=now,
+                    lease_transitions=0,
+                ),
+            )
+            try:
+                self._api.create_namespaced_lease(self.namespace, body)
+                return True
+            except client.ApiException as create_err:
+                if create_err.status == 409:
+                    return False
+                raise
+        spec = lease.spec or client.V1LeaseSpec()
+        holder = spec.holder_identity
+        renewed = spec.renew_time.timestamp() if spec.renew_time else 0.0
+        duration = spec.lease_duration_seconds or self._duration
+        if holder and holder != self.identity and renewed + duration > now.timestamp():
+            return False  # held by another, and not expired
+        if holder != self.identity:
+            spec.acquire_time = now
+            spec.lease_transitions = (spec.lease_transitions or 0) + 1
+            spec.holder_identity = self.identity
+        spec.renew_time = now
+        spec.lease_duration_seconds = int(self._duration)
+        lease.spec = spec
+        try:
+            self._api.replace_namespaced_lease(self.name, self.namespace, lease)
+        except client.ApiException as err:
+            if err.status == 409:
+                return False  # someone else wrote first
+            raise
+        return True
+
+    async def _attempt(self) -> bool:
+        try:
+            return await asyncio.to_thread(self.try_acquire_or_renew)
+        except Exception as err:
+            log.warning("leader election Lease %s/%s: %s", self.namespace, self.name, err)
+            return False
+
+    async def acquire(self) -> None:
+        log.info("waiting to lead (Lease %s/%s) as %s", self.namespace, self.name, self.identity)
+        while True:
+            if await self._attempt():
+                break
+            await asyncio.sleep(self._retry)
+        log.info("became the leader")
+
+    async def hold(self) -> None:
+        """Returns when leadership is lost."""
+        last_ok = time.monotonic()
+        while True:
+            await asyncio.sleep(self._retry)
+            if await self._attempt():
+                last_ok = time.monotonic()
+            elif time.monotonic() - last_ok > self._deadline:
+                log.error("lost leadership (no renewal for %.0fs)", self._deadline)
+                return
+
+    def release(self) -> None:
+        """Gives the Lease up on a clean shutdown so a standby takes over at once."""
+        try:
+            lease = self._api.read_namespaced_lease(self.name, self.namespace)
+            if lease.spec is None or lease.spec.holder_identity != self.identity:
+                return
+            lease.spec.holder_identity = None
+            lease.spec.lease_duration_seconds = 1
+            self._api.replace_namespaced_lease(self.name, self.namespace, lease)
+        except client.ApiException as err:
+            log.warning("could not release leadership: %s", err.reason)

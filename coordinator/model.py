@@ -1,0 +1,114 @@
+"""What the coordinator knows about nodes and agents: plain data, no I/O.
+
+One `NodeObservation` per node holds the agent's last inventory (ListImages) and the
+record of every order sent to it. The planner reads these; the node workers write
+them as answers and pull events arrive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from common.reference import ImageRef
+
+
+@dataclass(frozen=True)
+class AgentInfo:
+    node: str
+    endpoint: str
+    tls: bool
+    expires: float  # epoch seconds: renewTime + leaseDurationSeconds
+
+    def alive(self, now: float) -> bool:
+        return now < self.expires
+
+
+@dataclass(frozen=True)
+class NodeImage:
+    image_id: str
+    tags: frozenset[str]  # name:tag, normalized
+    digests: frozenset[str]  # name@sha256:..., normalized
+    pinned: bool
+    pin_owned: bool
+    size: int
+
+
+class Inventory:
+    """The images on one node, looked up by tag or digest."""
+
+    def __init__(self, images: list[NodeImage], synced_at: float) -> None:
+        self.images = images
+        self.synced_at = synced_at
+        self._by_tag = {t: i for i in images for t in i.tags}
+        self._by_digest = {d: i for i in images for d in i.digests}
+
+    def lookup(self, ref: ImageRef) -> NodeImage | None:
+        if ref.digest:
+            return self._by_digest.get(f"{ref.name}@{ref.digest}")
+        return self._by_tag.get(f"{ref.name}:{ref.tag or 'latest'}")
+
+    def digest_of(self, ref: ImageRef) -> str:
+        image = self.lookup(ref)
+        if image is None:
+            return ""
+        for entry in image.digests:
+            name, _, digest = entry.partition("@")
+            if name == ref.name:
+                return digest
+        return ""
+
+    def replace(self, image: NodeImage) -> Inventory:
+        """A copy where `image` (same id) replaces the old entry, or is added."""
+        rest = [i for i in self.images if i.image_id != image.image_id]
+        return Inventory([*rest, image], self.synced_at)
+
+    def without(self, ref: ImageRef) -> Inventory:
+        gone = self.lookup(ref)
+        if gone is None:
+            return self
+        return Inventory([i for i in self.images if i.image_id != gone.image_id], self.synced_at)
+
+
+class OrderPhase(StrEnum):
+    SENT = "Sent"  # ordered, no answer yet
+    WAITING = "Waiting"  # the agent queued it behind its concurrency cap
+    PULLING = "Pulling"
+    DONE = "Done"
+    FAILED = "Failed"
+
+
+IN_FLIGHT = frozenset({OrderPhase.SENT, OrderPhase.WAITING, OrderPhase.PULLING})
+
+# Failures that a retry cannot fix until something changes (spec, secret, refresh).
+PERMANENT_CATEGORIES = frozenset({"NotFound", "Unauthorized", "InvalidReference"})
+
+
+@dataclass
+class PullRecord:
+    """The latest pull order of one image (canonical reference) on one node."""
+
+    phase: OrderPhase
+    started: float
+    finished: float = 0.0
+    bytes_done: int = 0
+    bytes_total: int = 0
+    digest: str = ""
+    category: str = ""
+    message: str = ""
+    failures: int = 0  # consecutive, for backoff
+
+    @property
+    def in_flight(self) -> bool:
+        return self.phase in IN_FLIGHT
+
+
+@dataclass
+class NodeObservation:
+    agent: AgentInfo | None = None
+    inventory: Inventory | None = None  # None until the agent has been listed
+    pinning_supported: bool = True
+    pulls: dict[str, PullRecord] = field(default_factory=dict)
+    pins_in_flight: set[str] = field(default_factory=set)
+    removals_in_flight: set[str] = field(default_factory=set)
+    removal_errors: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,361 @@
+"""The coordinator's view of every node and the orders in flight to its agent.
+
+Owns one `NodeObservation` per node and every task that talks to an agent. Answers
+and pull events update the observation, then `on_change(node)` tells the controller
+which caches to look at again; nothing here decides what to order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+import grpc
+from google.protobuf import duration_pb2
+
+from common.reference import InvalidReference, parse
+from protos.fledged.agent.v1 import agent_pb2
+
+from .agents import AgentPool
+from .model import AgentInfo, Inventory, NodeImage, NodeObservation, OrderPhase, PullRecord
+from .plan import PullItem
+
+log = logging.getLogger(__name__)
+
+CATEGORY_NAMES = {
+    agent_pb2.ERROR_CATEGORY_NOT_FOUND: "NotFound",
+    agent_pb2.ERROR_CATEGORY_UNAUTHORIZED: "Unauthorized",
+    agent_pb2.ERROR_CATEGORY_REGISTRY_UNAVAILABLE: "RegistryUnavailable",
+    agent_pb2.ERROR_CATEGORY_DEADLINE_EXCEEDED: "DeadlineExceeded",
+    agent_pb2.ERROR_CATEGORY_INVALID_REFERENCE: "InvalidReference",
+    agent_pb2.ERROR_CATEGORY_INSUFFICIENT_DISK: "InsufficientDisk",
+    agent_pb2.ERROR_CATEGORY_RUNTIME_UNAVAILABLE: "RuntimeUnavailable",
+    agent_pb2.ERROR_CATEGORY_INTERNAL: "Internal",
+}
+AGENT_UNAVAILABLE = "AgentUnavailable"
+PROGRESS_NOTIFY_EVERY = 1.0  # seconds: progress reaches status at most this often per node
+CredentialsFor = Callable[[str], Sequence[agent_pb2.RegistryCredentials]]
+
+
+def canonical(image: str) -> str:
+    try:
+        return parse(image).canonical
+    except InvalidReference:
+        return image
+
+
+def _normalize_all(names: Sequence[str]) -> frozenset[str]:
+    out = set()
+    for name in names:
+        try:
+            out.add(str(parse(name)))
+        except InvalidReference:
+            continue
+    return frozenset(out)
+
+
+def inventory_from(resp: agent_pb2.ListImagesResponse, now: float) -> Inventory:
+    return Inventory(
+        [
+            NodeImage(
+                image_id=i.id,
+                tags=_normalize_all(i.repo_tags),
+                digests=_normalize_all(i.repo_digests),
+                pinned=i.pin == agent_pb2.PIN_STATE_PINNED,
+                pin_owned=i.pinned_by_fledged,
+                size=i.size,
+            )
+            for i in resp.images
+        ],
+        now,
+    )
+
+
+class NodeRegistry:
+    def __init__(
+        self,
+        pool: AgentPool,
+        on_change: Callable[[str], None],
+        pull_deadline: float,
+        resync_every: float = 120.0,
+    ) -> None:
+        self._pool = pool
+        self._on_change = on_change
+        self._deadline = pull_deadline
+        self._resync_every = resync_every
+        self.observations: dict[str, NodeObservation] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._last_notify: dict[str, float] = {}
+
+    # -- bookkeeping -----------------------------------------------------------------
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("agent task %s failed", task.get_name(), exc_info=task.exception())
+
+    def observation(self, node: str) -> NodeObservation:
+        obs = self.observations.get(node)
+        if obs is None:
+            obs = self.observations[node] = NodeObservation()
+        return obs
+
+    def in_flight_by_image(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for obs in self.observations.values():
+            for key, record in obs.pulls.items():
+                if record.in_flight:
+                    counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def _notify(self, node: str, progress_only: bool = False) -> None:
+        now = time.monotonic()
+        if progress_only and now - self._last_notify.get(node, 0) < PROGRESS_NOTIFY_EVERY:
+            return
+        self._last_notify[node] = now
+        self._on_change(node)
+
+    # -- agents ----------------------------------------------------------------------
+
+    def set_agent(self, node: str, agent: AgentInfo | None) -> None:
+        """A Lease appeared, changed or went away."""
+        obs = self.observation(node)
+        old = obs.agent
+        obs.agent = agent
+        if agent is None or (old is not None and old.endpoint != agent.endpoint):
+            obs.inventory = None  # a new agent process: list again before acting
+        if agent is not None and (
+            old is None or old.endpoint != agent.endpoint or obs.inventory is None
+        ):
+            self._spawn(self.sync(node), f"sync {node}")
+        self._notify(node)
+
+    def forget_node(self, node: str) -> None:
+        self.observations.pop(node, None)
+
+    def resync_due(self, now: float) -> list[str]:
+        return [
+            node
+            for node, obs in self.observations.items()
+            if obs.agent is not None
+            and obs.agent.alive(now)
+            and obs.inventory is not None
+            and now - obs.inventory.synced_at > self._resync_every
+        ]
+
+    def resync(self, node: str) -> None:
+        self._spawn(self.sync(node), f"sync {node}")
+
+    async def sync(self, node: str) -> None:
+        """Lists the node's images (and runtime abilities) through its agent."""
+        obs = self.observation(node)
+        agent = obs.agent
+        if agent is None:
+            return
+        client = self._pool.get(agent.endpoint)
+        try:
+            info = await client.node_info()
+            listing = await client.list_images()
+        except grpc.RpcError as err:
+            log.warning(
+                "cannot list images on %s (%s): %s",
+                node,
+                agent.endpoint,
+                err.details() if hasattr(err, "details") else err,
+            )
+            return
+        if obs.agent is not agent:
+            return  # replaced meanwhile
+        obs.pinning_supported = info.pinning_supported
+        obs.inventory = inventory_from(listing, time.time())
+        obs.removal_errors.clear()
+        self._notify(node)
+
+    # -- orders ----------------------------------------------------------------------
+
+    def submit_pulls(
+        self, node: str, items: Sequence[PullItem], credentials_for: CredentialsFor, cache_key: str
+    ) -> None:
+        obs = self.observation(node)
+        if obs.agent is None or not items:
+            return
+        now = time.time()
+        for item in items:
+            key = canonical(item.image)
+            old = obs.pulls.get(key)
+            obs.pulls[key] = PullRecord(
+                OrderPhase.SENT, started=now, failures=old.failures if old else 0
+            )
+        request = agent_pb2.PullImagesRequest(
+            request_id=f"{cache_key}/{uuid.uuid4().hex[:8]}",
+            images=[
+                agent_pb2.ImagePull(
+                    image=item.image,
+                    policy=agent_pb2.PULL_POLICY_ALWAYS
+                    if item.always
+                    else agent_pb2.PULL_POLICY_IF_NOT_PRESENT,
+                    credentials=credentials_for(item.image),
+                    deadline=duration_pb2.Duration(seconds=int(self._deadline)),
+                    pin=item.pin,
+                )
+                for item in items
+            ],
+        )
+        self._spawn(self._pull(node, obs.agent, request), f"pull {node} {request.request_id}")
+
+    async def _pull(
+        self, node: str, agent: AgentInfo, request: agent_pb2.PullImagesRequest
+    ) -> None:
+        obs = self.observation(node)
+        open_keys = {canonical(p.image) for p in request.images}
+        client = self._pool.get(agent.endpoint)
+        overall = (
+            self._deadline * len(request.images) + 60
+        )  # the agent enforces each pull's deadline
+        try:
+            async for event in client.pull(request, limit=overall):
+                key = canonical(event.image)
+                self._apply_event(obs, key, event)
+                if event.phase in (
+                    agent_pb2.PHASE_SUCCEEDED,
+                    agent_pb2.PHASE_ALREADY_PRESENT,
+                    agent_pb2.PHASE_FAILED,
+                ):
+                    open_keys.discard(key)
+                    self._notify(node)
+                else:
+                    self._notify(node, progress_only=True)
+        except grpc.RpcError as err:
+            detail = err.details() if hasattr(err, "details") else err
+            message = f"lost the agent at {agent.endpoint}: {detail}"
+            log.warning("pull batch on %s broke: %s", node, message)
+            now = time.time()
+            for key in open_keys:
+                record = obs.pulls.get(key)
+                if record is not None and record.in_flight:
+                    record.phase = OrderPhase.FAILED
+                    record.category = AGENT_UNAVAILABLE
+                    record.message = message
+                    record.finished = now
+                    record.failures += 1
+            self._notify(node)
+            return
+        await self.sync(node)  # the batch changed the node: list it again
+
+    @staticmethod
+    def _apply_event(obs: NodeObservation, key: str, event: agent_pb2.PullEvent) -> None:
+        record = obs.pulls.get(key)
+        if record is None:
+            record = obs.pulls[key] = PullRecord(OrderPhase.SENT, started=time.time())
+        if event.phase == agent_pb2.PHASE_WAITING:
+            record.phase = OrderPhase.WAITING
+        elif event.phase == agent_pb2.PHASE_PULLING:
+            record.phase = OrderPhase.PULLING
+            record.bytes_done, record.bytes_total = event.bytes_done, event.bytes_total
+        elif event.phase in (agent_pb2.PHASE_SUCCEEDED, agent_pb2.PHASE_ALREADY_PRESENT):
+            record.phase = OrderPhase.DONE
+            record.finished = time.time()
+            record.failures = 0
+            record.category = record.message = ""
+            record.digest = event.repo_digest
+            record.bytes_done, record.bytes_total = event.bytes_done, event.bytes_total
+            if obs.inventory is not None:
+                ref = parse(event.image)
+                existing = next(
+                    (i for i in obs.inventory.images if i.image_id == event.image_id), None
+                )
+                tags = {f"{ref.name}:{ref.tag}"} if ref.tag else set()
+                digests = {f"{ref.name}@{event.repo_digest}"} if event.repo_digest else set()
+                pinned = event.pin == agent_pb2.PIN_STATE_PINNED
+                obs.inventory = obs.inventory.replace(
+                    NodeImage(
+                        image_id=event.image_id,
+                        tags=frozenset(tags | (existing.tags if existing else set())),
+                        digests=frozenset(digests | (existing.digests if existing else set())),
+                        pinned=pinned,
+                        pin_owned=(existing.pin_owned if existing else False) or pinned,
+                        size=event.size,
+                    )
+                )
+        elif event.phase == agent_pb2.PHASE_FAILED:
+            record.phase = OrderPhase.FAILED
+            record.finished = time.time()
+            record.failures += 1
+            record.category = CATEGORY_NAMES.get(event.error_category, "Internal")
+            record.message = event.error_message
+
+    def submit_pins(self, node: str, changes: Sequence[tuple[str, bool]]) -> None:
+        obs = self.observation(node)
+        if obs.agent is None or not changes:
+            return
+        for image, _ in changes:
+            obs.pins_in_flight.add(canonical(image))
+        self._spawn(self._pin(node, obs.agent, list(changes)), f"pin {node}")
+
+    async def _pin(self, node: str, agent: AgentInfo, changes: list[tuple[str, bool]]) -> None:
+        obs = self.observation(node)
+        client = self._pool.get(agent.endpoint)
+        try:
+            for pinned in (True, False):
+                images = [image for image, p in changes if p is pinned]
+                if images:
+                    resp = await client.set_pinned(images, pinned)
+                    for result in resp.results:
+                        if result.error_category:
+                            log.warning(
+                                "%s %s on %s failed: %s",
+                                "pin" if pinned else "unpin",
+                                result.image,
+                                node,
+                                result.error_message,
+                            )
+        except grpc.RpcError as err:
+            log.warning("pin changes on %s failed: %s", node, err)
+        finally:
+            for image, _ in changes:
+                obs.pins_in_flight.discard(canonical(image))
+        await self.sync(node)
+
+    def submit_removals(self, node: str, images: Sequence[str]) -> None:
+        obs = self.observation(node)
+        if obs.agent is None or not images:
+            return
+        for image in images:
+            obs.removals_in_flight.add(canonical(image))
+        self._spawn(self._remove(node, obs.agent, list(images)), f"remove {node}")
+
+    async def _remove(self, node: str, agent: AgentInfo, images: list[str]) -> None:
+        obs = self.observation(node)
+        client = self._pool.get(agent.endpoint)
+        try:
+            resp = await client.remove(images)
+            for result in resp.results:
+                if result.error_category:
+                    obs.removal_errors[canonical(result.image)] = result.error_message
+                    log.warning(
+                        "removing %s on %s failed: %s", result.image, node, result.error_message
+                    )
+                else:
+                    obs.pulls.pop(canonical(result.image), None)
+        except grpc.RpcError as err:
+            log.warning("removals on %s failed: %s", node, err)
+        finally:
+            for image in images:
+                obs.removals_in_flight.discard(canonical(image))
+        errors = dict(obs.removal_errors)
+        await self.sync(node)
+        obs.removal_errors.update(errors)  # kept (not retried) until the next periodic resync
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
