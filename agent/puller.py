@@ -140,12 +140,16 @@ class _SharedPull:
                 m.metrics.runtime_pulls.inc()
                 m.metrics.in_flight.inc()
                 started = time.monotonic()
+                log.info("runtime pull of %s started", image)
                 try:
                     record = await m.runtime.pull(
                         image, self._order.credentials, deadline, self._on_progress
                     )
                 finally:
                     m.metrics.in_flight.dec()
+                    log.info(
+                        "runtime pull of %s ended after %.2fs", image, time.monotonic() - started
+                    )
                 m.metrics.pull_duration.observe(time.monotonic() - started)
                 m.metrics.bytes_pulled.inc(record.size)
             done = self._latest.bytes_total if self._latest else 0

@@ -257,6 +257,7 @@ class Controller:
                 return
             try:
                 await self.reconcile(key)
+                log.debug("reconciled %s", key)
                 self.queue.forget(key)
             except Exception:
                 log.exception("reconcile of %s failed; requeued", key)

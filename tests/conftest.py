@@ -4,6 +4,7 @@ run, a fresh namespace per test, and every component's log attached to a failure
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from collections.abc import Generator, Iterator
 
@@ -11,9 +12,15 @@ import pytest
 from kubernetes import client
 
 from tests.testenv import MissingBinary, TestEnv
-from tests.testenv.agents import AgentProcess
+from tests.testenv.agents import AgentProcess, CoordinatorProcess
 
-ENV_FIXTURES = {"testenv", "namespace", "kube", "agents"}
+ENV_FIXTURES = {"testenv", "namespace", "kube", "agents", "coordinator"}
+# node-1 and node-2 are "edge" nodes in zone a; node-3 is in zone b.
+NODE_LABELS = {
+    "node-1": {"fledged.test/zone": "a", "fledged.test/tier": "edge"},
+    "node-2": {"fledged.test/zone": "a", "fledged.test/tier": "edge"},
+    "node-3": {"fledged.test/zone": "b"},
+}
 _env: TestEnv | None = None
 
 
@@ -39,7 +46,7 @@ def testenv(request: pytest.FixtureRequest) -> Iterator[TestEnv]:
     """The real cluster. A missing component fails the test; it is never skipped."""
     global _env
     try:
-        env = TestEnv(nodes=3)
+        env = TestEnv(nodes=3, node_label_sets=NODE_LABELS)
     except MissingBinary as err:
         pytest.fail(f"test environment incomplete: {err}", pytrace=False)
     _env = env
@@ -59,6 +66,13 @@ def agents(testenv: TestEnv) -> dict[str, AgentProcess]:
     return {agent.node_name: agent for agent in testenv.start_agents()}
 
 
+@pytest.fixture(scope="session")
+def coordinator(testenv: TestEnv, agents: dict[str, AgentProcess]) -> CoordinatorProcess:
+    """The CRD installed and one real coordinator serving every namespace."""
+    testenv.install_crds()
+    return testenv.start_coordinator()
+
+
 @pytest.fixture
 def kube(testenv: TestEnv) -> client.ApiClient:
     return testenv.api_client()
@@ -72,7 +86,32 @@ def namespace(testenv: TestEnv, request: pytest.FixtureRequest) -> Iterator[str]
     core = client.CoreV1Api(testenv.api_client())
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
     yield name
+    _delete_caches(testenv, name)
     core.delete_namespace(name)
+
+
+def _delete_caches(env: TestEnv, namespace: str) -> None:
+    """Deletes the namespace's ImageCaches and waits for the coordinator to release them:
+    with no namespace controller here, deleting the namespace alone would leave them."""
+    api = client.CustomObjectsApi(env.api_client())
+    try:
+        items = api.list_namespaced_custom_object(
+            "kubefledged.io", "v1alpha2", namespace, "imagecaches"
+        )["items"]  # type: ignore[index]
+    except client.ApiException:
+        return  # the CRD is not installed in this run
+    for item in items:
+        api.delete_namespaced_custom_object(
+            "kubefledged.io", "v1alpha2", namespace, "imagecaches", item["metadata"]["name"]
+        )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        left = api.list_namespaced_custom_object(
+            "kubefledged.io", "v1alpha2", namespace, "imagecaches"
+        )["items"]  # type: ignore[index]
+        if not left:
+            return
+        time.sleep(0.2)
 
 
 def unique(prefix: str) -> str:

@@ -159,4 +159,9 @@ class CoordinatorProcess:
         self.process.stop()
 
     def kill(self) -> None:
+        """SIGKILL, as an OOM kill or a node crash would."""
         self.process.kill()
+
+    def restart(self) -> None:
+        self.process.start()
+        self.process.wait_until(self.ready, timeout=30, what="coordinator /readyz")

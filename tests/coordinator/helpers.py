@@ -1,0 +1,122 @@
+"""Driving ImageCaches as a user does: kubectl for writes, the API for reads."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from kubernetes import client
+
+from tests.testenv import TestEnv
+from tests.testenv.paths import binary
+from tests.testenv.runtime import NodeRuntime
+
+GROUP, VERSION, PLURAL = "kubefledged.io", "v1alpha2", "imagecaches"
+
+
+def kubectl(
+    env: TestEnv, *args: str, stdin: str | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [str(binary("kubectl")), f"--kubeconfig={env.kubeconfig}", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"kubectl {' '.join(args)} failed: {result.stderr}")
+    return result
+
+
+def cache_manifest(
+    name: str, namespace: str, lists: list[dict[str, Any]], secrets: list[str] | None = None
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {"cacheSpec": lists}
+    if secrets:
+        spec["imagePullSecrets"] = [{"name": s} for s in secrets]
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "ImageCache",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    }
+
+
+def apply(env: TestEnv, manifest: Mapping[str, Any]) -> None:
+    kubectl(env, "apply", "-f", "-", stdin=json.dumps(manifest))
+
+
+def get_cache(env: TestEnv, namespace: str, name: str) -> dict[str, Any] | None:
+    api = client.CustomObjectsApi(env.api_client())
+    try:
+        obj: dict[str, Any] = api.get_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name
+        )  # type: ignore[assignment]
+        return obj
+    except client.ApiException as err:
+        if err.status == 404:
+            return None
+        raise
+
+
+def wait_for(
+    what: str, check: Callable[[], Any], timeout: float = 60, interval: float = 0.3
+) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
+
+
+def wait_status(
+    env: TestEnv,
+    namespace: str,
+    name: str,
+    status: str,
+    reason: str | None = None,
+    timeout: float = 60,
+) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        obj = get_cache(env, namespace, name) or {}
+        st = obj.get("status") or {}
+        current = st.get("observedGeneration") == obj.get("metadata", {}).get("generation")
+        if (
+            current
+            and st.get("status") == status
+            and (reason is None or st.get("reason") == reason)
+        ):
+            return obj
+        return None
+
+    try:
+        result: dict[str, Any] = wait_for(
+            f"{namespace}/{name} to be {status}/{reason}", check, timeout
+        )
+    except AssertionError:
+        obj = get_cache(env, namespace, name) or {}
+        raise AssertionError(
+            f"{name} never reached {status}/{reason}: {json.dumps(obj.get('status'), indent=1)}"
+        ) from None
+    return result
+
+
+def node_images(env: TestEnv, node: str) -> dict[str, bool]:
+    """repo tag -> pinned, as the node's containerd reports through CRI."""
+    with NodeRuntime(env.node(node).runtime_endpoint) as cri:
+        return {tag: img.pinned for img in cri.list() for tag in img.repo_tags}
+
+
+def events(env: TestEnv, namespace: str, name: str) -> list[tuple[str, str, str]]:
+    core = client.CoreV1Api(env.api_client())
+    items = core.list_namespaced_event(
+        namespace, field_selector=f"involvedObject.name={name}"
+    ).items
+    return [(e.type or "", e.reason or "", e.message or "") for e in items]

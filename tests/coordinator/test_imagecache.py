@@ -1,0 +1,308 @@
+"""ImageCaches end to end: kubectl, the real apiserver, the coordinator, real agents on
+three simulated nodes with their own containerd, and real registries."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from kubernetes import client
+
+from tests.conftest import unique
+from tests.coordinator.helpers import (
+    apply,
+    cache_manifest,
+    events,
+    get_cache,
+    kubectl,
+    node_images,
+    wait_for,
+    wait_status,
+)
+from tests.testenv import AUTH_PASSWORD, AUTH_USER, TestEnv
+from tests.testenv.agents import CoordinatorProcess
+
+ALL = ("node-1", "node-2", "node-3")
+EDGE = ("node-1", "node-2")
+
+
+def test_a_kube_fledged_manifest_caches_its_images_on_the_selected_nodes(
+    testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
+) -> None:
+    registry = testenv.registry_client()
+    everywhere = registry.push_image(unique("ic/all"), "v1")
+    edge = registry.push_image(unique("ic/edge"), "v1", size=1 << 20, layers=2)
+    # Exactly the shape of kube-fledged's sample: no field of ours.
+    manifest = cache_manifest(
+        "imagecache1",
+        namespace,
+        [
+            {"images": [everywhere.ref]},
+            {"images": [edge.ref], "nodeSelector": {"fledged.test/tier": "edge"}},
+        ],
+    )
+    apply(testenv, manifest)
+    waited = kubectl(
+        testenv, "-n", namespace, "wait", "--for=condition=Ready", "--timeout=60s", "ic/imagecache1"
+    )
+    assert "condition met" in waited.stdout
+    obj = get_cache(testenv, namespace, "imagecache1")
+    assert obj is not None
+    status = obj["status"]
+    assert (status["status"], status["reason"]) == ("Succeeded", "ImagesPulledSuccessfully")
+    assert status["ready"] == "5/5" and status["imagesReady"] == "2/2"
+    assert status["startTime"] and status["completionTime"]
+    assert "failures" not in status
+    digests = {i["image"]: i["digest"] for i in status["images"]}
+    assert digests == {everywhere.ref: everywhere.digest, edge.ref: edge.digest}
+    for node in ALL:
+        held = node_images(testenv, node)
+        assert held.get(everywhere.ref) is True, f"{node} should hold {everywhere.ref} pinned"
+        assert (edge.ref in held) == (node in EDGE)
+    table = kubectl(testenv, "-n", namespace, "get", "ic", "-o", "wide").stdout
+    assert "Succeeded" in table and "5/5" in table and "ImagesPulledSuccessfully" in table
+    reasons = [(t, r) for t, r, _ in events(testenv, namespace, "imagecache1")]
+    assert ("Normal", "ImagesPulledSuccessfully") in reasons
+
+
+@pytest.mark.parametrize(
+    ("lists", "complaint"),
+    [
+        ([], "cacheSpec"),
+        ([{"images": []}], "images"),
+        ([{"images": ["127.0.0.1:5000/a:v1", "127.0.0.1:5000/a:v1"]}], "Duplicate value"),
+        ([{"images": ["Not A Reference"]}], "should match"),
+    ],
+)
+def test_the_apiserver_rejects_invalid_caches_with_a_clear_message(
+    testenv: TestEnv,
+    coordinator: CoordinatorProcess,
+    namespace: str,
+    lists: list[object],
+    complaint: str,
+) -> None:
+    result = kubectl(
+        testenv,
+        "apply",
+        "-f",
+        "-",
+        stdin=json.dumps(cache_manifest("bad", namespace, lists)),
+        check=False,  # type: ignore[arg-type]
+    )
+    assert result.returncode != 0
+    assert complaint in result.stderr, result.stderr
+
+
+def test_failures_are_reported_per_image_and_node_and_aggregated_in_events(
+    testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
+) -> None:
+    good = testenv.registry_client().push_image(unique("ic/good"), "v1")
+    missing = f"{testenv.registry.host}/{unique('ic/missing')}:v1"
+    apply(testenv, cache_manifest("partial", namespace, [{"images": [good.ref, missing]}]))
+    obj = wait_status(testenv, namespace, "partial", "Failed", "ImagePullFailedForSomeImages")
+    failures = obj["status"]["failures"]
+    assert list(failures) == [missing]
+    assert sorted(f["node"] for f in failures[missing]) == list(ALL)
+    assert {f["reason"] for f in failures[missing]} == {"NotFound"}
+    assert obj["status"]["ready"] == "3/6"
+    warnings = [m for t, r, m in events(testenv, namespace, "partial") if r == "ImagePullFailed"]
+    assert len(warnings) == 1  # one Event per image, not one per node
+    assert "failed on 3 of 3 nodes" in warnings[0] and "NotFound" in warnings[0]
+
+
+def test_a_selector_matching_no_node_is_reported_then_acted_on_when_a_node_matches(
+    testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
+) -> None:
+    image = testenv.registry_client().push_image(unique("ic/later"), "v1")
+    label = unique("gpu")
+    apply(
+        testenv,
+        cache_manifest(
+            "later",
+            namespace,
+            [{"images": [image.ref], "nodeSelector": {"fledged.test/pool": label}}],
+        ),
+    )
+    obj = wait_status(testenv, namespace, "later", "Failed", "NoMatchingNodes")
+    assert "matches no node" in obj["status"]["message"]
+    core = client.CoreV1Api(testenv.api_client())
+    core.patch_node("node-3", {"metadata": {"labels": {"fledged.test/pool": label}}})
+    try:
+        wait_status(testenv, namespace, "later", "Succeeded", timeout=30)
+        assert node_images(testenv, "node-3").get(image.ref) is True
+    finally:
+        core.patch_node("node-3", {"metadata": {"labels": {"fledged.test/pool": None}}})
+
+
+def test_a_node_without_a_live_agent_is_a_clear_per_node_failure(
+    testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
+) -> None:
+    image = testenv.registry_client().push_image(unique("ic/orphan"), "v1")
+    pool = unique("agentless")
+    core = client.CoreV1Api(testenv.api_client())
+    core.create_node(
+        client.V1Node(metadata=client.V1ObjectMeta(name=pool, labels={"fledged.test/pool": pool}))
+    )
+    try:
+        apply(
+            testenv,
+            cache_manifest(
+                "orphan",
+                namespace,
+                [{"images": [image.ref], "nodeSelector": {"fledged.test/pool": pool}}],
+            ),
+        )
+        obj = wait_status(testenv, namespace, "orphan", "Failed")
+        entry = obj["status"]["failures"][image.ref][0]
+        assert (entry["node"], entry["reason"]) == (pool, "AgentUnavailable")
+        assert "no agent" in entry["message"]
+    finally:
+        core.delete_node(pool)
+
+
+def test_an_image_removed_from_the_spec_is_unpinned_and_removed_unless_another_cache_wants_it(
+    testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
+) -> None:
+    registry = testenv.registry_client()
+    keep, drop, shared = (
+        registry.push_image(unique(f"ic/{n}"), "v1") for n in ("keep", "drop", "shared")
+    )
+    apply(
+        testenv, cache_manifest("editme", namespace, [{"images": [keep.ref, drop.ref, shared.ref]}])
+    )
+    apply(
+        testenv,
+        cache_manifest(
+            "other",
+            namespace,
+            [{"images": [shared.ref], "nodeSelector": {"fledged.test/zone": "a"}}],
+        ),
+    )
+    wait_status(testenv, namespace, "editme", "Succeeded")
+    wait_status(testenv, namespace, "other", "Succeeded")
+    apply(testenv, cache_manifest("editme", namespace, [{"images": [keep.ref]}]))
+
+    def settled() -> bool:
+        held = {n: node_images(testenv, n) for n in ALL}
+        return all(drop.ref not in held[n] for n in ALL) and shared.ref not in held["node-3"]
+
+    wait_for("removed images to leave the nodes", settled, timeout=30)
+    for node in ALL:
+        held = node_images(testenv, node)
+        assert held[keep.ref] is True
+        if node in EDGE:  # the other cache still wants it there, pinned
+            assert held[shared.ref] is True
+    obj = wait_status(testenv, namespace, "editme", "Succeeded")
+    assert "removing" not in obj["status"]
+    assert obj["status"]["ready"] == "3/3"
+
+
+def test_deleting_a_cache_unpins_its_images_and_releases_the_object(
+    testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
+) -> None:
+    image = testenv.registry_client().push_image(unique("ic/delete"), "v1")
+    apply(testenv, cache_manifest("gone", namespace, [{"images": [image.ref]}]))
+    obj = wait_status(testenv, namespace, "gone", "Succeeded")
+    assert "kubefledged.io/unpin-images" in obj["metadata"]["finalizers"]
+    kubectl(testenv, "-n", namespace, "delete", "ic", "gone", "--timeout=30s")
+    assert get_cache(testenv, namespace, "gone") is None
+    for node in ALL:
+        assert node_images(testenv, node).get(image.ref) is False, (
+            f"{image.ref} still pinned on {node}"
+        )
+
+
+def test_the_purge_annotation_removes_the_images_then_itself(
+    testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
+) -> None:
+    image = testenv.registry_client().push_image(unique("ic/purge"), "v1")
+    apply(
+        testenv,
+        cache_manifest(
+            "purgeme",
+            namespace,
+            [{"images": [image.ref], "nodeSelector": {"fledged.test/zone": "a"}}],
+        ),
+    )
+    wait_status(testenv, namespace, "purgeme", "Succeeded", "ImagesPulledSuccessfully")
+    kubectl(
+        testenv, "-n", namespace, "annotate", "ic", "purgeme", "kubefledged.io/purge-imagecache="
+    )
+
+    def purged() -> dict[str, object] | None:
+        obj = get_cache(testenv, namespace, "purgeme") or {}
+        annotations = obj.get("metadata", {}).get("annotations") or {}
+        done = obj.get("status", {}).get("reason") == "ImagesDeletedSuccessfully"
+        return obj if done and "kubefledged.io/purge-imagecache" not in annotations else None
+
+    wait_for("purge to finish", purged, timeout=30)
+    for node in EDGE:
+        assert image.ref not in node_images(testenv, node)
+
+
+def test_the_refresh_annotation_repulls_a_moved_tag_and_reports_the_new_digest(
+    testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
+) -> None:
+    registry = testenv.registry_client()
+    repo = unique("ic/moving")
+    old = registry.push_image(repo, "latest", seed="old")
+    apply(testenv, cache_manifest("fresh", namespace, [{"images": [old.ref]}]))
+    obj = wait_status(testenv, namespace, "fresh", "Succeeded")
+    assert obj["status"]["images"][0]["digest"] == old.digest
+    new = registry.push_image(repo, "latest", seed="new")
+    kubectl(
+        testenv, "-n", namespace, "annotate", "ic", "fresh", "kubefledged.io/refresh-imagecache="
+    )
+
+    def refreshed() -> dict[str, object] | None:
+        obj = get_cache(testenv, namespace, "fresh") or {}
+        annotations = obj.get("metadata", {}).get("annotations") or {}
+        images = obj.get("status", {}).get("images") or [{}]
+        done = images[0].get("digest") == new.digest and images[0].get("nodesReady") == 3
+        return obj if done and "kubefledged.io/refresh-imagecache" not in annotations else None
+
+    wait_for("refresh to report the new digest", refreshed, timeout=40)
+
+
+def _pull_secret(namespace: str, name: str, host: str, password: str) -> client.V1Secret:
+    config = {
+        "auths": {host: {"auth": base64.b64encode(f"{AUTH_USER}:{password}".encode()).decode()}}
+    }
+    return client.V1Secret(
+        metadata=client.V1ObjectMeta(name=name, namespace=namespace),
+        type="kubernetes.io/dockerconfigjson",
+        data={".dockerconfigjson": base64.b64encode(json.dumps(config).encode()).decode()},
+    )
+
+
+def test_pull_secrets_authenticate_and_a_missing_one_is_a_clear_failure(
+    testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
+) -> None:
+    private = testenv.registry_client(authenticated=True).push_image(unique("ic/private"), "v1")
+    core = client.CoreV1Api(testenv.api_client())
+    core.create_namespaced_secret(
+        namespace, _pull_secret(namespace, "regcred", private.registry, AUTH_PASSWORD)
+    )
+    apply(
+        testenv,
+        cache_manifest("private", namespace, [{"images": [private.ref]}], secrets=["regcred"]),
+    )
+    wait_status(testenv, namespace, "private", "Succeeded")
+    for node in ALL:
+        assert node_images(testenv, node).get(private.ref) is True
+
+    other = testenv.registry_client(authenticated=True).push_image(unique("ic/private2"), "v1")
+    apply(
+        testenv,
+        cache_manifest("nosecret", namespace, [{"images": [other.ref]}], secrets=["absent"]),
+    )
+    obj = wait_status(testenv, namespace, "nosecret", "Failed")
+    status = obj["status"]
+    assert status["reason"] == "ImagePullSecretInvalid"
+    assert "imagePullSecret 'absent' not found" in status["message"]
+    assert {f["reason"] for f in status["failures"][other.ref]} == {"Unauthorized"}
+    logs = coordinator.process.log_path.read_text() + "".join(
+        a.read_text() for a in testenv.logs.glob("agent-*.log")
+    )
+    assert AUTH_PASSWORD not in logs
