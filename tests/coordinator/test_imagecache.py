@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+from typing import Any
 
 import pytest
 from kubernetes import client
@@ -51,8 +52,10 @@ def test_a_kube_fledged_manifest_caches_its_images_on_the_selected_nodes(
     assert obj is not None
     status = obj["status"]
     assert (status["status"], status["reason"]) == ("Succeeded", "ImagesPulledSuccessfully")
-    assert status["ready"] == "5/5" and status["imagesReady"] == "2/2"
-    assert status["startTime"] and status["completionTime"]
+    assert status["ready"] == "5/5"
+    assert status["imagesReady"] == "2/2"
+    assert status["startTime"]
+    assert status["completionTime"]
     assert "failures" not in status
     digests = {i["image"]: i["digest"] for i in status["images"]}
     assert digests == {everywhere.ref: everywhere.digest, edge.ref: edge.digest}
@@ -61,7 +64,9 @@ def test_a_kube_fledged_manifest_caches_its_images_on_the_selected_nodes(
         assert held.get(everywhere.ref) is True, f"{node} should hold {everywhere.ref} pinned"
         assert (edge.ref in held) == (node in EDGE)
     table = kubectl(testenv, "-n", namespace, "get", "ic", "-o", "wide").stdout
-    assert "Succeeded" in table and "5/5" in table and "ImagesPulledSuccessfully" in table
+    assert "Succeeded" in table
+    assert "5/5" in table
+    assert "ImagesPulledSuccessfully" in table
     reasons = [(t, r) for t, r, _ in events(testenv, namespace, "imagecache1")]
     assert ("Normal", "ImagesPulledSuccessfully") in reasons
 
@@ -79,7 +84,7 @@ def test_the_apiserver_rejects_invalid_caches_with_a_clear_message(
     testenv: TestEnv,
     coordinator: CoordinatorProcess,
     namespace: str,
-    lists: list[object],
+    lists: list[dict[str, Any]],
     complaint: str,
 ) -> None:
     result = kubectl(
@@ -88,7 +93,7 @@ def test_the_apiserver_rejects_invalid_caches_with_a_clear_message(
         "-f",
         "-",
         stdin=json.dumps(cache_manifest("bad", namespace, lists)),
-        check=False,  # type: ignore[arg-type]
+        check=False,
     )
     assert result.returncode != 0
     assert complaint in result.stderr, result.stderr
@@ -108,7 +113,8 @@ def test_failures_are_reported_per_image_and_node_and_aggregated_in_events(
     assert obj["status"]["ready"] == "3/6"
     warnings = [m for t, r, m in events(testenv, namespace, "partial") if r == "ImagePullFailed"]
     assert len(warnings) == 1  # one Event per image, not one per node
-    assert "failed on 3 of 3 nodes" in warnings[0] and "NotFound" in warnings[0]
+    assert "failed on 3 of 3 nodes" in warnings[0]
+    assert "NotFound" in warnings[0]
 
 
 def test_a_selector_matching_no_node_is_reported_then_acted_on_when_a_node_matches(

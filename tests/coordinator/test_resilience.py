@@ -3,6 +3,7 @@ keeps nodes from pulling one image all at once."""
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 from datetime import datetime
@@ -76,7 +77,7 @@ def test_the_wave_size_keeps_one_node_at_a_time_on_an_image(
         wait_status(testenv, namespace, "wave", "Succeeded", timeout=60)
     intervals = sorted(pull_intervals(testenv, ref).values())
     assert len(intervals) == 3
-    for (_, end), (start, _) in zip(intervals, intervals[1:], strict=False):
+    for (_, end), (start, _) in itertools.pairwise(intervals):
         assert start >= end, f"pulls overlapped: {intervals}"
 
 
