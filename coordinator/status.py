@@ -172,7 +172,10 @@ def build_status(
             )
     elif failures:
         totals = Counter(p.image for p in pairs)
-        all_failed = any(len(nodes) >= totals[image] for image, nodes in failures.items())
+        failed = Counter(
+            p.image for p in pairs if p.phase in (PairPhase.FAILED, PairPhase.AGENT_UNAVAILABLE)
+        )
+        all_failed = any(count >= totals[image] for image, count in failed.items())
         if all_failed:
             status, reason, message = (
                 Status.FAILED,
@@ -289,9 +292,12 @@ def events_for(
         return [EventSpec("Normal", str(reason), f"{new['message']} ({new.get('ready', '')})")]
     events = [EventSpec("Warning", str(reason), str(new.get("message", "")))]
     totals = Counter(p.image for p in pairs)
+    counts = Counter(
+        p.image for p in pairs if p.phase in (PairPhase.FAILED, PairPhase.AGENT_UNAVAILABLE)
+    )
     for image, failed in sorted((new.get("failures") or {}).items()):
         first = failed[0]
-        count = sum(1 for f in failed if f.get("node"))
+        count = counts.get(image, len(failed))
         events.append(
             EventSpec(
                 "Warning",

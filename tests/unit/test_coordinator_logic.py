@@ -1,0 +1,222 @@
+"""Status composition, pull-secret parsing, the spec parser, Lease reading and the
+work queue, as plain functions."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+
+import pytest
+
+from common.reference import parse
+from coordinator.api import CacheList, CacheSpec, SpecError, parse_spec
+from coordinator.controller import agent_from_lease
+from coordinator.plan import CacheView, PairPhase, PairState, Plan
+from coordinator.secrets import SecretError, credentials_for, parse_secret
+from coordinator.status import MAX_FAILED_NODES_PER_IMAGE, build_status, comparable, events_for
+from coordinator.workqueue import WorkQueue
+
+NOW = "2026-11-24T00:00:00Z"
+SPEC = CacheSpec((CacheList(("r.io/a:1",), ()),), ())
+
+
+def view(**kw: object) -> CacheView:
+    return CacheView(key="ns/c", generation=3, spec=SPEC, **kw)  # type: ignore[arg-type]
+
+
+def plan_of(*pairs: PairState, **kw: object) -> Plan:
+    plan = Plan(pairs=list(pairs))
+    for k, v in kw.items():
+        setattr(plan, k, v)
+    return plan
+
+
+def test_a_new_cache_in_progress_reads_like_kube_fledged() -> None:
+    status = build_status(
+        view(),
+        plan_of(PairState("n1", "r.io/a:1", PairPhase.PULLING, bytes_done=1, bytes_total=4)),
+        {},
+        NOW,
+    )
+    assert (status["status"], status["reason"]) == ("Processing", "ImageCacheCreate")
+    assert status["message"].startswith("Images are being pulled")
+    assert status["startTime"] == NOW
+    assert "completionTime" not in status
+    assert status["nodes"] == [
+        {
+            "node": "n1",
+            "ready": 0,
+            "total": 1,
+            "pulling": ["r.io/a:1"],
+            "bytesDone": 1,
+            "bytesTotal": 4,
+        }
+    ]
+    ready, progressing = status["conditions"]
+    assert (ready["type"], ready["status"], progressing["status"]) == ("Ready", "False", "True")
+
+
+def test_success_failure_and_edit_reasons() -> None:
+    ok = build_status(
+        view(), plan_of(PairState("n1", "r.io/a:1", PairPhase.READY, digest="sha256:x")), {}, NOW
+    )
+    assert (ok["status"], ok["reason"], ok["ready"], ok["imagesReady"]) == (
+        "Succeeded",
+        "ImagesPulledSuccessfully",
+        "1/1",
+        "1/1",
+    )
+    assert ok["images"] == [
+        {"image": "r.io/a:1", "nodesReady": 1, "nodesTotal": 1, "digest": "sha256:x"}
+    ]
+    some_nodes = build_status(
+        view(),
+        plan_of(
+            PairState("n1", "r.io/a:1", PairPhase.READY),
+            PairState("n2", "r.io/a:1", PairPhase.FAILED, "NotFound", "gone"),
+        ),
+        {},
+        NOW,
+    )
+    assert some_nodes["reason"] == "ImagePullFailedOnSomeNodes"
+    assert some_nodes["failures"] == {
+        "r.io/a:1": [{"node": "n2", "reason": "NotFound", "message": "gone"}]
+    }
+    edited = build_status(
+        view(),
+        plan_of(PairState("n1", "r.io/a:1", PairPhase.PENDING)),
+        {"observedGeneration": 2, "startTime": NOW},
+        NOW,
+    )
+    assert edited["reason"] == "ImageCacheUpdate"
+
+
+def test_failures_are_bounded_per_image() -> None:
+    pairs = [PairState(f"n{i}", "r.io/a:1", PairPhase.FAILED, "NotFound", "x") for i in range(50)]
+    status = build_status(view(), plan_of(*pairs), {}, NOW)
+    entries = status["failures"]["r.io/a:1"]
+    assert len(entries) == MAX_FAILED_NODES_PER_IMAGE + 1
+    assert entries[-1]["message"] == f"and {50 - MAX_FAILED_NODES_PER_IMAGE} more nodes"
+    assert status["reason"] == "ImagePullFailedForSomeImages"
+
+
+def test_transition_events_are_sent_once_and_aggregate_per_image() -> None:
+    pairs = [
+        PairState(f"n{i}", "r.io/a:1", PairPhase.FAILED, "Unauthorized", "401") for i in range(3)
+    ]
+    new = build_status(view(), plan_of(*pairs), {}, NOW)
+    events = events_for({"status": "Processing", "reason": "ImageCacheCreate"}, new, pairs)
+    assert [(e.type, e.reason) for e in events] == [
+        ("Warning", "ImagePullFailedForSomeImages"),
+        ("Warning", "ImagePullFailed"),
+    ]
+    assert "failed on 3 of 3 nodes" in events[1].message
+    assert events_for(new, new, pairs) == []
+    assert comparable(new) == comparable({**new, "startTime": "other"})
+
+
+def config_secret(
+    entries: dict[str, dict[str, str]], kind: str = "kubernetes.io/dockerconfigjson"
+) -> dict[str, str]:
+    doc = {"auths": entries} if kind.endswith("json") else entries
+    key = ".dockerconfigjson" if kind.endswith("json") else ".dockercfg"
+    return {key: base64.b64encode(json.dumps(doc).encode()).decode()}
+
+
+def test_pull_secrets_match_registries_as_the_kubelet_does() -> None:
+    auth = base64.b64encode(b"hub-user:hub-pass").decode()
+    entries = parse_secret(
+        "regcred",
+        "kubernetes.io/dockerconfigjson",
+        config_secret(
+            {
+                "https://index.docker.io/v1/": {"auth": auth},
+                "reg.io:5000": {"username": "u", "password": "p"},
+                "reg.io:5000/team": {"username": "team", "password": "t"},
+            }
+        ),
+    )
+    hub = credentials_for(parse("nginx"), entries)
+    assert [(c.username, c.password) for c in hub] == [("hub-user", "hub-pass")]
+    team = credentials_for(parse("reg.io:5000/team/app:v1"), entries)
+    assert [c.username for c in team] == ["team", "u"]  # most specific first
+    assert credentials_for(parse("other.io/x"), entries) == []
+    legacy = parse_secret(
+        "old",
+        "kubernetes.io/dockercfg",
+        config_secret({"reg.io": {"auth": auth}}, "kubernetes.io/dockercfg"),
+    )
+    assert legacy[0].registry == "reg.io"
+
+
+@pytest.mark.parametrize(
+    ("kind", "data", "complaint"),
+    [
+        ("Opaque", {}, "must be"),
+        ("kubernetes.io/dockerconfigjson", {}, "has no data"),
+        (
+            "kubernetes.io/dockerconfigjson",
+            {".dockerconfigjson": "!!notbase64"},
+            "valid docker config",
+        ),
+    ],
+)
+def test_unusable_pull_secrets_say_why_without_their_content(
+    kind: str, data: dict[str, str], complaint: str
+) -> None:
+    with pytest.raises(SecretError, match=complaint) as err:
+        parse_secret("regcred", kind, data)
+    assert "regcred" in str(err.value)
+
+
+def test_the_spec_parser_reports_what_to_fix() -> None:
+    ok = parse_spec(
+        {"spec": {"cacheSpec": [{"images": ["a"], "nodeSelector": {"z": "1"}, "pin": False}]}}
+    )
+    assert ok.lists[0] == CacheList(("a",), (("z", "1"),), False)
+    for spec, complaint in (
+        ({}, "non-empty list"),
+        ({"cacheSpec": [{"images": ["a", "docker.io/library/a:latest"]}]}, "twice"),
+        ({"cacheSpec": [{"images": ["UPPER"]}]}, "lowercase"),
+    ):
+        with pytest.raises(SpecError, match=complaint):
+            parse_spec({"spec": spec})
+
+
+def test_agent_leases_give_endpoint_and_expiry() -> None:
+    lease = {
+        "metadata": {
+            "labels": {"kubefledged.io/node": "n1"},
+            "annotations": {"kubefledged.io/agent-endpoint": "10.0.0.5:9445"},
+        },
+        "spec": {
+            "holderIdentity": "n1",
+            "renewTime": "2026-11-24T00:00:00.000000Z",
+            "leaseDurationSeconds": 40,
+        },
+    }
+    agent = agent_from_lease(lease)
+    assert agent is not None
+    assert (agent.node, agent.endpoint, agent.tls) == ("n1", "10.0.0.5:9445", False)
+    assert agent.alive(agent.expires - 1)
+    assert not agent.alive(agent.expires + 1)
+    assert agent_from_lease({"metadata": {}, "spec": {}}) is None
+
+
+async def test_the_work_queue_dedups_requeues_dirty_keys_and_delays() -> None:
+    queue = WorkQueue(base_delay=0.01)
+    queue.add("a")
+    queue.add("a")
+    assert len(queue) == 1
+    key = await queue.get()
+    queue.add("a")  # while processing: once more afterwards, not concurrently
+    assert len(queue) == 0
+    queue.done(key)  # type: ignore[arg-type]
+    assert await queue.get() == "a"
+    queue.done("a")
+    queue.add_after("b", 0.05)
+    assert len(queue) == 0
+    assert await asyncio.wait_for(queue.get(), 1) == "b"
+    queue.shutdown()
+    assert await queue.get() is None

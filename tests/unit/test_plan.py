@@ -1,0 +1,246 @@
+"""The planner's rules, as plain functions over plain data."""
+
+from __future__ import annotations
+
+from common.reference import ImageRef, parse
+from coordinator.api import CacheList, CacheSpec
+from coordinator.model import (
+    AgentInfo,
+    Inventory,
+    NodeImage,
+    NodeObservation,
+    OrderPhase,
+    PullRecord,
+)
+from coordinator.plan import CacheView, PairPhase, Settings, plan_cache
+
+NOW = 1_000_000.0
+A = "reg.io/app/a:v1"
+B = "reg.io/app/b:v1"
+NODES = {"n1": {"zone": "a"}, "n2": {"zone": "a"}, "n3": {"zone": "b"}}
+
+
+def image(
+    ref: str, pinned: bool = False, owned: bool = False, digest: str = "sha256:" + "1" * 64
+) -> NodeImage:
+    parsed = parse(ref)
+    return NodeImage(
+        image_id="sha256:id-" + ref,
+        tags=frozenset({f"{parsed.name}:{parsed.tag}"}),
+        digests=frozenset({f"{parsed.name}@{digest}"}),
+        pinned=pinned,
+        pin_owned=owned,
+        size=10,
+    )
+
+
+def node(*images: NodeImage, alive: bool = True, pinning: bool = True) -> NodeObservation:
+    return NodeObservation(
+        agent=AgentInfo("n", "127.0.0.1:1", False, NOW + (1000 if alive else -10)),
+        inventory=Inventory(list(images), NOW),
+        pinning_supported=pinning,
+    )
+
+
+def view(*lists: CacheList, **kw: object) -> CacheView:
+    return CacheView(key="ns/c", generation=1, spec=CacheSpec(tuple(lists), ()), **kw)  # type: ignore[arg-type]
+
+
+def nobody(node: str, ref: ImageRef) -> tuple[bool, bool]:
+    return False, False
+
+
+def everything_list(*images: str, pin: bool = True, **selector: str) -> CacheList:
+    return CacheList(tuple(images), tuple(sorted(selector.items())), pin)
+
+
+def test_missing_images_are_ordered_once_per_node_with_the_pin_wish() -> None:
+    obs = {"n1": node(), "n2": node(), "n3": node()}
+    plan = plan_cache(view(everything_list(A)), NODES, obs, nobody, {}, Settings(), NOW)
+    assert {n: [(i.image, i.pin, i.always) for i in items] for n, items in plan.pulls.items()} == {
+        "n1": [(A, True, False)],
+        "n2": [(A, True, False)],
+        "n3": [(A, True, False)],
+    }
+    assert not plan.settled
+
+
+def test_orders_in_flight_are_not_sent_again_and_report_progress() -> None:
+    busy = node()
+    busy.pulls[A] = PullRecord(OrderPhase.PULLING, started=NOW, bytes_done=5, bytes_total=10)
+    plan = plan_cache(
+        view(everything_list(A, zone="a")),
+        NODES,
+        {"n1": busy, "n2": node(image(A, True))},
+        nobody,
+        {},
+        Settings(),
+        NOW,
+    )
+    assert not plan.pulls
+    states = {p.node: (p.phase, p.bytes_done, p.bytes_total) for p in plan.pairs}
+    assert states == {"n1": (PairPhase.PULLING, 5, 10), "n2": (PairPhase.READY, 0, 0)}
+
+
+def test_present_images_are_ready_and_lost_pins_are_restored() -> None:
+    obs = {"n1": node(image(A, pinned=False)), "n2": node(image(A, pinned=True))}
+    plan = plan_cache(view(everything_list(A, zone="a")), NODES, obs, nobody, {}, Settings(), NOW)
+    assert plan.pins == {"n1": [(A, True)]}
+    assert not plan.pulls
+    assert all(p.phase == PairPhase.READY for p in plan.pairs)
+
+
+def test_runtimes_without_pinning_get_no_pin_orders() -> None:
+    obs = {"n3": node(image(A, pinned=False), pinning=False)}
+    plan = plan_cache(view(everything_list(A, zone="b")), NODES, obs, nobody, {}, Settings(), NOW)
+    assert not plan.pins
+    assert plan.settled
+
+
+def test_nodes_without_a_live_agent_fail_clearly() -> None:
+    obs = {"n1": node(alive=False)}
+    plan = plan_cache(view(everything_list(A, zone="a")), NODES, obs, nobody, {}, Settings(), NOW)
+    reasons = {p.node: (p.phase, p.reason) for p in plan.pairs}
+    assert reasons == {
+        "n1": (PairPhase.AGENT_UNAVAILABLE, "AgentUnavailable"),
+        "n2": (PairPhase.AGENT_UNAVAILABLE, "AgentUnavailable"),
+    }
+    assert "expired" in plan.pairs[0].message
+    assert "no agent" in plan.pairs[1].message
+
+
+def test_transient_failures_retry_after_backoff_and_permanent_ones_wait_for_a_refresh() -> None:
+    flaky, missing = node(), node()
+    flaky.pulls[A] = PullRecord(
+        OrderPhase.FAILED, NOW - 100, NOW - 10, category="RegistryUnavailable", failures=1
+    )
+    missing.pulls[A] = PullRecord(
+        OrderPhase.FAILED, NOW - 100, NOW - 10, category="NotFound", failures=1
+    )
+    obs = {"n1": flaky, "n2": missing}
+    settings = Settings(retry_base=30)
+    plan = plan_cache(view(everything_list(A, zone="a")), NODES, obs, nobody, {}, settings, NOW)
+    assert not plan.pulls
+    assert plan.next_retry == NOW + 20
+    later = plan_cache(
+        view(everything_list(A, zone="a")), NODES, obs, nobody, {}, settings, NOW + 25
+    )
+    assert list(later.pulls) == ["n1"]
+    refresh = plan_cache(
+        view(everything_list(A, zone="a"), refresh_since=NOW),
+        NODES,
+        obs,
+        nobody,
+        {},
+        settings,
+        NOW + 25,
+    )
+    assert sorted(refresh.pulls) == ["n1", "n2"]
+
+
+def test_the_wave_size_holds_back_nodes_beyond_it() -> None:
+    obs = {n: node() for n in NODES}
+    plan = plan_cache(view(everything_list(A)), NODES, obs, nobody, {}, Settings(wave=2), NOW)
+    assert sum(len(v) for v in plan.pulls.values()) == 2
+    assert sum(p.phase == PairPhase.QUEUED for p in plan.pairs) == 1
+    busy = plan_cache(view(everything_list(A)), NODES, obs, nobody, {A: 2}, Settings(wave=2), NOW)
+    assert not busy.pulls
+
+
+def test_a_refresh_repulls_mutable_tags_with_always_but_not_digests() -> None:
+    digest_ref = "reg.io/app/c@sha256:" + "2" * 64
+    present = node(
+        image(A, pinned=True),
+        NodeImage("sha256:c", frozenset(), frozenset({digest_ref}), True, True, 1),
+    )
+    plan = plan_cache(
+        view(everything_list(A, digest_ref, zone="b"), refresh_since=NOW - 1),
+        NODES,
+        {"n3": present},
+        nobody,
+        {},
+        Settings(),
+        NOW,
+    )
+    assert [(i.image, i.always) for i in plan.pulls["n3"]] == [(A, True)]
+    present.pulls[A] = PullRecord(OrderPhase.DONE, NOW - 1, NOW)
+    done = plan_cache(
+        view(everything_list(A, digest_ref, zone="b"), refresh_since=NOW - 1),
+        NODES,
+        {"n3": present},
+        nobody,
+        {},
+        Settings(),
+        NOW,
+    )
+    assert done.refresh_done
+
+
+def test_images_that_left_the_spec_are_removed_except_where_another_cache_wants_them() -> None:
+    obs = {
+        "n1": node(image(A, True, True), image(B, True, True)),
+        "n3": node(image(A, True, True), image(B, True, True)),
+    }
+
+    def others(node_name: str, ref: ImageRef) -> tuple[bool, bool]:
+        return (node_name == "n3" and ref.canonical == B, False)
+
+    edited = view(everything_list(A), applied=(everything_list(A, B),))
+    plan = plan_cache(edited, NODES, obs, others, {}, Settings(), NOW)
+    assert plan.removals == {"n1": [B]}
+    assert plan.pins == {"n3": [(B, False)]}  # kept for the other cache, but no longer pinned by us
+    assert plan.removing == ((B, ()),)
+
+
+def test_purge_removes_every_image_then_reports_done() -> None:
+    obs = {"n1": node(image(A, True, True)), "n2": node()}
+    plan = plan_cache(
+        view(everything_list(A, zone="a"), purge=True), NODES, obs, nobody, {}, Settings(), NOW
+    )
+    assert plan.removals == {"n1": [A]}
+    assert not plan.purge_done
+    after = plan_cache(
+        view(everything_list(A, zone="a"), purge=True),
+        NODES,
+        {"n1": node(), "n2": node()},
+        nobody,
+        {},
+        Settings(),
+        NOW,
+    )
+    assert after.purge_done
+    assert {p.phase for p in after.pairs} == {PairPhase.REMOVED}
+
+
+def test_a_purged_cache_stays_empty_until_edited_or_refreshed() -> None:
+    dormant = view(everything_list(A), purged_generation=1)
+    plan = plan_cache(dormant, NODES, {n: node() for n in NODES}, nobody, {}, Settings(), NOW)
+    assert not plan.pulls
+    edited = CacheView(key="ns/c", generation=2, spec=dormant.spec, purged_generation=1)
+    assert plan_cache(edited, NODES, {n: node() for n in NODES}, nobody, {}, Settings(), NOW).pulls
+
+
+def test_deletion_lifts_only_pins_this_cache_set_and_nobody_else_wants() -> None:
+    obs = {
+        "n1": node(image(A, pinned=True, owned=True)),
+        "n2": node(image(A, pinned=True, owned=False)),  # pinned by someone else
+        "n3": node(image(A, pinned=True, owned=True)),
+    }
+
+    def others(node_name: str, ref: ImageRef) -> tuple[bool, bool]:
+        return (node_name == "n3", node_name == "n3")
+
+    plan = plan_cache(
+        view(everything_list(A), deleting=True), NODES, obs, others, {}, Settings(), NOW
+    )
+    assert plan.pins == {"n1": [(A, False)]}
+    assert not plan.finalize_done
+    clear = {"n1": node(image(A)), "n2": obs["n2"], "n3": obs["n3"]}
+    assert plan_cache(
+        view(everything_list(A), deleting=True), NODES, clear, others, {}, Settings(), NOW
+    ).finalize_done
+
+
+def test_lists_that_match_no_node_are_named() -> None:
+    plan = plan_cache(view(everything_list(A, zone="z")), NODES, {}, nobody, {}, Settings(), NOW)
+    assert [cl.selector_text() for cl in plan.unmatched] == ["zone=z"]
