@@ -49,6 +49,7 @@ class AgentConfig:
     min_free_disk: DiskThreshold
     default_pull_deadline: float
     metrics_listen: str | None
+    health_listen: str | None
     tls_cert: str | None
     tls_key: str | None
     tls_client_ca: str | None
@@ -117,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="deadline of a pull whose order names none",
     )
     a("--metrics-listen", default=_env("metrics-listen"), help="Prometheus /metrics address")
+    a(
+        "--health-listen",
+        default=_env("health-listen"),
+        help="extra plaintext port serving only grpc.health.v1 (for kubelet probes under mTLS)",
+    )
     a("--tls-cert", default=_env("tls-cert"), help="server certificate (enables TLS)")
     a("--tls-key", default=_env("tls-key"), help="server key")
     a("--tls-client-ca", default=_env("tls-client-ca"), help="CA that client certs must chain to")
@@ -164,6 +170,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[AgentConfig, bool]:
             min_free_disk=DiskThreshold.parse(ns.min_free_disk),
             default_pull_deadline=parse_duration(ns.default_pull_deadline),
             metrics_listen=ns.metrics_listen,
+            health_listen=ns.health_listen,
             tls_cert=ns.tls_cert,
             tls_key=ns.tls_key,
             tls_client_ca=ns.tls_client_ca,

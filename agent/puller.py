@@ -21,10 +21,11 @@ from common.reference import InvalidReference, normalize, parse
 from .config import DiskThreshold
 from .errors import AgentError, Category
 from .metrics import AgentMetrics
-from .runtime import Credentials, ImageRecord, PinState, Progress, Runtime
+from .runtime import Credentials, FsUsage, ImageRecord, PinState, Progress, Runtime
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY = 0.25  # seconds between progress events of one pull
+FS_CACHE_SECONDS = 2.0  # a disk reading this fresh is good enough to refuse or allow a pull
 
 
 class Phase(StrEnum):
@@ -131,7 +132,7 @@ class _SharedPull:
             if m.semaphore.locked():
                 self._publish(PullEvent(image, Phase.WAITING))
             async with m.semaphore:
-                fs = await m.runtime.image_fs()
+                fs = await m.image_fs()
                 refusal = disk_refusal(fs.available, fs.capacity, m.min_free_disk)
                 if refusal:
                     raise AgentError(Category.INSUFFICIENT_DISK, refusal)
@@ -190,6 +191,14 @@ class PullManager:
         self.default_deadline = default_deadline
         self.metrics = metrics or AgentMetrics()
         self.inflight: dict[str, _SharedPull] = {}
+        self._fs: tuple[float, FsUsage] | None = None
+
+    async def image_fs(self) -> FsUsage:
+        """The image filesystem's usage, read at most every FS_CACHE_SECONDS."""
+        now = time.monotonic()
+        if self._fs is None or now - self._fs[0] > FS_CACHE_SECONDS:
+            self._fs = (now, await self.runtime.image_fs())
+        return self._fs[1]
 
     async def pull(self, order: PullOrder) -> AsyncIterator[PullEvent]:
         """Events of one order, ending with exactly one terminal event."""

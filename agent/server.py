@@ -90,6 +90,12 @@ async def serve(cfg: AgentConfig, register_lease: bool) -> int:
         cfg.runtime,
         cfg.runtime_endpoint,
     )
+    health_server = None
+    if cfg.health_listen:
+        health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_server.add_insecure_port(cfg.health_listen)
+        await health_server.start()
     if cfg.metrics_listen:
         mhost, mport = cfg.metrics_listen.rsplit(":", 1)
         start_http_server(int(mport), addr=mhost, registry=metrics.registry)
@@ -143,6 +149,8 @@ async def serve(cfg: AgentConfig, register_lease: bool) -> int:
     if registrar is not None:
         await asyncio.to_thread(registrar.release)
     await server.stop(SHUTDOWN_GRACE)
+    if health_server is not None:
+        await health_server.stop(1)
     for task in tasks.values():
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -32,6 +32,7 @@ class CoordinatorConfig:
     agent_tls_cert: Path | None
     agent_tls_key: Path | None
     agent_tls_server_name: str
+    agent_tls_auto: bool
     workers: int
     watch_namespace: str | None
 
@@ -76,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--agent-tls-cert", type=Path, help="client certificate for the agent channel")
     a("--agent-tls-key", type=Path, help="client key for the agent channel")
     a("--agent-tls-server-name", default="fledged-agent", help="name in the agents' certificates")
+    a(
+        "--agent-tls-auto",
+        action="store_true",
+        help="create (or reuse) the agent CA and certificates as Secrets in --agent-namespace",
+    )
     a("--workers", type=int, default=4, help="caches reconciled in parallel")
     a("--watch-namespace", default=None, help="only serve ImageCaches in this namespace")
     return p
@@ -87,6 +93,8 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
     tls = (ns.agent_tls_ca, ns.agent_tls_cert, ns.agent_tls_key)
     if any(tls) and not all(tls):
         parser.error("--agent-tls-ca, --agent-tls-cert and --agent-tls-key go together")
+    if any(tls) and ns.agent_tls_auto:
+        parser.error("--agent-tls-auto makes its own certificates: drop the --agent-tls-* files")
     try:
         deadline = parse_duration(ns.image_pull_deadline_duration)
         refresh = parse_duration(ns.image_cache_refresh_frequency)
@@ -111,6 +119,7 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         agent_tls_cert=ns.agent_tls_cert,
         agent_tls_key=ns.agent_tls_key,
         agent_tls_server_name=ns.agent_tls_server_name,
+        agent_tls_auto=ns.agent_tls_auto,
         workers=ns.workers,
         watch_namespace=ns.watch_namespace,
     )

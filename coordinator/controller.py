@@ -23,6 +23,7 @@ from protos.fledged.agent.v1 import agent_pb2
 
 from . import api
 from .kube import Informer, KubeWriter, Obj, now_iso
+from .metrics import CoordinatorMetrics
 from .model import AgentInfo
 from .nodes import NodeRegistry
 from .plan import CacheView, PairState, Plan, Settings, plan_cache
@@ -36,6 +37,7 @@ NODE_LEASE_LABEL = "kubefledged.io/node"
 ENDPOINT_ANNOTATION = "kubefledged.io/agent-endpoint"
 TLS_ANNOTATION = "kubefledged.io/agent-tls"
 STATUS_MIN_INTERVAL = 1.0  # seconds between two status writes of one cache
+PIN_SWEEP_EVERY = 10.0  # seconds between sweeps for pins no cache wants any more
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,9 @@ def agent_from_lease(lease: Mapping[str, Any]) -> AgentInfo | None:
 class StatusWriter:
     """At most one status write per cache per interval; conflicts retried on a fresh read."""
 
-    def __init__(self, kube: KubeWriter, interval: float) -> None:
+    def __init__(self, kube: KubeWriter, interval: float, metrics: CoordinatorMetrics) -> None:
         self._kube = kube
+        self._metrics = metrics
         self._interval = interval
         self._pending: dict[str, tuple[dict[str, Any], list[PairState]]] = {}
         self._written: dict[str, dict[str, Any]] = {}
@@ -123,6 +126,7 @@ class StatusWriter:
                 fresh["status"] = status
                 try:
                     self._kube.replace_status(fresh)
+                    self._metrics.status_writes.inc()
                 except client.ApiException as err:
                     if err.status == 409:
                         continue  # changed meanwhile: read again
@@ -141,14 +145,16 @@ class Controller:
         kube: KubeWriter,
         registry: NodeRegistry,
         config: ControllerConfig,
+        metrics: CoordinatorMetrics | None = None,
     ) -> None:
+        self.metrics = metrics or CoordinatorMetrics()
         self._api = api_client
         self._kube = kube
         self._registry = registry
         self._config = config
         self._loop: asyncio.AbstractEventLoop | None = None
         self.queue: Any = None
-        self.status = StatusWriter(kube, config.status_interval)
+        self.status = StatusWriter(kube, config.status_interval, self.metrics)
         self._refreshing: dict[str, float] = {}
         self._specs: dict[str, tuple[str, api.CacheSpec | None, str]] = {}
         custom = client.CustomObjectsApi(api_client)
@@ -256,11 +262,14 @@ class Controller:
             if key is None:
                 return
             try:
-                await self.reconcile(key)
+                with self.metrics.reconcile_duration.time():
+                    await self.reconcile(key)
                 log.debug("reconciled %s", key)
+                self.metrics.reconciles.labels("success").inc()
                 self.queue.forget(key)
             except Exception:
                 log.exception("reconcile of %s failed; requeued", key)
+                self.metrics.reconciles.labels("error").inc()
                 self.queue.add_rate_limited(key)
             finally:
                 self.queue.done(key)
@@ -268,10 +277,14 @@ class Controller:
     async def _housekeeping(self) -> None:
         """Lease expiry, periodic inventory resync and the refresh timer."""
         alive: dict[str, bool] = {}
-        last_refresh = time.time()
+        last_refresh = last_sweep = time.time()
         while True:
             await asyncio.sleep(1.0)
             now = time.time()
+            if now - last_sweep >= PIN_SWEEP_EVERY:
+                last_sweep = now
+                self.sweep_pins(now)
+            self.metrics.agents_alive.set(sum(alive.values()))
             for node, obs in self._registry.observations.items():
                 state = obs.agent is not None and obs.agent.alive(now)
                 if alive.get(node) != state:
@@ -287,6 +300,41 @@ class Controller:
                 for key in self.caches.store:
                     self._refreshing.setdefault(key, now)
                 self.enqueue_all()
+
+    def sweep_pins(self, now: float) -> None:
+        """Lifts pins kube-fledged set that no cache wants any more on that node.
+
+        Covers what no single cache's reconcile sees: a node that left a list's
+        selector, or a cache deleted while the node's agent was away.
+        """
+        wanted_lists: list[api.CacheList] = []
+        for key, obj in self.caches.store.items():
+            if obj["metadata"].get("deletionTimestamp"):
+                continue
+            spec, _ = self._spec(key, obj)
+            status = obj.get("status") or {}
+            if spec is None or status.get("purgedGeneration") == obj["metadata"].get("generation"):
+                continue
+            wanted_lists.extend(cl for cl in spec.lists if cl.pin)
+        for node, obs in self._registry.observations.items():
+            if obs.agent is None or not obs.agent.alive(now) or obs.inventory is None:
+                continue
+            if obs.pins_in_flight or any(r.in_flight for r in obs.pulls.values()):
+                continue
+            labels = (self.nodes.store.get(node) or {}).get("metadata", {}).get("labels") or {}
+            keep = set()
+            for cache_list in wanted_lists:
+                if cache_list.matches(labels):
+                    for image in cache_list.images:
+                        held = obs.inventory.lookup(parse(image))
+                        if held is not None:
+                            keep.add(held.image_id)
+            stale = [
+                i.image_id for i in obs.inventory.images if i.pin_owned and i.image_id not in keep
+            ]
+            if stale:
+                log.info("node %s: lifting %d pin(s) no cache wants: %s", node, len(stale), stale)
+                self._registry.submit_pins(node, [(image_id, False) for image_id in stale])
 
     # -- reconcile -------------------------------------------------------------------
 
@@ -463,12 +511,16 @@ class Controller:
 
         for node, items in plan.pulls.items():
             if items:
+                self.metrics.orders.labels("pull").inc(len(items))
                 self._registry.submit_pulls(node, items, creds, key)
         for node, changes in plan.pins.items():
             if changes:
+                for _, pinned in changes:
+                    self.metrics.orders.labels("pin" if pinned else "unpin").inc()
                 self._registry.submit_pins(node, changes)
         for node, images in plan.removals.items():
             if images:
+                self.metrics.orders.labels("remove").inc(len(images))
                 self._registry.submit_removals(node, images)
 
 

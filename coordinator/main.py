@@ -20,8 +20,10 @@ from .config import CoordinatorConfig, parse_args
 from .controller import Controller, ControllerConfig
 from .kube import KubeWriter
 from .leader import LeaderElector
+from .metrics import CoordinatorMetrics
 from .nodes import NodeRegistry
 from .plan import Settings
+from .tlsbootstrap import ensure_agent_tls
 
 log = logging.getLogger("coordinator")
 
@@ -66,11 +68,12 @@ class Probes:
 async def run(cfg: CoordinatorConfig) -> int:
     api = kube_client(cfg)
     probes = Probes()
+    metrics = CoordinatorMetrics()
     if cfg.health_probe_bind_address:
         probes.serve(cfg.health_probe_bind_address)
     if cfg.metrics_bind_address:
         host, port = _split(cfg.metrics_bind_address)
-        start_http_server(port, addr=host)
+        start_http_server(port, addr=host, registry=metrics.registry)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -100,7 +103,9 @@ async def run(cfg: CoordinatorConfig) -> int:
         waiter.cancel()
 
     tls = None
-    if cfg.agent_tls_ca and cfg.agent_tls_cert and cfg.agent_tls_key:
+    if cfg.agent_tls_auto:
+        tls = await asyncio.to_thread(ensure_agent_tls, api, cfg.agent_namespace)
+    elif cfg.agent_tls_ca and cfg.agent_tls_cert and cfg.agent_tls_key:
         tls = TlsConfig(
             cfg.agent_tls_ca, cfg.agent_tls_cert, cfg.agent_tls_key, cfg.agent_tls_server_name
         )
@@ -123,7 +128,9 @@ async def run(cfg: CoordinatorConfig) -> int:
             workers=cfg.workers,
             watch_namespace=cfg.watch_namespace,
         ),
+        metrics,
     )
+    metrics.is_leader.set(1)
     tasks = [asyncio.create_task(controller.run(stop), name="controller")]
     if elector is not None:
         tasks.append(asyncio.create_task(elector.hold(), name="leadership"))

@@ -101,11 +101,12 @@ class PullProgressTracker:
 
     async def run(self) -> None:
         while True:
+            # Sleep first: a pull that ends within one interval costs containerd nothing.
+            await asyncio.sleep(self._interval)
             try:
                 await self.poll_once()
             except grpc.RpcError as err:  # progress is best effort; the pull decides
                 log.debug("progress poll failed: %s", err)
-            await asyncio.sleep(self._interval)
 
     async def poll_once(self) -> None:
         resp = await self._content.ListStatuses(

@@ -142,6 +142,8 @@ class CriRuntime:
             return None
         if not await self._containerd():
             return _record(resp.image, False)
+        if not resp.image.pinned:  # only a pinned image can have our pin: skip the lookup
+            return _record(resp.image, True)
         owned = await self._owned_records()
         return _record(resp.image, True, bool(_names(resp.image) & owned))
 

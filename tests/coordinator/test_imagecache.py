@@ -312,3 +312,35 @@ def test_pull_secrets_authenticate_and_a_missing_one_is_a_clear_failure(
         a.read_text() for a in testenv.logs.glob("agent-*.log")
     )
     assert AUTH_PASSWORD not in logs
+
+
+def test_a_node_that_leaves_a_selector_has_its_pin_lifted(
+    testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
+) -> None:
+    image = testenv.registry_client().push_image(unique("ic/leaver"), "v1")
+    pool = unique("pool")
+    core = client.CoreV1Api(testenv.api_client())
+    for node in EDGE:
+        core.patch_node(node, {"metadata": {"labels": {"fledged.test/pool": pool}}})
+    try:
+        apply(
+            testenv,
+            cache_manifest(
+                "leaver",
+                namespace,
+                [{"images": [image.ref], "nodeSelector": {"fledged.test/pool": pool}}],
+            ),
+        )
+        wait_status(testenv, namespace, "leaver", "Succeeded")
+        assert all(node_images(testenv, n).get(image.ref) is True for n in EDGE)
+        core.patch_node("node-2", {"metadata": {"labels": {"fledged.test/pool": None}}})
+        wait_for(
+            "node-2's pin to be lifted",
+            lambda: node_images(testenv, "node-2").get(image.ref) is False,
+            timeout=40,
+        )
+        assert node_images(testenv, "node-1").get(image.ref) is True
+        obj = wait_status(testenv, namespace, "leaver", "Succeeded")
+        assert obj["status"]["ready"] == "1/1"
+    finally:
+        core.patch_node("node-1", {"metadata": {"labels": {"fledged.test/pool": None}}})

@@ -29,6 +29,7 @@ class AgentProcess:
         kubeconfig: Path | None = None,
         extra_args: Sequence[str] = (),
         name: str | None = None,
+        namespace: str = AGENT_NAMESPACE,
     ) -> None:
         self.node_name = node_name
         self.port = free_port()
@@ -43,7 +44,7 @@ class AgentProcess:
             f"--runtime={runtime}",
             f"--runtime-endpoint={runtime_endpoint}",
             f"--metrics-listen=127.0.0.1:{self.metrics_port}",
-            f"--namespace={AGENT_NAMESPACE}",
+            f"--namespace={namespace}",
             "--health-interval=1s",
             "--lease-renew-interval=2s",
             "--lease-duration=10s",
@@ -52,12 +53,15 @@ class AgentProcess:
         argv += [f"--kubeconfig={kubeconfig}"] if kubeconfig else ["--no-lease"]
         argv += list(extra_args)
         self.tls = any(a.startswith("--tls-cert") for a in extra_args)
+        self.health_address = next(
+            (a.split("=", 1)[1] for a in extra_args if a.startswith("--health-listen=")), None
+        )
         label = name or f"agent-{node_name}"
         self.process = ManagedProcess(label, argv, workdir / "logs" / f"{label}.log", cwd=REPO_ROOT)
 
     def start(self, wait_serving: bool = True) -> AgentProcess:
         self.process.start()
-        if self.tls:
+        if self.tls and not self.health_address:
             self.process.wait_until(self._listening, timeout=30, what="agent port")
         elif wait_serving:
             self.process.wait_until(self.serving, timeout=30, what="agent health SERVING")
@@ -75,7 +79,7 @@ class AgentProcess:
         return grpc.insecure_channel(self.address)
 
     def health(self, service: str = "") -> int:
-        with self.channel() as channel:
+        with grpc.insecure_channel(self.health_address or self.address) as channel:
             resp = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=3
             )

@@ -144,16 +144,25 @@ class TestEnv:
         extra_args: tuple[str, ...] = (),
         name: str | None = None,
         wait_serving: bool = True,
+        namespace: str = AGENT_NAMESPACE,
     ) -> AgentProcess:
-        """Starts a real agent process; it is stopped with the environment."""
+        """Starts a real agent process; it is stopped with the environment.
+
+        With `lease` it registers in `namespace` (as the least-privileged agent user in
+        the default namespace, as the admin elsewhere)."""
+        kubeconfig = None
+        if lease:
+            default = namespace == AGENT_NAMESPACE
+            kubeconfig = self.agent_identity().kubeconfig if default else self.kubeconfig
         agent = AgentProcess(
             self.workdir,
             node_name or (node.name if node else "unnamed"),
             runtime_endpoint or (node.runtime_endpoint if node else ""),
             runtime=runtime,
-            kubeconfig=self.agent_identity().kubeconfig if lease else None,
+            kubeconfig=kubeconfig,
             extra_args=extra_args,
             name=name,
+            namespace=namespace,
         )
         self._started.append(agent.process)
         agent.start(wait_serving=wait_serving)

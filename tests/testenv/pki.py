@@ -1,17 +1,13 @@
-"""A throwaway certificate authority for the test environment's TLS (apiserver serving
-and client certificates, later the agent's mTLS), made with `cryptography`."""
+"""The test environment's certificates, as files, from common.pki's CA."""
 
 from __future__ import annotations
 
 import datetime
-import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from common.pki import CertificateAuthority as _CA
+from common.pki import key_pem, new_key, public_key_pem
 
 _VALIDITY = datetime.timedelta(days=2)
 
@@ -22,53 +18,21 @@ class CertFiles:
     key: Path
 
 
-def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    path.chmod(0o600)
+def _write(path: Path, data: bytes, private: bool = False) -> None:
+    path.write_bytes(data)
+    if private:
+        path.chmod(0o600)
 
 
 class CertificateAuthority:
-    """Signs leaf certificates; its own certificate is the trust root clients load."""
+    """A throwaway CA whose certificate and leaves live in `directory`."""
 
     def __init__(self, directory: Path, name: str = "fledged-test-ca") -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
-        self._key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.UTC)
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        self._cert = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject)
-            .public_key(self._key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + _VALIDITY)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .sign(self._key, hashes.SHA256())
-        )
+        self._ca = _CA.create(name, _VALIDITY)
         self.cert_path = directory / f"{name}.crt"
-        self.cert_path.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
+        _write(self.cert_path, self._ca.cert_pem)
 
     def issue(
         self,
@@ -80,45 +44,19 @@ class CertificateAuthority:
         server: bool = False,
         client: bool = False,
     ) -> CertFiles:
-        key = ec.generate_private_key(ec.SECP256R1())
-        attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, o) for o in organizations]
-        attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
-        usages = []
-        if server:
-            usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
-        if client:
-            usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
-        now = datetime.datetime.now(datetime.UTC)
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name(attrs))
-            .issuer_name(self._cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + _VALIDITY)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        cert, key = self._ca.issue(
+            common_name, organizations, dns_names, ips, server, client, _VALIDITY
         )
-        sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns_names]
-        sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
-        if sans:
-            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        cert = builder.sign(self._key, hashes.SHA256())
         files = CertFiles(self.directory / f"{name}.crt", self.directory / f"{name}.key")
-        files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        _write_key(key, files.key)
+        _write(files.cert, cert)
+        _write(files.key, key, private=True)
         return files
 
 
 def signing_keypair(directory: Path, name: str) -> CertFiles:
     """A bare key pair (PEM public key in `cert`), e.g. for service-account tokens."""
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = new_key()
     files = CertFiles(directory / f"{name}.pub", directory / f"{name}.key")
-    _write_key(key, files.key)
-    files.cert.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
+    _write(files.key, key_pem(key), private=True)
+    _write(files.cert, public_key_pem(key))
     return files
