@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export GOTOOLCHAIN := local
 
-.PHONY: venv protos testenv test test-unit lint demo clean
+.PHONY: venv protos testenv test test-unit lint demo clean manifests
 
 venv: $(STAMP)
 
@@ -40,3 +40,9 @@ demo: $(STAMP) testenv
 
 clean:
 	rm -rf $(VENV) .testenv .pytest_cache .mypy_cache .ruff_cache
+
+# deploy/base is rendered from the Helm chart, so kustomize and Helm users get the
+# same objects; a test fails when it is stale.
+manifests: testenv
+	.testenv/bin/helm template kube-fledged deploy/chart/kube-fledged --namespace kube-fledged \
+	  | sed '/^# Source:/d' > deploy/base/kube-fledged.yaml

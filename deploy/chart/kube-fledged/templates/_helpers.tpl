@@ -15,7 +15,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $presets := dict
   "containerd" (dict "socket" "/run/containerd/containerd.sock" "kind" "cri" "fs" "/var/lib/containerd")
   "crio" (dict "socket" "/var/run/crio/crio.sock" "kind" "cri" "fs" "/var/lib/containers/storage")
-  "docker" (dict "socket" "/var/run/docker.sock" "kind" "docker" "fs" "")
+  "docker" (dict "socket" "/var/run/docker.sock" "kind" "docker" "fs" "/var/lib/docker")
   "k3s" (dict "socket" "/run/k3s/containerd/containerd.sock" "kind" "cri" "fs" "/var/lib/rancher/k3s/agent/containerd")
 -}}
 {{- $preset := get $presets .Values.runtime | required (printf "runtime must be one of containerd, crio, docker, k3s (got %q)" .Values.runtime) -}}
