@@ -176,7 +176,7 @@ class TestEnv:
         """Applies deploy/crds with the real kubectl and waits until they are served."""
         kubectl = [str(binary("kubectl")), f"--kubeconfig={self.kubeconfig}"]
         subprocess.run(
-            [*kubectl, "apply", "-f", str(REPO_ROOT / "deploy" / "crds")],
+            [*kubectl, "apply", "-k", str(REPO_ROOT / "deploy" / "crds")],
             check=True,
             capture_output=True,
             timeout=60,
