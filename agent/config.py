@@ -99,14 +99,28 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("advertise-address"),
         help="IP the coordinator dials (default: the listen host); use the pod IP",
     )
-    a("--runtime", choices=["cri", "docker"], default=_env("runtime", "cri"))
+    a(
+        "--runtime",
+        choices=["cri", "docker"],
+        default=_env("runtime", "cri"),
+        help="cri: containerd, CRI-O, k3s (containerd's own API is used when it answers)",
+    )
     a(
         "--runtime-endpoint",
         default=_env("runtime-endpoint", "unix:///run/containerd/containerd.sock"),
         help="runtime socket: containerd, CRI-O, k3s or the Docker socket",
     )
-    a("--containerd-namespace", default=_env("containerd-namespace", "k8s.io"))
-    a("--max-concurrent-pulls", type=int, default=int(_env("max-concurrent-pulls", "2") or 2))
+    a(
+        "--containerd-namespace",
+        default=_env("containerd-namespace", "k8s.io"),
+        help="containerd namespace of the kubelet's images",
+    )
+    a(
+        "--max-concurrent-pulls",
+        type=int,
+        default=int(_env("max-concurrent-pulls", "2") or 2),
+        help="runtime pulls at once; the rest wait (reported as Waiting)",
+    )
     a(
         "--min-free-disk",
         default=_env("min-free-disk", "10%"),
@@ -134,15 +148,28 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("no-lease") == "true",
         help="do not register a Lease (no Kubernetes API access)",
     )
-    a("--lease-renew-interval", default=_env("lease-renew-interval", "10s"))
-    a("--lease-duration", default=_env("lease-duration", "40s"))
+    a(
+        "--lease-renew-interval",
+        default=_env("lease-renew-interval", "10s"),
+        help="Lease renewal period",
+    )
+    a(
+        "--lease-duration",
+        default=_env("lease-duration", "40s"),
+        help="how long a Lease outlives its last renewal (then the agent counts as gone)",
+    )
     a(
         "--health-interval",
         default=_env("health-interval", "5s"),
         help="runtime health check period",
     )
-    a("--log-format", choices=["json", "text"], default=_env("log-format", "text"))
-    a("--log-level", default=_env("log-level", "info"))
+    a(
+        "--log-format",
+        choices=["json", "text"],
+        default=_env("log-format", "text"),
+        help="text or JSON",
+    )
+    a("--log-level", default=_env("log-level", "info"), help="debug, info, warning or error")
     return p
 
 

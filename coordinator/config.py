@@ -59,7 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="IfNotPresent",
         help="Always: pull even when an image is already on the node at first sync",
     )
-    a("--agent-namespace", default=os.environ.get("FLEDGED_NAMESPACE", "kube-fledged"))
+    a(
+        "--agent-namespace",
+        default=os.environ.get("FLEDGED_NAMESPACE", "kube-fledged"),
+        help="namespace of the agents' Leases (and of the TLS Secrets)",
+    )
     a(
         "--max-concurrent-nodes-per-image",
         type=int,
@@ -68,11 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a("--leader-elect", action="store_true", help="elect a leader among replicas on a Lease")
     a("--leader-election-namespace", default=None, help="default: the agent namespace")
-    a("--leader-election-id", default="kube-fledged-coordinator")
+    a("--leader-election-id", default="kube-fledged-coordinator", help="name of the leader Lease")
     a("--metrics-bind-address", default=":8080", help="Prometheus metrics; empty to disable")
     a("--health-probe-bind-address", default=":8081", help="/healthz and /readyz; empty to disable")
-    a("--log-format", choices=["json", "text"], default="text")
-    a("--log-level", default="info")
+    a("--log-format", choices=["json", "text"], default="text", help="log lines as text or JSON")
+    a("--log-level", default="info", help="debug, info, warning or error")
     a("--agent-tls-ca", type=Path, help="CA that agent server certificates chain to (enables mTLS)")
     a("--agent-tls-cert", type=Path, help="client certificate for the agent channel")
     a("--agent-tls-key", type=Path, help="client key for the agent channel")

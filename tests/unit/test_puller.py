@@ -120,6 +120,7 @@ async def test_low_disk_and_runtime_failures_end_in_one_failed_event() -> None:
     runtime.fs = FsUsage(0, 100, 100)
     runtime.fail = AgentError(Category.UNAUTHORIZED, "401")
     runtime.release.set()
+    manager = manager_for(runtime)  # a fresh one: disk readings are cached for a moment
     events = await collect(manager, PullOrder("r.io/a:1"))
     assert events[-1].phase == Phase.FAILED
     assert events[-1].category == Category.UNAUTHORIZED
