@@ -10,6 +10,8 @@ from enum import StrEnum
 
 import grpc
 
+from common.reference import ImageRef, InvalidReference, parse
+
 
 class Category(StrEnum):
     NOT_FOUND = "NotFound"
@@ -103,3 +105,11 @@ def classify_rpc_error(err: grpc.RpcError) -> AgentError:
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return AgentError(Category.DEADLINE_EXCEEDED, details)
     return AgentError(classify_message(details), details)
+
+
+def parse_reference(ref: str) -> ImageRef:
+    """The parsed reference, or an INVALID_REFERENCE failure."""
+    try:
+        return parse(ref)
+    except InvalidReference as err:
+        raise AgentError(Category.INVALID_REFERENCE, str(err)) from err

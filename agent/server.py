@@ -10,15 +10,13 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
-import signal
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
-from kubernetes import client, config
 from prometheus_client import start_http_server
 
+from common.lifecycle import kube_client, stop_on_signals
 from protos.fledged.agent.v1 import agent_pb2_grpc
 
 from . import __version__
@@ -50,14 +48,6 @@ def server_credentials(cfg: AgentConfig) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
     )
-
-
-def kube_client(cfg: AgentConfig) -> client.ApiClient:
-    if cfg.kubeconfig:
-        api: client.ApiClient = config.new_client_from_config(cfg.kubeconfig)  # type: ignore[no-untyped-call]
-        return api
-    config.load_incluster_config()  # type: ignore[no-untyped-call]
-    return client.ApiClient()
 
 
 async def serve(cfg: AgentConfig, register_lease: bool) -> int:
@@ -101,17 +91,7 @@ async def serve(cfg: AgentConfig, register_lease: bool) -> int:
         start_http_server(int(mport), addr=mhost, registry=metrics.registry)
 
     stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def on_signal(signum: int) -> None:
-        if stopping.is_set():
-            log.warning("second signal: exiting at once")
-            os._exit(1)
-        log.info("received %s: draining", signal.Signals(signum).name)
-        stopping.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
+    stop_on_signals(stopping)
 
     tasks: dict[str, asyncio.Task[None]] = {
         "health": asyncio.create_task(
@@ -121,7 +101,7 @@ async def serve(cfg: AgentConfig, register_lease: bool) -> int:
     registrar: LeaseRegistrar | None = None
     if register_lease:
         registrar = LeaseRegistrar(
-            kube_client(cfg),
+            kube_client(cfg.kubeconfig),
             cfg.namespace,
             cfg.node_name,
             endpoint,

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from kubernetes import client, config
 from prometheus_client import start_http_server
 
 from common import logs
+from common.lifecycle import kube_client, stop_on_signals
 
 from .agents import AgentPool, TlsConfig
 from .config import CoordinatorConfig, parse_args
@@ -26,14 +24,6 @@ from .plan import Settings
 from .tlsbootstrap import ensure_agent_tls
 
 log = logging.getLogger("coordinator")
-
-
-def kube_client(cfg: CoordinatorConfig) -> client.ApiClient:
-    if cfg.kubeconfig:
-        api: client.ApiClient = config.new_client_from_config(cfg.kubeconfig)  # type: ignore[no-untyped-call]
-        return api
-    config.load_incluster_config()  # type: ignore[no-untyped-call]
-    return client.ApiClient()
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -66,7 +56,7 @@ class Probes:
 
 
 async def run(cfg: CoordinatorConfig) -> int:
-    api = kube_client(cfg)
+    api = kube_client(cfg.kubeconfig)
     probes = Probes()
     metrics = CoordinatorMetrics()
     if cfg.health_probe_bind_address:
@@ -76,17 +66,7 @@ async def run(cfg: CoordinatorConfig) -> int:
         start_http_server(port, addr=host, registry=metrics.registry)
 
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def on_signal(signum: int) -> None:
-        if stop.is_set():
-            log.warning("second signal: exiting at once")
-            os._exit(1)
-        log.info("received %s: shutting down", signal.Signals(signum).name)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
+    stop_on_signals(stop)
 
     elector = None
     if cfg.leader_elect:

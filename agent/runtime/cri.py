@@ -12,13 +12,13 @@ from collections.abc import Sequence
 import grpc
 from google.protobuf import empty_pb2, field_mask_pb2
 
-from common.reference import DOCKER_HUB, InvalidReference, parse, registry_of_server_address
+from common.reference import DOCKER_HUB, registry_of_server_address
 from protos.containerd.services.content.v1 import content_pb2_grpc
 from protos.containerd.services.images.v1 import images_pb2, images_pb2_grpc
 from protos.containerd.services.version.v1 import version_pb2_grpc
 from protos.cri.runtime.v1 import api_pb2, api_pb2_grpc
 
-from ..errors import AgentError, Category, classify_rpc_error
+from ..errors import AgentError, Category, classify_rpc_error, parse_reference
 from .base import (
     Credentials,
     FsUsage,
@@ -176,10 +176,7 @@ class CriRuntime:
         deadline: float,
         on_progress: ProgressCallback,
     ) -> ImageRecord:
-        try:
-            parsed = parse(ref)
-        except InvalidReference as err:
-            raise AgentError(Category.INVALID_REFERENCE, str(err)) from err
+        parsed = parse_reference(ref)
         tracker = None
         if await self._containerd():
             tracker = PullProgressTracker(

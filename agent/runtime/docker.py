@@ -19,7 +19,7 @@ import requests
 
 from common.reference import DOCKER_HUB, InvalidReference, parse, registry_of_server_address
 
-from ..errors import AgentError, Category, classify_message
+from ..errors import AgentError, Category, classify_message, parse_reference
 from .base import (
     Credentials,
     FsUsage,
@@ -156,10 +156,7 @@ class DockerRuntime:
         deadline: float,
         on_progress: ProgressCallback,
     ) -> ImageRecord:
-        try:
-            parsed = parse(ref)
-        except InvalidReference as err:
-            raise AgentError(Category.INVALID_REFERENCE, str(err)) from err
+        parsed = parse_reference(ref)
         repository = parsed.name
         tag = parsed.digest or parsed.tag or "latest"
         auths: list[dict[str, str] | None] = [_docker_auth(c) for c in credentials] or [None]

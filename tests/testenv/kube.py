@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from kubernetes import client, config
+from kubernetes import client
+
+from common.lifecycle import kube_client
 
 from .paths import binary
 from .pki import CertFiles, CertificateAuthority, signing_keypair
@@ -54,8 +56,7 @@ def write_kubeconfig(path: Path, server: str, ca: Path, client: CertFiles, user:
 
 def client_for(kubeconfig: Path) -> client.ApiClient:
     """An API client acting as the identity in `kubeconfig`."""
-    api: client.ApiClient = config.new_client_from_config(str(kubeconfig))  # type: ignore[no-untyped-call]
-    return api
+    return kube_client(str(kubeconfig))
 
 
 class Etcd:
