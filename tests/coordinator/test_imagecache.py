@@ -23,6 +23,9 @@ from tests.coordinator.helpers import (
 )
 from tests.testenv import AUTH_PASSWORD, AUTH_USER, TestEnv
 from tests.testenv.agents import CoordinatorProcess
+from tests.testenv.containerd import Containerd
+from tests.testenv.nodes import node_labels, register_node
+from tests.testenv.runtime import NodeRuntime
 
 ALL = ("node-1", "node-2", "node-3")
 EDGE = ("node-1", "node-2")
@@ -344,3 +347,106 @@ def test_a_node_that_leaves_a_selector_has_its_pin_lifted(
         assert obj["status"]["ready"] == "1/1"
     finally:
         core.patch_node("node-1", {"metadata": {"labels": {"fledged.test/pool": None}}})
+
+
+def test_a_wrong_password_fails_as_unauthorized_everywhere_and_leaks_nowhere(
+    testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
+) -> None:
+    private = testenv.registry_client(authenticated=True).push_image(unique("ic/wrongpw"), "v1")
+    wrong = "not-the-password-" + unique("x")
+    core = client.CoreV1Api(testenv.api_client())
+    core.create_namespaced_secret(
+        namespace, _pull_secret(namespace, "badcred", private.registry, wrong)
+    )
+    apply(
+        testenv,
+        cache_manifest("wrongpw", namespace, [{"images": [private.ref]}], secrets=["badcred"]),
+    )
+    obj = wait_status(testenv, namespace, "wrongpw", "Failed", "ImagePullFailedForSomeImages")
+    failures = obj["status"]["failures"][private.ref]
+    assert sorted(f["node"] for f in failures) == list(ALL)
+    assert {f["reason"] for f in failures} == {"Unauthorized"}
+    shown = json.dumps(obj) + json.dumps(events(testenv, namespace, "wrongpw"))
+    logs = coordinator.process.log_path.read_text() + "".join(
+        a.read_text() for a in testenv.logs.glob("agent-*.log")
+    )
+    for secret in (wrong, base64.b64encode(f"{AUTH_USER}:{wrong}".encode()).decode()):
+        assert secret not in shown
+        assert secret not in logs
+
+
+def test_editing_adds_images_and_a_new_selector_moves_them(
+    testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
+) -> None:
+    registry = testenv.registry_client()
+    first, added = (registry.push_image(unique(f"ic/{n}"), "v1") for n in ("first", "added"))
+    zone_a = {"fledged.test/zone": "a"}
+    apply(
+        testenv,
+        cache_manifest("mover", namespace, [{"images": [first.ref], "nodeSelector": zone_a}]),
+    )
+    wait_status(testenv, namespace, "mover", "Succeeded")
+    apply(
+        testenv,
+        cache_manifest(
+            "mover", namespace, [{"images": [first.ref, added.ref], "nodeSelector": zone_a}]
+        ),
+    )
+    wait_status(testenv, namespace, "mover", "Succeeded")
+    for node in EDGE:
+        assert node_images(testenv, node).get(added.ref) is True
+    # The list now selects zone b: the images leave zone a and arrive on node-3.
+    apply(
+        testenv,
+        cache_manifest(
+            "mover",
+            namespace,
+            [{"images": [first.ref, added.ref], "nodeSelector": {"fledged.test/zone": "b"}}],
+        ),
+    )
+
+    def moved() -> bool:
+        held = {n: node_images(testenv, n) for n in ALL}
+        gone = all(first.ref not in held[n] and added.ref not in held[n] for n in EDGE)
+        return (
+            gone and held["node-3"].get(first.ref) is True and held["node-3"].get(added.ref) is True
+        )
+
+    wait_for("images to follow the new selector", moved, timeout=40)
+    obj = wait_status(testenv, namespace, "mover", "Succeeded")
+    assert obj["status"]["ready"] == "2/2"
+
+
+def test_a_node_that_joins_later_gets_the_images_without_a_refresh(
+    testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
+) -> None:
+    image = testenv.registry_client().push_image(unique("ic/joiner"), "v1")
+    pool = unique("late")
+    apply(
+        testenv,
+        cache_manifest(
+            "joiner",
+            namespace,
+            [{"images": [image.ref], "nodeSelector": {"fledged.test/pool": pool}}],
+        ),
+    )
+    wait_status(testenv, namespace, "joiner", "Failed", "NoMatchingNodes")
+    name = unique("node-late")
+    containerd = Containerd(testenv.workdir, name, [testenv.registry.host])
+    containerd.start()
+    core = client.CoreV1Api(testenv.api_client())
+    register_node(core, name, node_labels(name, {"fledged.test/pool": pool}))
+    agent = testenv.start_agent(
+        node_name=name, runtime_endpoint=containerd.endpoint, name=f"agent-{name}"
+    )
+    try:
+        obj = wait_status(testenv, namespace, "joiner", "Succeeded", timeout=30)
+        assert obj["status"]["ready"] == "1/1"
+        with NodeRuntime(containerd.endpoint) as cri:
+            status = cri.status(image.ref)
+            assert status is not None
+            assert status.pinned
+    finally:
+        agent.stop()
+        containerd.stop()
+        core.delete_node(name)
