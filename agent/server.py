@@ -28,7 +28,7 @@ from .puller import PullManager
 from .runtime import Runtime
 from .runtime.cri import CriRuntime
 from .runtime.docker import DockerRuntime
-from .service import AgentService
+from .service import AgentService, NodeGuard
 
 log = logging.getLogger(__name__)
 SHUTDOWN_GRACE = 10.0
@@ -56,7 +56,7 @@ async def serve(cfg: AgentConfig, register_lease: bool) -> int:
     manager = PullManager(
         runtime, cfg.max_concurrent_pulls, cfg.min_free_disk, cfg.default_pull_deadline, metrics
     )
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=[NodeGuard(cfg.node_name)])
     agent_pb2_grpc.add_AgentServicer_to_server(
         AgentService(manager, runtime, cfg.node_name, metrics), server
     )

@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -236,4 +237,46 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             image_fs_capacity_bytes=fs.capacity,
             agent_version=__version__,
             pinning_supported=info.pinning_supported,
+        )
+
+
+NODE_HEADER = "x-fledged-node"
+
+
+class NodeGuard(grpc.aio.ServerInterceptor):
+    """Refuses calls whose `x-fledged-node` names another node: an order sent to the
+    wrong agent (a stale Lease, a reused pod IP) must not act on this node."""
+
+    def __init__(self, node_name: str) -> None:
+        self._node = node_name
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(details)
+        wanted = dict(details.invocation_metadata or ()).get(NODE_HEADER)
+        if handler is None or wanted is None or wanted == self._node:
+            return handler
+        message = f"this agent serves node {self._node!r}, not {wanted!r}"
+
+        async def refuse(request: object, context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, message)
+
+        async def refuse_stream(
+            request: object,
+            context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+        ) -> AsyncIterator[None]:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, message)
+            yield  # pragma: no cover - abort raises
+
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                refuse_stream, handler.request_deserializer, handler.response_serializer
+            )
+        return grpc.unary_unary_rpc_method_handler(
+            refuse, handler.request_deserializer, handler.response_serializer
         )

@@ -6,6 +6,7 @@ the agent (naming images in the runtime, attributing pull progress). Pure functi
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -70,8 +71,11 @@ class ImageRef:
         return self.digest is None
 
 
+@functools.lru_cache(maxsize=65536)
 def parse(reference: str) -> ImageRef:
-    """Parses `reference` ([domain/]path[:tag][@digest]) or raises InvalidReference."""
+    """Parses `reference` ([domain/]path[:tag][@digest]) or raises InvalidReference.
+
+    Cached: the planner asks about the same few references for every node."""
     if not reference or reference != reference.strip():
         raise InvalidReference(f"invalid image reference {reference!r}: empty or padded")
     rest = reference

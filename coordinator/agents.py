@@ -29,6 +29,14 @@ class TlsConfig:
         )
 
 
+NODE_HEADER = "x-fledged-node"
+
+
+def _for(node: str) -> tuple[tuple[str, str | bytes], ...]:
+    """Every call names its node, so an agent refuses orders meant for another one."""
+    return ((NODE_HEADER, node),)
+
+
 class AgentClient:
     def __init__(self, endpoint: str, tls: TlsConfig | None) -> None:
         self.endpoint = endpoint
@@ -44,26 +52,34 @@ class AgentClient:
         await self._channel.close()
 
     async def pull(
-        self, request: agent_pb2.PullImagesRequest, limit: float
+        self, node: str, request: agent_pb2.PullImagesRequest, limit: float
     ) -> AsyncIterator[agent_pb2.PullEvent]:
-        call = self._stub.PullImages(request, timeout=limit)
+        call = self._stub.PullImages(request, timeout=limit, metadata=_for(node))
         async for event in call:
             yield event
 
-    async def list_images(self) -> agent_pb2.ListImagesResponse:
-        return await self._stub.ListImages(agent_pb2.ListImagesRequest(), timeout=30)
-
-    async def node_info(self) -> agent_pb2.NodeInfo:
-        return await self._stub.GetNodeInfo(agent_pb2.GetNodeInfoRequest(), timeout=30)
-
-    async def set_pinned(self, images: list[str], pinned: bool) -> agent_pb2.SetPinnedResponse:
-        return await self._stub.SetPinned(
-            agent_pb2.SetPinnedRequest(images=images, pinned=pinned), timeout=60
+    async def list_images(self, node: str) -> agent_pb2.ListImagesResponse:
+        return await self._stub.ListImages(
+            agent_pb2.ListImagesRequest(), timeout=30, metadata=_for(node)
         )
 
-    async def remove(self, images: list[str]) -> agent_pb2.RemoveImagesResponse:
+    async def node_info(self, node: str) -> agent_pb2.NodeInfo:
+        return await self._stub.GetNodeInfo(
+            agent_pb2.GetNodeInfoRequest(), timeout=30, metadata=_for(node)
+        )
+
+    async def set_pinned(
+        self, node: str, images: list[str], pinned: bool
+    ) -> agent_pb2.SetPinnedResponse:
+        return await self._stub.SetPinned(
+            agent_pb2.SetPinnedRequest(images=images, pinned=pinned),
+            timeout=60,
+            metadata=_for(node),
+        )
+
+    async def remove(self, node: str, images: list[str]) -> agent_pb2.RemoveImagesResponse:
         return await self._stub.RemoveImages(
-            agent_pb2.RemoveImagesRequest(images=images), timeout=300
+            agent_pb2.RemoveImagesRequest(images=images), timeout=300, metadata=_for(node)
         )
 
 

@@ -163,8 +163,8 @@ class NodeRegistry:
             return
         client = self._pool.get(agent.endpoint)
         try:
-            info = await client.node_info()
-            listing = await client.list_images()
+            info = await client.node_info(node)
+            listing = await client.list_images(node)
         except grpc.RpcError as err:
             log.warning(
                 "cannot list images on %s (%s): %s",
@@ -222,7 +222,7 @@ class NodeRegistry:
             self._deadline * len(request.images) + 60
         )  # the agent enforces each pull's deadline
         try:
-            async for event in client.pull(request, limit=overall):
+            async for event in client.pull(node, request, limit=overall):
                 key = canonical(event.image)
                 self._apply_event(obs, key, event)
                 if event.phase in (
@@ -308,7 +308,7 @@ class NodeRegistry:
             for pinned in (True, False):
                 images = [image for image, p in changes if p is pinned]
                 if images:
-                    resp = await client.set_pinned(images, pinned)
+                    resp = await client.set_pinned(node, images, pinned)
                     for result in resp.results:
                         if result.error_category:
                             log.warning(
@@ -337,7 +337,7 @@ class NodeRegistry:
         obs = self.observation(node)
         client = self._pool.get(agent.endpoint)
         try:
-            resp = await client.remove(images)
+            resp = await client.remove(node, images)
             for result in resp.results:
                 if result.error_category:
                     obs.removal_errors[canonical(result.image)] = result.error_message

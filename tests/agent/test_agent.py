@@ -485,3 +485,27 @@ def test_metrics_count_pulls_by_result(testenv: TestEnv, agents: dict[str, Agent
         "fledged_agent_runtime_up 1.0",
     ):
         assert name in text
+
+
+def test_an_order_for_another_node_is_refused(agents: dict[str, AgentProcess]) -> None:
+    agent = agents["node-1"]
+    with agent.channel() as channel:
+        stub = agent_pb2_grpc.AgentStub(channel)
+        mine = stub.GetNodeInfo(
+            A.GetNodeInfoRequest(), timeout=5, metadata=(("x-fledged-node", "node-1"),)
+        )
+        assert mine.node_name == "node-1"
+        with pytest.raises(grpc.RpcError) as err:
+            stub.GetNodeInfo(
+                A.GetNodeInfoRequest(), timeout=5, metadata=(("x-fledged-node", "node-2"),)
+            )
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "serves node 'node-1', not 'node-2'" in str(err.value.details())
+        stream = stub.PullImages(
+            A.PullImagesRequest(images=[A.ImagePull(image="r.io/x:1")]),
+            timeout=5,
+            metadata=(("x-fledged-node", "node-2"),),
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            list(stream)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION

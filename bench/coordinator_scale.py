@@ -1,0 +1,213 @@
+"""Coordinator at scale: create -> Ready for one ImageCache of 20 images over a
+simulated fleet of N nodes, against the real apiserver and the real coordinator.
+
+Node objects and agent Leases are real API objects; the agents are bench/fleet.py's
+simulated ones (pulls take --pull-seconds, at most 2 at once per node, as the real
+agent's default). Reported per fleet size: time to Ready / ideal (the simulated pull
+time one node needs), coordinator peak RSS and CPU seconds, and the apiserver's write
+requests during the operation (from its /metrics). Results: results/coordinator_scale.md.
+
+    .venv/bin/python -m bench.coordinator_scale --nodes 100 1000 5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client
+
+from bench.fleet import Fleet
+from tests.testenv import TestEnv
+from tests.testenv.agents import AGENT_NAMESPACE
+from tests.testenv.paths import binary
+
+RESULTS = Path(__file__).parent / "results" / "coordinator_scale.md"
+IMAGES = 20
+WRITE = re.compile(r"^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<value>\S+)$")
+
+
+def api_writes(env: TestEnv) -> dict[str, float]:
+    """Write requests the apiserver has served so far, by resource."""
+    ctx = ssl.create_default_context(cafile=str(env.ca.cert_path))
+    certs = env.ca.directory
+    ctx.load_cert_chain(certs / "user-kubernetes-admin.crt", certs / "user-kubernetes-admin.key")
+    with urllib.request.urlopen(f"{env.apiserver.url}/metrics", context=ctx, timeout=30) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        match = WRITE.match(line)
+        if not match:
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group("labels")))
+        if labels.get("verb") in ("POST", "PUT", "PATCH", "DELETE"):
+            key = labels.get("resource", "") + (
+                "/" + labels["subresource"] if labels.get("subresource") else ""
+            )
+            out[key] = out.get(key, 0) + float(match.group("value"))
+    return out
+
+
+def proc_usage(pid: int) -> tuple[float, float]:
+    """Peak RSS (MiB) and CPU seconds of a process so far."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    hwm = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return hwm / 1024, (int(fields[11]) + int(fields[12])) / tick
+
+
+def make_fleet(env: TestEnv, nodes: int, fleet: Fleet) -> None:
+    core = client.CoreV1Api(env.api_client())
+    leases = client.CoordinationV1Api(env.api_client())
+    now = datetime.now(UTC)
+
+    def one(i: int) -> None:
+        name = f"sim-{i:05d}"
+        core.create_node(
+            client.V1Node(
+                metadata=client.V1ObjectMeta(name=name, labels={"kubernetes.io/hostname": name})
+            )
+        )
+        leases.create_namespaced_lease(
+            AGENT_NAMESPACE,
+            client.V1Lease(
+                metadata=client.V1ObjectMeta(
+                    name=f"fledged-agent-{name}",
+                    labels={"app.kubernetes.io/component": "agent", "kubefledged.io/node": name},
+                    annotations={"kubefledged.io/agent-endpoint": fleet.endpoint_for(i)},
+                ),
+                # Not renewed during the run: long enough to outlive it.
+                spec=client.V1LeaseSpec(
+                    holder_identity=name, lease_duration_seconds=7200, renew_time=now
+                ),
+            ),
+        )
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(one, range(nodes)))
+
+
+def run_one(nodes: int, pull_seconds: float, servers: int) -> dict[str, Any]:
+    env = TestEnv(nodes=0, with_docker=False)
+    env.start()
+    try:
+        env.install_crds()
+        fleet = Fleet(servers, pull_seconds).start()
+        started = time.monotonic()
+        make_fleet(env, nodes, fleet)
+        print(f"{nodes} nodes and Leases created in {time.monotonic() - started:.0f}s", flush=True)
+        coordinator = env.start_coordinator(("--log-level=info", "--workers=4"))
+        time.sleep(3)  # let it list the fleet before the clock starts
+        before = api_writes(env)
+        cache = {
+            "apiVersion": "kubefledged.io/v1alpha2",
+            "kind": "ImageCache",
+            "metadata": {"name": "scale", "namespace": "default"},
+            "spec": {
+                "cacheSpec": [
+                    {"images": [f"registry.bench.local/app/img-{i}:v1" for i in range(IMAGES)]}
+                ]
+            },
+        }
+        api = client.CustomObjectsApi(env.api_client())
+        kubectl = [str(binary("kubectl")), f"--kubeconfig={env.kubeconfig}"]
+        t0 = time.monotonic()
+        subprocess.run(
+            [*kubectl, "apply", "-f", "-"],
+            input=json.dumps(cache),
+            text=True,
+            check=True,
+            capture_output=True,
+        )
+        while True:
+            obj: Any = api.get_namespaced_custom_object(
+                "kubefledged.io", "v1alpha2", "default", "imagecaches", "scale"
+            )
+            status = obj.get("status") or {}
+            if (
+                status.get("status") == "Succeeded"
+                and status.get("observedGeneration") == obj["metadata"]["generation"]
+            ):
+                break
+            if time.monotonic() - t0 > 1800:
+                raise RuntimeError(f"not Ready after 30 min: {status.get('ready')}")
+            time.sleep(0.25)
+        elapsed = time.monotonic() - t0
+        after = api_writes(env)
+        rss, cpu = proc_usage(coordinator.process.pid)
+        pulls = sum(n.pulls for n in fleet.agent.nodes.values())
+        writes = {
+            k: after.get(k, 0) - before.get(k, 0)
+            for k in after
+            if after.get(k, 0) - before.get(k, 0)
+        }
+        ideal = pull_seconds * math.ceil(IMAGES / 2)
+        result = {
+            "nodes": nodes,
+            "ready_s": elapsed,
+            "ideal_s": ideal,
+            "ratio": elapsed / ideal,
+            "rss_mib": rss,
+            "cpu_s": cpu,
+            "pulls": pulls,
+            "writes": writes,
+            "ready": status.get("ready"),
+        }
+        print(json.dumps(result), flush=True)
+        return result
+    finally:
+        env.cleanup()
+
+
+def write(results: list[dict[str, Any]], pull_seconds: float, servers: int) -> None:
+    ideal = pull_seconds * math.ceil(IMAGES / 2)
+    lines = [
+        "# Coordinator at scale: one ImageCache of 20 images over N simulated nodes",
+        "",
+        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores. "
+        "Real apiserver and coordinator (one process, 4 workers); "
+        f"{servers} simulated agent servers on loopback; each simulated pull takes "
+        f"{pull_seconds:g}s, at most 2 at once per node, so the ideal create -> Ready is "
+        f"{ideal:g}s whatever the fleet size. Targets: 1,000 nodes <= 1.5x ideal, "
+        "5,000 <= 2x, RSS <= 400 MB, API writes grow with images, not images x nodes.",
+        "",
+        "| nodes | create -> Ready | ideal | ratio | coordinator peak RSS | coordinator CPU "
+        "| pulls | API writes (by resource) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        writes = ", ".join(f"{k}: {v:.0f}" for k, v in sorted(r["writes"].items()))
+        lines.append(
+            f"| {r['nodes']} | {r['ready_s']:.1f}s | {r['ideal_s']:.0f}s | {r['ratio']:.2f} | "
+            f"{r['rss_mib']:.0f} MiB | {r['cpu_s']:.1f}s | {r['pulls']} | {writes} |"
+        )
+    RESULTS.write_text("\n".join(lines) + "\n")
+    print(RESULTS.read_text())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--nodes", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--pull-seconds", type=float, default=1.0)
+    parser.add_argument("--servers", type=int, default=20)
+    args = parser.parse_args()
+    results = [run_one(n, args.pull_seconds, args.servers) for n in args.nodes]
+    write(results, args.pull_seconds, args.servers)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""A simulated fleet of agents for the coordinator's scale benchmark.
+
+Several gRPC servers on distinct loopback addresses (127.0.1.x), each serving a share
+of the simulated nodes; a call's `x-fledged-node` header says which node it is for,
+as the coordinator sends it to real agents. Pulls take a set time and obey the same
+per-node concurrency cap as the real agent. The coordinator under test is the real
+one; only the runtime behind the agents is simulated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from common.reference import parse
+from protos.fledged.agent.v1 import agent_pb2, agent_pb2_grpc
+
+A = agent_pb2
+
+
+@dataclass
+class SimNodeState:
+    images: dict[str, tuple[str, str, bool]] = field(
+        default_factory=dict
+    )  # ref -> id, digest, pinned
+    slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
+    pulls: int = 0
+
+
+def _digest(text: str) -> str:
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+class FakeAgent(agent_pb2_grpc.AgentServicer):
+    def __init__(self, pull_seconds: float) -> None:
+        self.pull_seconds = pull_seconds
+        self.nodes: dict[str, SimNodeState] = {}
+
+    def _node(self, context: Any) -> SimNodeState:
+        name = dict(context.invocation_metadata()).get("x-fledged-node", "")
+        return self.nodes.setdefault(name, SimNodeState())
+
+    async def PullImages(self, request: Any, context: Any) -> AsyncIterator[agent_pb2.PullEvent]:
+        node = self._node(context)
+        queue: asyncio.Queue[agent_pb2.PullEvent | None] = asyncio.Queue()
+
+        async def one(pull: agent_pb2.ImagePull) -> None:
+            ref = parse(pull.image).canonical
+            try:
+                if pull.policy != A.PULL_POLICY_ALWAYS and ref in node.images:
+                    image_id, digest, _pinned = node.images[ref]
+                    queue.put_nowait(
+                        A.PullEvent(
+                            image=pull.image,
+                            phase=A.PHASE_ALREADY_PRESENT,
+                            image_id=image_id,
+                            repo_digest=digest,
+                        )
+                    )
+                    return
+                if node.slots.locked():
+                    queue.put_nowait(A.PullEvent(image=pull.image, phase=A.PHASE_WAITING))
+                async with node.slots:
+                    queue.put_nowait(
+                        A.PullEvent(image=pull.image, phase=A.PHASE_PULLING, bytes_total=1 << 20)
+                    )
+                    await asyncio.sleep(self.pull_seconds)
+                    node.pulls += 1
+                image_id, digest = _digest("id" + ref), _digest("manifest" + ref)
+                node.images[ref] = (image_id, digest, pull.pin)
+                queue.put_nowait(
+                    A.PullEvent(
+                        image=pull.image,
+                        phase=A.PHASE_SUCCEEDED,
+                        image_id=image_id,
+                        repo_digest=digest,
+                        size=1 << 20,
+                        bytes_done=1 << 20,
+                        bytes_total=1 << 20,
+                        pin=A.PIN_STATE_PINNED if pull.pin else A.PIN_STATE_UNPINNED,
+                    )
+                )
+            finally:
+                queue.put_nowait(None)
+
+        tasks = [asyncio.create_task(one(p)) for p in request.images]
+        left = len(tasks)
+        while left:
+            event = await queue.get()
+            if event is None:
+                left -= 1
+            else:
+                yield event
+
+    async def ListImages(self, request: Any, context: Any) -> agent_pb2.ListImagesResponse:
+        node = self._node(context)
+        out = []
+        for ref, (image_id, digest, pinned) in node.images.items():
+            name = ref.rsplit(":", 1)[0]
+            out.append(
+                A.ImageInfo(
+                    id=image_id,
+                    repo_tags=[ref],
+                    repo_digests=[f"{name}@{digest}"],
+                    size=1 << 20,
+                    pin=A.PIN_STATE_PINNED if pinned else A.PIN_STATE_UNPINNED,
+                    pinned_by_fledged=pinned,
+                )
+            )
+        return A.ListImagesResponse(images=out)
+
+    async def GetNodeInfo(self, request: Any, context: Any) -> agent_pb2.NodeInfo:
+        return A.NodeInfo(
+            runtime_name="simulated", runtime_api="cri+containerd", pinning_supported=True
+        )
+
+    async def SetPinned(self, request: Any, context: Any) -> agent_pb2.SetPinnedResponse:
+        node = self._node(context)
+        results = []
+        for image in request.images:
+            ref = parse(image).canonical
+            if ref in node.images:
+                image_id, digest, _ = node.images[ref]
+                node.images[ref] = (image_id, digest, request.pinned)
+            results.append(
+                A.PinResult(
+                    image=image, pin=A.PIN_STATE_PINNED if request.pinned else A.PIN_STATE_UNPINNED
+                )
+            )
+        return A.SetPinnedResponse(results=results)
+
+    async def RemoveImages(self, request: Any, context: Any) -> agent_pb2.RemoveImagesResponse:
+        node = self._node(context)
+        results = [
+            A.RemoveResult(
+                image=i, was_present=node.images.pop(parse(i).canonical, None) is not None
+            )
+            for i in request.images
+        ]
+        return A.RemoveImagesResponse(results=results)
+
+
+class Fleet:
+    """`servers` gRPC servers in a thread of their own, sharing one FakeAgent."""
+
+    def __init__(self, servers: int, pull_seconds: float) -> None:
+        self.agent = FakeAgent(pull_seconds)
+        self.addresses = [f"127.0.1.{i + 1}" for i in range(servers)]
+        self.endpoints: list[str] = []
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fleet", daemon=True)
+
+    def start(self) -> Fleet:
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise RuntimeError("fleet did not start")
+        return self
+
+    def endpoint_for(self, index: int) -> str:
+        return self.endpoints[index % len(self.endpoints)]
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._serve())
+
+    async def _serve(self) -> None:
+        servers = []
+        for address in self.addresses:
+            server = grpc.aio.server()
+            agent_pb2_grpc.add_AgentServicer_to_server(self.agent, server)
+            port = server.add_insecure_port(f"{address}:0")
+            await server.start()
+            servers.append(server)
+            self.endpoints.append(f"{address}:{port}")
+        self._ready.set()
+        await asyncio.Event().wait()
