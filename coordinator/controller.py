@@ -99,6 +99,8 @@ class StatusWriter:
             later = None
             for key in list(self._pending):
                 due = self._last.get(key, 0) + self._interval
+                if self._changes_state(key):
+                    due = now  # a new status or reason is news: only progress is throttled
                 if due > now:
                     later = min(later or due, due)
                     continue
@@ -114,6 +116,13 @@ class StatusWriter:
                 asyncio.get_running_loop().call_later(
                     max(0.0, later - time.monotonic()), self._wake.set
                 )
+
+    def _changes_state(self, key: str) -> bool:
+        new = self._pending[key][0]
+        old = self._written.get(key)
+        if old is None:
+            return True
+        return (old.get("status"), old.get("reason")) != (new.get("status"), new.get("reason"))
 
     def _write(self, key: str, status: dict[str, Any], pairs: list[PairState]) -> None:
         ns, name = key.split("/", 1)
@@ -413,7 +422,7 @@ class Controller:
                     "resourceVersion": meta["resourceVersion"],
                 },
             )
-            return  # the update comes back through the informer
+            finalizers.append(api.FINALIZER)  # carry on; the update event requeues us anyway
         if deleting and api.FINALIZER not in finalizers:
             return
         annotations = meta.get("annotations") or {}
