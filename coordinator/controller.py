@@ -37,6 +37,7 @@ NODE_LEASE_LABEL = "kubefledged.io/node"
 ENDPOINT_ANNOTATION = "kubefledged.io/agent-endpoint"
 TLS_ANNOTATION = "kubefledged.io/agent-tls"
 STATUS_MIN_INTERVAL = 1.0  # seconds between two status writes of one cache
+NODE_CHANGE_BATCH = 0.25  # seconds node answers are gathered before a cache is replanned
 PIN_SWEEP_EVERY = 10.0  # seconds between sweeps for pins no cache wants any more
 
 
@@ -220,8 +221,12 @@ class Controller:
             self._threadsafe(self._registry.set_agent, node, agent)
 
     def node_changed(self, node: str) -> None:
-        """The registry's callback: something changed on `node`."""
-        self.enqueue_all()
+        """The registry's callback: something changed on `node`.
+
+        Delayed a little, so a burst of answers from many nodes makes one reconcile
+        rather than one each (a reconcile plans every node x image pair of a cache)."""
+        for key in list(self.caches.store):
+            self.queue.add_after(key, NODE_CHANGE_BATCH)
 
     def enqueue_all(self) -> None:
         for key in list(self.caches.store):
@@ -384,6 +389,11 @@ class Controller:
 
         return want
 
+    def _needs_wave(self, spec: api.CacheSpec | None) -> bool:
+        """In-flight counts cost a pass over every node: only needed with a wave size."""
+        wave = spec.max_concurrent_nodes_per_image if spec else None
+        return bool(wave or self._config.settings.wave)
+
     def _credentials(
         self, namespace: str, spec: api.CacheSpec
     ) -> tuple[list[RegistryAuth], list[str]]:
@@ -456,7 +466,7 @@ class Controller:
             nodes,
             self._registry.observations,
             self._others(key),
-            self._registry.in_flight_by_image(),
+            self._registry.in_flight_by_image() if self._needs_wave(spec) else {},
             self._config.settings,
             now,
         )
