@@ -39,7 +39,8 @@ class ImageRef:
     tag: str | None
     digest: str | None
 
-    @property
+    # Cached: the planner asks each of these for every node x image pair.
+    @functools.cached_property
     def name(self) -> str:
         return f"{self.domain}/{self.path}"
 
@@ -58,12 +59,20 @@ class ImageRef:
             text += f"@{self.digest}"
         return text
 
-    @property
+    @functools.cached_property
     def canonical(self) -> str:
         """The fully qualified form a runtime stores; a bare name gets the `latest` tag."""
         if self.tag is None and self.digest is None:
             return f"{self.name}:latest"
         return str(self)
+
+    @functools.cached_property
+    def lookup_key(self) -> str:
+        """How a runtime lists this image: `name@digest` when pinned by digest, else
+        `name:tag` (`latest` when none)."""
+        if self.digest:
+            return f"{self.name}@{self.digest}"
+        return f"{self.name}:{self.tag or 'latest'}"
 
     @property
     def is_mutable(self) -> bool:

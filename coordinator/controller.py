@@ -166,6 +166,7 @@ class Controller:
         self.queue: Any = None
         self.status = StatusWriter(kube, config.status_interval, self.metrics)
         self._refreshing: dict[str, float] = {}
+        self._reconcile_seconds: dict[str, float] = {}
         self._specs: dict[str, tuple[str, api.CacheSpec | None, str]] = {}
         custom = client.CustomObjectsApi(api_client)
         if config.watch_namespace:
@@ -224,9 +225,11 @@ class Controller:
         """The registry's callback: something changed on `node`.
 
         Delayed a little, so a burst of answers from many nodes makes one reconcile
-        rather than one each (a reconcile plans every node x image pair of a cache)."""
+        rather than one each: a reconcile plans every node x image pair of a cache, so
+        the delay grows with its cost and planning keeps to about a third of the time."""
         for key in list(self.caches.store):
-            self.queue.add_after(key, NODE_CHANGE_BATCH)
+            cost = self._reconcile_seconds.get(key, 0.0)
+            self.queue.add_after(key, max(NODE_CHANGE_BATCH, 2 * cost))
 
     def enqueue_all(self) -> None:
         for key in list(self.caches.store):
@@ -276,8 +279,10 @@ class Controller:
             if key is None:
                 return
             try:
+                started = time.monotonic()
                 with self.metrics.reconcile_duration.time():
                     await self.reconcile(key)
+                self._reconcile_seconds[key] = time.monotonic() - started
                 log.debug("reconciled %s", key)
                 self.metrics.reconciles.labels("success").inc()
                 self.queue.forget(key)

@@ -45,8 +45,8 @@ class Inventory:
 
     def lookup(self, ref: ImageRef) -> NodeImage | None:
         if ref.digest:
-            return self._by_digest.get(f"{ref.name}@{ref.digest}")
-        return self._by_tag.get(f"{ref.name}:{ref.tag or 'latest'}")
+            return self._by_digest.get(ref.lookup_key)
+        return self._by_tag.get(ref.lookup_key)
 
     def digest_of(self, ref: ImageRef) -> str:
         image = self.lookup(ref)
