@@ -6,10 +6,15 @@ extras) and Docker each implement it in their own module.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import Protocol, TypeVar
+
+from ..errors import AgentError, Category
+
+Auth = TypeVar("Auth")
 
 
 class PinState(StrEnum):
@@ -103,3 +108,29 @@ class Runtime(Protocol):
     async def image_fs(self) -> FsUsage: ...
 
     async def close(self) -> None: ...
+
+
+async def pull_with_each(
+    ref: str,
+    candidates: Sequence[Auth],
+    deadline: float,
+    attempt: Callable[[Auth, float], Awaitable[None]],
+) -> None:
+    """Tries each credential in turn, as the kubelet does with several pull secrets:
+    an Unauthorized answer moves on to the next, anything else ends the pull. All
+    attempts share one deadline; `attempt` gets the seconds left."""
+    ends = time.monotonic() + deadline
+    for index, candidate in enumerate(candidates):
+        left = ends - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            await attempt(candidate, left)
+            return
+        except AgentError as err:
+            if err.category == Category.UNAUTHORIZED and index < len(candidates) - 1:
+                continue
+            raise
+    raise AgentError(
+        Category.DEADLINE_EXCEEDED, f"pull of {ref} did not finish within {deadline:g}s"
+    )

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from collections.abc import Sequence
 
 import grpc
@@ -27,6 +26,7 @@ from .base import (
     Progress,
     ProgressCallback,
     RuntimeInfo,
+    pull_with_each,
 )
 from .containerd_progress import PullProgressTracker, tracking
 
@@ -183,30 +183,22 @@ class CriRuntime:
                 self._ctr_content, self._metadata, parsed, host_arch(), on_progress
             )
         auths: list[api_pb2.AuthConfig | None] = [auth_config(c) for c in credentials] or [None]
-        ends = time.monotonic() + deadline
+
+        async def attempt(auth: api_pb2.AuthConfig | None, left: float) -> None:
+            request = api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=ref), auth=auth)
+            try:
+                await self._images.PullImage(request, timeout=left)
+            except grpc.RpcError as err:
+                failure = classify_rpc_error(err)
+                if failure.category == Category.DEADLINE_EXCEEDED:
+                    raise AgentError(
+                        Category.DEADLINE_EXCEEDED,
+                        f"pull of {ref} did not finish within {deadline:g}s",
+                    ) from err
+                raise failure from err
+
         async with tracking(tracker):
-            for attempt, auth in enumerate(auths):
-                remaining = ends - time.monotonic()
-                if remaining <= 0:
-                    break
-                request = api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=ref), auth=auth)
-                try:
-                    await self._images.PullImage(request, timeout=remaining)
-                    break
-                except grpc.RpcError as err:
-                    failure = classify_rpc_error(err)
-                    if failure.category == Category.DEADLINE_EXCEEDED:
-                        raise AgentError(
-                            Category.DEADLINE_EXCEEDED,
-                            f"pull of {ref} did not finish within {deadline:g}s",
-                        ) from err
-                    if failure.category == Category.UNAUTHORIZED and attempt < len(auths) - 1:
-                        continue  # the next pull secret may be the right one, as in the kubelet
-                    raise failure from err
-        if time.monotonic() > ends:
-            raise AgentError(
-                Category.DEADLINE_EXCEEDED, f"pull of {ref} did not finish within {deadline:g}s"
-            )
+            await pull_with_each(ref, auths, deadline, attempt)
         record = await self.status(ref)
         if record is None:
             raise AgentError(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -28,6 +27,7 @@ from .base import (
     Progress,
     ProgressCallback,
     RuntimeInfo,
+    pull_with_each,
 )
 
 
@@ -161,29 +161,25 @@ class DockerRuntime:
         tag = parsed.digest or parsed.tag or "latest"
         auths: list[dict[str, str] | None] = [_docker_auth(c) for c in credentials] or [None]
         loop = asyncio.get_running_loop()
-        ends = time.monotonic() + deadline
         progress = LayerProgress()
-        for attempt, auth in enumerate(auths):
+
+        def report(p: Progress) -> None:
+            loop.call_soon_threadsafe(on_progress, p)
+
+        async def attempt(auth: dict[str, str] | None, left: float) -> None:
             stop = threading.Event()
-
-            def report(p: Progress) -> None:
-                loop.call_soon_threadsafe(on_progress, p)
-
             work = asyncio.to_thread(
                 self._pull_blocking, repository, tag, auth, progress, report, stop
             )
             try:
-                await asyncio.wait_for(work, timeout=max(0.0, ends - time.monotonic()))
-                break
+                await asyncio.wait_for(work, timeout=left)
             except TimeoutError as err:
-                stop.set()
+                stop.set()  # the daemon's pull goes on; we stop reading it
                 raise AgentError(
                     Category.DEADLINE_EXCEEDED, f"pull of {ref} did not finish within {deadline:g}s"
                 ) from err
-            except AgentError as err:
-                if err.category == Category.UNAUTHORIZED and attempt < len(auths) - 1:
-                    continue
-                raise
+
+        await pull_with_each(ref, auths, deadline, attempt)
         record = await self.status(ref)
         if record is None:
             raise AgentError(Category.INTERNAL, f"{ref} was pulled but docker does not list it")
