@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export GOTOOLCHAIN := local
 
-.PHONY: venv protos testenv test test-unit lint demo clean manifests
+.PHONY: venv protos testenv test test-unit lint demo clean manifests image-check
 
 venv: $(STAMP)
 
@@ -34,6 +34,10 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
+
+# Builds the Dockerfile with a real dockerd on a Debian-made base (slow; not in `test`).
+image-check:
+	bash tools/check-image.sh
 
 demo: $(STAMP) testenv
 	$(PY) -m tests.testenv.demo

@@ -12,14 +12,17 @@ mkdir -p "$work"
 command -v debootstrap >/dev/null || apt-get install -y -q debootstrap
 if [[ ! -f $work/base.tar ]]; then
   rm -rf "$work/rootfs"
-  debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
-    bookworm "$work/rootfs" http://deb.debian.org/debian
+  [[ -d $work/rootfs/usr/bin ]] || debootstrap --variant=minbase \
+    --include=python3,python3-venv,ca-certificates bookworm "$work/rootfs" http://deb.debian.org/debian
+  # This machine's trust store: PyPI is reached through whatever it trusts.
+  cp /etc/ssl/certs/ca-certificates.crt "$work/rootfs/etc/ssl/certs/ca-certificates.crt"
   tar -C "$work/rootfs" -cf "$work/base.tar" .
 fi
 sock=$work/docker.sock
+echo "{}" >"$work/daemon.json"
 dockerd --data-root "$work/data" --exec-root "$work/exec" --pidfile "$work/docker.pid" \
   -H "unix://$sock" --storage-driver vfs --iptables=false --ip6tables=false --bridge=none \
-  --config-file /dev/null >"$work/dockerd.log" 2>&1 &
+  --config-file "$work/daemon.json" >"$work/dockerd.log" 2>&1 &
 trap 'kill "$(cat "$work/docker.pid")" 2>/dev/null || true' EXIT
 for _ in $(seq 60); do docker -H "unix://$sock" info >/dev/null 2>&1 && break; sleep 1; done
 export DOCKER_HOST=unix://$sock
