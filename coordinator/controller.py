@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -237,7 +238,8 @@ class Controller:
 
     # -- the loop --------------------------------------------------------------------
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event, ready: threading.Event | None = None) -> None:
+        """Serves until `stop`; sets `ready` once every informer has listed."""
         from .workqueue import WorkQueue
 
         self._loop = asyncio.get_running_loop()
@@ -245,7 +247,12 @@ class Controller:
         for informer in (self.nodes, self.leases, self.caches):
             informer.start()
         for informer in (self.nodes, self.leases, self.caches):
-            await asyncio.to_thread(informer.synced.wait)
+            # A missing CRD or RBAC keeps an informer from listing: wait, but stay stoppable.
+            while not await asyncio.to_thread(informer.synced.wait, 1.0):
+                if stop.is_set():
+                    return
+        if ready is not None:
+            ready.set()
         log.info(
             "informers synced: %d caches, %d nodes, %d agent leases",
             len(self.caches.store),

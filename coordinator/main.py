@@ -32,7 +32,8 @@ def _split(address: str) -> tuple[str, int]:
 
 
 class Probes:
-    """/healthz: the process answers. /readyz: informers synced (or standing by)."""
+    """/healthz: the process answers. /readyz: informers synced, or standing by for
+    leadership (a standby is ready by design)."""
 
     def __init__(self) -> None:
         self.ready = threading.Event()
@@ -111,10 +112,9 @@ async def run(cfg: CoordinatorConfig) -> int:
         metrics,
     )
     metrics.is_leader.set(1)
-    tasks = [asyncio.create_task(controller.run(stop), name="controller")]
+    tasks = [asyncio.create_task(controller.run(stop, probes.ready), name="controller")]
     if elector is not None:
         tasks.append(asyncio.create_task(elector.hold(), name="leadership"))
-    probes.ready.set()
     done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     code = 0
     if not stop.is_set():

@@ -6,8 +6,10 @@ from __future__ import annotations
 import itertools
 import re
 import time
+import urllib.error
 from datetime import datetime
 
+import pytest
 from kubernetes import client
 
 from tests.conftest import unique
@@ -126,3 +128,25 @@ def test_two_replicas_elect_one_leader_and_the_standby_takes_over_when_it_dies(
     finally:
         first.stop()
         second.stop()
+
+
+def test_a_coordinator_without_api_rights_stays_unready_and_still_stops(
+    testenv: TestEnv, coordinator: CoordinatorProcess
+) -> None:
+    nobody = testenv.identity(unique("no-rights"))
+    blind = CoordinatorProcess(testenv.workdir, nobody.kubeconfig, name=unique("coordinator-blind"))
+    blind.start(wait_ready=False)
+    try:
+        blind.process.wait_until(
+            lambda: "forbidden" in blind.process.log_path.read_text().lower(),
+            timeout=20,
+            what="the informers' 403",
+        )
+        with pytest.raises(urllib.error.HTTPError) as err:
+            blind.ready()
+        assert err.value.code == 503
+        assert blind.process.alive()
+    finally:
+        started = time.monotonic()
+        blind.stop()
+    assert time.monotonic() - started < 10  # SIGTERM is honoured while waiting to sync
