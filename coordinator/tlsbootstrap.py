@@ -10,8 +10,10 @@ coordinator then issues itself a client certificate from the CA.
 
 from __future__ import annotations
 
+import atexit
 import base64
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -79,7 +81,10 @@ def ensure_agent_tls(
             core, namespace, AGENT_SECRET, {"ca.crt": ca.cert_pem, "tls.crt": cert, "tls.key": key}
         )
     cert, key = ca.issue("kube-fledged-coordinator", client=True)
-    folder = workdir or Path(tempfile.mkdtemp(prefix="fledged-tls-"))
+    folder = workdir
+    if folder is None:
+        folder = Path(tempfile.mkdtemp(prefix="fledged-tls-"))
+        atexit.register(shutil.rmtree, folder, True)  # the client key leaves with us
     paths = {"ca.crt": ca.cert_pem, "tls.crt": cert, "tls.key": key}
     for name, data in paths.items():
         (folder / name).write_bytes(data)
