@@ -23,7 +23,14 @@ echo "{}" >"$work/daemon.json"
 dockerd --data-root "$work/data" --exec-root "$work/exec" --pidfile "$work/docker.pid" \
   -H "unix://$sock" --storage-driver vfs --iptables=false --ip6tables=false --bridge=none \
   --config-file "$work/daemon.json" >"$work/dockerd.log" 2>&1 &
-trap 'kill "$(cat "$work/docker.pid")" 2>/dev/null || true' EXIT
+stop_dockerd() {
+  local pid
+  pid=$(cat "$work/docker.pid" 2>/dev/null) || return 0
+  kill "$pid" 2>/dev/null || true
+  for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+  umount -l "$work/exec/netns/default" 2>/dev/null || true
+}
+trap stop_dockerd EXIT
 for _ in $(seq 60); do docker -H "unix://$sock" info >/dev/null 2>&1 && break; sleep 1; done
 export DOCKER_HOST=unix://$sock
 docker import "$work/base.tar" fledged-base:bookworm >/dev/null
