@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from typing import Any
 
 import pytest
@@ -70,8 +71,15 @@ def test_a_kube_fledged_manifest_caches_its_images_on_the_selected_nodes(
     assert "Succeeded" in table
     assert "5/5" in table
     assert "ImagesPulledSuccessfully" in table
-    reasons = [(t, r) for t, r, _ in events(testenv, namespace, "imagecache1")]
-    assert ("Normal", "ImagesPulledSuccessfully") in reasons
+    # Events are recorded just after the status they describe: wait for them.
+    wait_for(
+        "the ImagesPulledSuccessfully Event",
+        lambda: (
+            ("Normal", "ImagesPulledSuccessfully")
+            in [(t, r) for t, r, _ in events(testenv, namespace, "imagecache1")]
+        ),
+        timeout=10,
+    )
 
 
 @pytest.mark.parametrize(
@@ -114,7 +122,13 @@ def test_failures_are_reported_per_image_and_node_and_aggregated_in_events(
     assert sorted(f["node"] for f in failures[missing]) == list(ALL)
     assert {f["reason"] for f in failures[missing]} == {"NotFound"}
     assert obj["status"]["ready"] == "3/6"
-    warnings = [m for t, r, m in events(testenv, namespace, "partial") if r == "ImagePullFailed"]
+
+    def pull_failed() -> list[str]:
+        return [m for _, r, m in events(testenv, namespace, "partial") if r == "ImagePullFailed"]
+
+    wait_for("the ImagePullFailed Event", pull_failed, timeout=10)
+    time.sleep(1)  # a per-node Event would have followed by now
+    warnings = pull_failed()
     assert len(warnings) == 1  # one Event per image, not one per node
     assert "failed on 3 of 3 nodes" in warnings[0]
     assert "NotFound" in warnings[0]
@@ -366,6 +380,11 @@ def test_a_wrong_password_fails_as_unauthorized_everywhere_and_leaks_nowhere(
     failures = obj["status"]["failures"][private.ref]
     assert sorted(f["node"] for f in failures) == list(ALL)
     assert {f["reason"] for f in failures} == {"Unauthorized"}
+    wait_for(
+        "the failure Events",
+        lambda: any(r == "ImagePullFailed" for _, r, _ in events(testenv, namespace, "wrongpw")),
+        timeout=10,
+    )
     shown = json.dumps(obj) + json.dumps(events(testenv, namespace, "wrongpw"))
     logs = coordinator.process.log_path.read_text() + "".join(
         a.read_text() for a in testenv.logs.glob("agent-*.log")

@@ -123,7 +123,11 @@ def test_two_replicas_elect_one_leader_and_the_standby_takes_over_when_it_dies(
         wait_status(testenv, namespace, "led", "Succeeded", timeout=30)
         # The new leader serves its namespace (the suite's own coordinator does too, so
         # the proof is in the new leader's log, not in the status).
-        assert f"reconciled {namespace}/led" in standby.process.log_path.read_text()
+        wait_for(
+            "the new leader to reconcile the cache",
+            lambda: f"reconciled {namespace}/led" in standby.process.log_path.read_text(),
+            timeout=15,
+        )
         assert f"reconciled {namespace}/led" not in leader.process.log_path.read_text()
     finally:
         first.stop()
