@@ -96,11 +96,6 @@ class AgentPool:
             agent = self._clients[endpoint] = AgentClient(endpoint, self._tls)
         return agent
 
-    async def drop(self, endpoint: str) -> None:
-        agent = self._clients.pop(endpoint, None)
-        if agent is not None:
-            await agent.close()
-
     async def close(self) -> None:
         for agent in list(self._clients.values()):
             await agent.close()

@@ -126,11 +126,6 @@ def parse_spec(obj: Mapping[str, Any]) -> CacheSpec:
     )
 
 
-def cache_key(obj: Mapping[str, Any]) -> str:
-    meta = obj["metadata"]
-    return f"{meta['namespace']}/{meta['name']}"
-
-
 def applied_lists(status: Mapping[str, Any]) -> tuple[CacheList, ...]:
     """The lists the last reconcile acted on (for removals after an edit)."""
     out = []

@@ -27,7 +27,7 @@ from .kube import Informer, KubeWriter, Obj, now_iso
 from .metrics import CoordinatorMetrics
 from .model import AgentInfo
 from .nodes import NodeRegistry
-from .plan import CacheView, PairState, Plan, Settings, plan_cache
+from .plan import CacheView, OthersWant, PairState, Plan, Settings, plan_cache
 from .secrets import RegistryAuth, SecretError, credentials_for, parse_secret
 from .status import build_status, comparable, events_for
 
@@ -333,21 +333,14 @@ class Controller:
         Covers what no single cache's reconcile sees: a node that left a list's
         selector, or a cache deleted while the node's agent was away.
         """
-        wanted_lists: list[api.CacheList] = []
-        for key, obj in self.caches.store.items():
-            if obj["metadata"].get("deletionTimestamp"):
-                continue
-            spec, _ = self._spec(key, obj)
-            status = obj.get("status") or {}
-            if spec is None or status.get("purgedGeneration") == obj["metadata"].get("generation"):
-                continue
-            wanted_lists.extend(cl for cl in spec.lists if cl.pin)
+        wanted_lists = [cl for spec in self._live_specs() for cl in spec.lists if cl.pin]
+        nodes = self._node_labels()
         for node, obs in self._registry.observations.items():
             if obs.agent is None or not obs.agent.alive(now) or obs.inventory is None:
                 continue
             if obs.pins_in_flight or any(r.in_flight for r in obs.pulls.values()):
                 continue
-            labels = (self.nodes.store.get(node) or {}).get("metadata", {}).get("labels") or {}
+            labels = nodes.get(node, {})
             keep = set()
             for cache_list in wanted_lists:
                 if cache_list.matches(labels):
@@ -375,17 +368,24 @@ class Controller:
             cached = self._specs[key] = (version, spec, error)
         return cached[1], cached[2]
 
-    def _others(self, key: str) -> Any:
-        node_labels = {k: (o["metadata"].get("labels") or {}) for k, o in self.nodes.store.items()}
-        caches = []
-        for other_key, obj in self.caches.store.items():
-            if other_key == key or obj["metadata"].get("deletionTimestamp"):
+    def _node_labels(self) -> dict[str, dict[str, str]]:
+        return {k: (o["metadata"].get("labels") or {}) for k, o in self.nodes.store.items()}
+
+    def _live_specs(self, exclude: str | None = None) -> list[api.CacheSpec]:
+        """Specs of the caches that want images now: not deleting, valid, not purged."""
+        specs = []
+        for key, obj in self.caches.store.items():
+            if key == exclude or obj["metadata"].get("deletionTimestamp"):
                 continue
-            spec, _ = self._spec(other_key, obj)
+            spec, _ = self._spec(key, obj)
             status = obj.get("status") or {}
             dormant = status.get("purgedGeneration") == obj["metadata"].get("generation")
             if spec is not None and not dormant:
-                caches.append(spec)
+                specs.append(spec)
+        return specs
+
+    def _others(self, key: str, node_labels: Mapping[str, Mapping[str, str]]) -> OthersWant:
+        caches = self._live_specs(exclude=key)
 
         def want(node: str, ref: ImageRef) -> tuple[bool, bool]:
             labels = node_labels.get(node, {})
@@ -471,13 +471,13 @@ class Controller:
         secret_errors: list[str] = []
         if spec is not None and spec.pull_secrets and not deleting:
             auths, secret_errors = await asyncio.to_thread(self._credentials, namespace, spec)
-        nodes = {k: (o["metadata"].get("labels") or {}) for k, o in self.nodes.store.items()}
+        nodes = self._node_labels()
         now = time.time()
         plan = plan_cache(
             view,
             nodes,
             self._registry.observations,
-            self._others(key),
+            self._others(key, nodes),
             self._registry.in_flight_by_image() if self._needs_wave(spec) else {},
             self._config.settings,
             now,

@@ -17,6 +17,7 @@ from .plan import CacheView, PairPhase, PairState, Plan
 
 MAX_FAILED_NODES_PER_IMAGE = 20
 MAX_NODE_DETAILS = 50
+FAILED_PHASES = frozenset({PairPhase.FAILED, PairPhase.AGENT_UNAVAILABLE})
 
 PROCESSING_MESSAGES = {
     Reason.CREATE: Message.PULLING,
@@ -55,10 +56,17 @@ def operation(view: CacheView, previous: Mapping[str, Any]) -> str:
     return Reason.UPDATE
 
 
+def _per_image(pairs: Sequence[PairState]) -> tuple[Counter[str], Counter[str]]:
+    """Nodes wanted and nodes failed, per image (from every pair, not the capped list)."""
+    totals = Counter(p.image for p in pairs)
+    failed = Counter(p.image for p in pairs if p.phase in FAILED_PHASES)
+    return totals, failed
+
+
 def _failures(pairs: Sequence[PairState]) -> dict[str, list[dict[str, str]]]:
     by_image: dict[str, list[PairState]] = defaultdict(list)
     for p in pairs:
-        if p.phase in (PairPhase.FAILED, PairPhase.AGENT_UNAVAILABLE):
+        if p.phase in FAILED_PHASES:
             by_image[p.image].append(p)
     out: dict[str, list[dict[str, str]]] = {}
     for image, failed in sorted(by_image.items()):
@@ -171,10 +179,7 @@ def build_status(
                 Message.DELETE_FAILED,
             )
     elif failures:
-        totals = Counter(p.image for p in pairs)
-        failed = Counter(
-            p.image for p in pairs if p.phase in (PairPhase.FAILED, PairPhase.AGENT_UNAVAILABLE)
-        )
+        totals, failed = _per_image(pairs)
         all_failed = any(count >= totals[image] for image, count in failed.items())
         if all_failed:
             status, reason, message = (
@@ -291,10 +296,7 @@ def events_for(
     if status == Status.SUCCEEDED:
         return [EventSpec("Normal", str(reason), f"{new['message']} ({new.get('ready', '')})")]
     events = [EventSpec("Warning", str(reason), str(new.get("message", "")))]
-    totals = Counter(p.image for p in pairs)
-    counts = Counter(
-        p.image for p in pairs if p.phase in (PairPhase.FAILED, PairPhase.AGENT_UNAVAILABLE)
-    )
+    totals, counts = _per_image(pairs)
     for image, failed in sorted((new.get("failures") or {}).items()):
         first = failed[0]
         count = counts.get(image, len(failed))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -93,16 +93,6 @@ class AgentProcess:
         with self.channel() as channel:
             stub = agent_pb2_grpc.AgentStub(channel)
             return list(stub.PullImages(agent_pb2.PullImagesRequest(images=pulls), timeout=timeout))
-
-    def stream(
-        self, *pulls: agent_pb2.ImagePull, timeout: float = 120
-    ) -> Iterator[agent_pb2.PullEvent]:
-        channel = self.channel()
-        try:
-            stub = agent_pb2_grpc.AgentStub(channel)
-            yield from stub.PullImages(agent_pb2.PullImagesRequest(images=pulls), timeout=timeout)
-        finally:
-            channel.close()
 
     def call(self, method: str, request: object, timeout: float = 30) -> object:
         with self.channel() as channel:

@@ -7,11 +7,9 @@ registry config), then the apiserver, containerd instances and dockerd in parall
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -271,13 +269,3 @@ def ensure_agent_rbac(api: client.ApiClient, user: str) -> None:
     except client.ApiException as err:
         if err.status != 409:
             raise
-
-
-@contextlib.contextmanager
-def running_testenv(**kwargs: object) -> Iterator[TestEnv]:
-    env = TestEnv(**kwargs)  # type: ignore[arg-type]
-    env.start()
-    try:
-        yield env
-    finally:
-        env.stop()
