@@ -23,11 +23,12 @@ from common.reference import ImageRef, InvalidReference, parse
 from protos.fledged.agent.v1 import agent_pb2
 
 from . import api
-from .kube import Informer, KubeWriter, Obj, now_iso
+from .kube import Informer, KubeWriter, Obj, metadata_only, now_iso
 from .metrics import CoordinatorMetrics
 from .model import AgentInfo
 from .nodes import NodeRegistry
-from .plan import CacheView, OthersWant, PairState, Plan, Settings, plan_cache
+from .pairs import Counts
+from .plan import CacheView, OthersWant, Plan, PlanMemo, Settings, plan_cache
 from .secrets import RegistryAuth, SecretError, credentials_for, parse_secret
 from .status import build_status, comparable, events_for
 
@@ -75,7 +76,7 @@ class StatusWriter:
         self._kube = kube
         self._metrics = metrics
         self._interval = interval
-        self._pending: dict[str, tuple[dict[str, Any], list[PairState]]] = {}
+        self._pending: dict[str, tuple[dict[str, Any], Counts]] = {}
         self._written: dict[str, dict[str, Any]] = {}
         self._last: dict[str, float] = {}
         self._wake = asyncio.Event()
@@ -83,9 +84,9 @@ class StatusWriter:
     def last_written(self, key: str) -> dict[str, Any] | None:
         return self._written.get(key)
 
-    def offer(self, key: str, status: dict[str, Any], pairs: list[PairState]) -> None:
+    def offer(self, key: str, status: dict[str, Any], counts: Counts) -> None:
         """The newest status wins; Events are derived when it is written."""
-        self._pending[key] = (status, pairs)
+        self._pending[key] = (status, counts)
         self._wake.set()
 
     def forget(self, key: str) -> None:
@@ -106,13 +107,13 @@ class StatusWriter:
                 if due > now:
                     later = min(later or due, due)
                     continue
-                status, pairs = self._pending.pop(key)
+                status, counts = self._pending.pop(key)
                 self._last[key] = now
                 try:
-                    await asyncio.to_thread(self._write, key, status, pairs)
+                    await asyncio.to_thread(self._write, key, status, counts)
                 except Exception as err:
                     log.warning("status of %s not written: %s; retrying", key, err)
-                    self._pending.setdefault(key, (status, pairs))
+                    self._pending.setdefault(key, (status, counts))
                     later = min(later or now + 2, now + 2)
             if later is not None:
                 asyncio.get_running_loop().call_later(
@@ -126,7 +127,7 @@ class StatusWriter:
             return True
         return (old.get("status"), old.get("reason")) != (new.get("status"), new.get("reason"))
 
-    def _write(self, key: str, status: dict[str, Any], pairs: list[PairState]) -> None:
+    def _write(self, key: str, status: dict[str, Any], counts: Counts) -> None:
         ns, name = key.split("/", 1)
         for _ in range(5):
             fresh = self._kube.get_cache(ns, name)
@@ -143,7 +144,7 @@ class StatusWriter:
                         continue  # changed meanwhile: read again
                     raise
             self._written[key] = status
-            for event in events_for(before, status, pairs):
+            for event in events_for(before, status, counts):
                 self._kube.event(fresh, event.type, event.reason, event.message)
             return
         raise RuntimeError("status kept conflicting")
@@ -169,6 +170,7 @@ class Controller:
         self._refreshing: dict[str, float] = {}
         self._reconcile_seconds: dict[str, float] = {}
         self._specs: dict[str, tuple[str, api.CacheSpec | None, str]] = {}
+        self._memos: dict[str, PlanMemo] = {}
         custom = client.CustomObjectsApi(api_client)
         if config.watch_namespace:
             list_caches: Any = custom.list_namespaced_custom_object
@@ -187,7 +189,11 @@ class Controller:
             **cache_kwargs,
         )
         self.nodes = Informer(
-            "nodes", api_client, client.CoreV1Api(api_client).list_node, self._on_node
+            "nodes",
+            api_client,
+            client.CoreV1Api(api_client).list_node,
+            self._on_node,
+            transform=metadata_only,
         )
         self.leases = Informer(
             "agent-leases",
@@ -205,7 +211,16 @@ class Controller:
             self._loop.call_soon_threadsafe(fn, *args)
 
     def _on_cache(self, key: str, old: Obj | None, new: Obj | None) -> None:
-        self._threadsafe(self.queue.add, key)
+        self._threadsafe(self._cache_changed, key, old, new)
+
+    def _cache_changed(self, key: str, old: Obj | None, new: Obj | None) -> None:
+        """Our own status write coming back is no news: a cache over thousands of nodes
+        would otherwise be replanned once more for every status write."""
+        if old is not None and new is not None and _intent(old) == _intent(new):
+            written = self.status.last_written(key)
+            if written is not None and comparable(new.get("status") or {}) == comparable(written):
+                return
+        self.queue.add(key)
 
     def _on_node(self, key: str, old: Obj | None, new: Obj | None) -> None:
         old_labels = (old or {}).get("metadata", {}).get("labels")
@@ -333,7 +348,7 @@ class Controller:
         Covers what no single cache's reconcile sees: a node that left a list's
         selector, or a cache deleted while the node's agent was away.
         """
-        wanted_lists = [cl for spec in self._live_specs() for cl in spec.lists if cl.pin]
+        wanted_lists = [cl for _, spec in self._live_specs() for cl in spec.lists if cl.pin]
         nodes = self._node_labels()
         for node, obs in self._registry.observations.items():
             if obs.agent is None or not obs.agent.alive(now) or obs.inventory is None:
@@ -371,8 +386,11 @@ class Controller:
     def _node_labels(self) -> dict[str, dict[str, str]]:
         return {k: (o["metadata"].get("labels") or {}) for k, o in self.nodes.store.items()}
 
-    def _live_specs(self, exclude: str | None = None) -> list[api.CacheSpec]:
-        """Specs of the caches that want images now: not deleting, valid, not purged."""
+    def _live_specs(
+        self, exclude: str | None = None
+    ) -> list[tuple[tuple[str, int], api.CacheSpec]]:
+        """Specs of the caches that want images now (not deleting, valid, not purged),
+        each with its key and generation."""
         specs = []
         for key, obj in self.caches.store.items():
             if key == exclude or obj["metadata"].get("deletionTimestamp"):
@@ -381,11 +399,15 @@ class Controller:
             status = obj.get("status") or {}
             dormant = status.get("purgedGeneration") == obj["metadata"].get("generation")
             if spec is not None and not dormant:
-                specs.append(spec)
+                specs.append(((key, int(obj["metadata"].get("generation") or 0)), spec))
         return specs
 
-    def _others(self, key: str, node_labels: Mapping[str, Mapping[str, str]]) -> OthersWant:
-        caches = self._live_specs(exclude=key)
+    def _others(
+        self, key: str, node_labels: Mapping[str, Mapping[str, str]]
+    ) -> tuple[OthersWant, tuple[tuple[str, int], ...]]:
+        """What the other caches want, and a token that changes when that may change."""
+        live = self._live_specs(exclude=key)
+        caches = [spec for _, spec in live]
 
         def want(node: str, ref: ImageRef) -> tuple[bool, bool]:
             labels = node_labels.get(node, {})
@@ -399,7 +421,7 @@ class Controller:
                         pinned = pinned or cache_list.pin
             return wanted, pinned
 
-        return want
+        return want, tuple(sorted(token for token, _ in live))
 
     def _needs_wave(self, spec: api.CacheSpec | None) -> bool:
         """In-flight counts cost a pass over every node: only needed with a wave size."""
@@ -429,6 +451,7 @@ class Controller:
             self.status.forget(key)
             self._refreshing.pop(key, None)
             self._specs.pop(key, None)
+            self._memos.pop(key, None)
             return
         meta = obj["metadata"]
         namespace, name = meta["namespace"], meta["name"]
@@ -473,14 +496,17 @@ class Controller:
             auths, secret_errors = await asyncio.to_thread(self._credentials, namespace, spec)
         nodes = self._node_labels()
         now = time.time()
+        others, others_token = self._others(key, nodes)
         plan = plan_cache(
             view,
             nodes,
             self._registry.observations,
-            self._others(key, nodes),
+            others,
             self._registry.in_flight_by_image() if self._needs_wave(spec) else {},
             self._config.settings,
             now,
+            memo=self._memos.setdefault(key, PlanMemo()),
+            others_token=others_token,
         )
         self._dispatch(key, plan, auths)
         if deleting:
@@ -497,7 +523,7 @@ class Controller:
                 )
             return
         status = build_status(view, plan, previous, now_iso(), spec_error, secret_errors)
-        self.status.offer(key, status, plan.pairs)
+        self.status.offer(key, status, plan.tally.counts())
         await self._finish_operations(key, obj, view, plan)
         retry = plan.next_retry
         if retry is not None:
@@ -553,6 +579,18 @@ class Controller:
             if images:
                 self.metrics.orders.labels("remove").inc(len(images))
                 self._registry.submit_removals(node, images)
+
+
+def _intent(obj: Obj) -> tuple[Any, ...]:
+    """Everything of a cache that the user (or a deletion) changes; not its status."""
+    meta = obj.get("metadata") or {}
+    return (
+        obj.get("spec"),
+        meta.get("generation"),
+        meta.get("annotations"),
+        meta.get("finalizers"),
+        meta.get("deletionTimestamp"),
+    )
 
 
 def _same(image: str, ref: ImageRef) -> bool:

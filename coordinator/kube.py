@@ -3,6 +3,7 @@ coordinator makes. Blocking client calls run in threads; nothing here decides.""
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -25,10 +26,20 @@ def now_iso() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def metadata_only(obj: Obj) -> Obj:
+    """What the coordinator reads of a Node: a real one carries kilobytes of status
+    (its image list among them) that 5,000 of would keep in memory for nothing."""
+    meta = obj.get("metadata") or {}
+    keep = ("name", "namespace", "uid", "resourceVersion", "labels", "deletionTimestamp")
+    return {"metadata": {k: meta[k] for k in keep if k in meta}}
+
+
 class Informer:
     """Keeps `store` equal to the server's objects and calls `handler` on each change.
 
     Relists when the watch expires (410) or fails; handlers must only enqueue work.
+    Objects stay plain JSON dicts (`transform` may trim them): the client's model
+    classes cost more CPU than everything else an informer does.
     """
 
     def __init__(
@@ -37,9 +48,11 @@ class Informer:
         api: client.ApiClient,
         list_fn: Callable[..., Any],
         handler: Handler,
+        transform: Callable[[Obj], Obj] | None = None,
         **list_kwargs: Any,
     ) -> None:
         self.name = name
+        self._transform = transform
         self._api = api
         self._list = list_fn
         self._kwargs = list_kwargs
@@ -62,14 +75,15 @@ class Informer:
         self._stop.set()
 
     def _as_dict(self, obj: Any) -> Obj:
-        if isinstance(obj, dict):
-            return obj
-        result: Obj = self._api.sanitize_for_serialization(obj)  # type: ignore[no-untyped-call]
-        return result
+        if not isinstance(obj, dict):
+            obj = self._api.sanitize_for_serialization(obj)  # type: ignore[no-untyped-call]
+        return self._transform(obj) if self._transform else cast(Obj, obj)
 
     def _relist(self) -> str:
-        resp = self._as_dict(self._list(**self._kwargs))
-        fresh = {self.key(o): o for o in resp.get("items") or ()}
+        raw = self._list(_preload_content=False, **self._kwargs)
+        resp = json.loads(raw.data)
+        items = [self._as_dict(o) for o in resp.get("items") or ()]
+        fresh = {self.key(o): o for o in items}
         for key, obj in fresh.items():
             old = self.store.get(key)
             if old is None or old["metadata"].get("resourceVersion") != obj["metadata"].get(
@@ -90,7 +104,8 @@ class Informer:
                 version = self._relist()
                 delay = 1.0
                 while not self._stop.is_set():
-                    stream = watch.Watch().stream(  # type: ignore[no-untyped-call]
+                    # "object": events stay dicts instead of becoming model classes.
+                    stream = watch.Watch(return_type="object").stream(  # type: ignore[no-untyped-call]
                         self._list,
                         resource_version=version,
                         timeout_seconds=240,
@@ -99,7 +114,7 @@ class Informer:
                     )
                     for event in stream:
                         kind = event["type"]
-                        obj = self._as_dict(event["object"])
+                        obj = event["object"]
                         if kind == "ERROR":
                             raise client.ApiException(
                                 status=obj.get("code", 500), reason=obj.get("message")
@@ -107,6 +122,7 @@ class Informer:
                         version = obj["metadata"].get("resourceVersion", version)
                         if kind == "BOOKMARK":
                             continue
+                        obj = self._as_dict(obj)
                         key = self.key(obj)
                         old = self.store.get(key)
                         if kind == "DELETED":

@@ -7,6 +7,7 @@ them as answers and pull events arrive.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -103,8 +104,14 @@ class PullRecord:
         return self.phase in IN_FLIGHT
 
 
+_VERSIONS = itertools.count(1)
+
+
 @dataclass
 class NodeObservation:
+    """`version` changes on every change (the planner keeps a node's plan while it
+    holds); numbers are never reused, not even by a new observation of the node."""
+
     agent: AgentInfo | None = None
     inventory: Inventory | None = None  # None until the agent has been listed
     pinning_supported: bool = True
@@ -112,3 +119,7 @@ class NodeObservation:
     pins_in_flight: set[str] = field(default_factory=set)
     removals_in_flight: set[str] = field(default_factory=set)
     removal_errors: dict[str, str] = field(default_factory=dict)
+    version: int = field(default_factory=lambda: next(_VERSIONS))
+
+    def touch(self) -> None:
+        self.version = next(_VERSIONS)

@@ -22,7 +22,7 @@ from protos.fledged.agent.v1 import agent_pb2
 
 from .agents import AgentPool
 from .model import AgentInfo, Inventory, NodeImage, NodeObservation, OrderPhase, PullRecord
-from .plan import PullItem
+from .pairs import PullItem
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,18 @@ def _normalize_all(names: Sequence[str]) -> frozenset[str]:
         except InvalidReference:
             continue
     return frozenset(out)
+
+
+def renewed(old: AgentInfo | None, new: AgentInfo | None, now: float) -> bool:
+    """Only the Lease's renewal moved: same endpoint and TLS, not run out, and not
+    shortened (plans made with the old expiry stay right until then)."""
+    return (
+        old is not None
+        and new is not None
+        and old.alive(now)
+        and new.expires >= old.expires
+        and (old.node, old.endpoint, old.tls) == (new.node, new.endpoint, new.tls)
+    )
 
 
 def inventory_from(resp: agent_pb2.ListImagesResponse, now: float) -> Inventory:
@@ -131,6 +143,9 @@ class NodeRegistry:
         obs = self.observation(node)
         old = obs.agent
         obs.agent = agent
+        if renewed(old, agent, time.time()) and obs.inventory is not None:
+            return  # the same agent, still alive and listed: nothing to plan anew
+        obs.touch()
         if agent is None or (old is not None and old.endpoint != agent.endpoint):
             obs.inventory = None  # a new agent process: list again before acting
         if agent is not None and (
@@ -178,6 +193,7 @@ class NodeRegistry:
         obs.pinning_supported = info.pinning_supported
         obs.inventory = inventory_from(listing, time.time())
         obs.removal_errors.clear()
+        obs.touch()
         self._notify(node)
 
     # -- orders ----------------------------------------------------------------------
@@ -189,6 +205,7 @@ class NodeRegistry:
         if obs.agent is None or not items:
             return
         now = time.time()
+        obs.touch()
         for item in items:
             key = canonical(item.image)
             old = obs.pulls.get(key)
@@ -239,6 +256,7 @@ class NodeRegistry:
             message = f"lost the agent at {agent.endpoint}: {detail}"
             log.warning("pull batch on %s broke: %s", node, message)
             now = time.time()
+            obs.touch()
             for key in open_keys:
                 record = obs.pulls.get(key)
                 if record is not None and record.in_flight:
@@ -253,6 +271,7 @@ class NodeRegistry:
 
     @staticmethod
     def _apply_event(obs: NodeObservation, key: str, event: agent_pb2.PullEvent) -> None:
+        obs.touch()
         record = obs.pulls.get(key)
         if record is None:
             record = obs.pulls[key] = PullRecord(OrderPhase.SENT, started=time.time())
@@ -297,6 +316,7 @@ class NodeRegistry:
         obs = self.observation(node)
         if obs.agent is None or not changes:
             return
+        obs.touch()
         for image, _ in changes:
             obs.pins_in_flight.add(canonical(image))
         self._spawn(self._pin(node, obs.agent, list(changes)), f"pin {node}")
@@ -321,6 +341,7 @@ class NodeRegistry:
         except grpc.RpcError as err:
             log.warning("pin changes on %s failed: %s", node, err)
         finally:
+            obs.touch()
             for image, _ in changes:
                 obs.pins_in_flight.discard(canonical(image))
         await self.sync(node)
@@ -329,6 +350,7 @@ class NodeRegistry:
         obs = self.observation(node)
         if obs.agent is None or not images:
             return
+        obs.touch()
         for image in images:
             obs.removals_in_flight.add(canonical(image))
         self._spawn(self._remove(node, obs.agent, list(images)), f"remove {node}")
@@ -349,11 +371,13 @@ class NodeRegistry:
         except grpc.RpcError as err:
             log.warning("removals on %s failed: %s", node, err)
         finally:
+            obs.touch()
             for image in images:
                 obs.removals_in_flight.discard(canonical(image))
         errors = dict(obs.removal_errors)
         await self.sync(node)
         obs.removal_errors.update(errors)  # kept (not retried) until the next periodic resync
+        obs.touch()
 
     async def close(self) -> None:
         for task in list(self._tasks):

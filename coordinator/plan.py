@@ -1,6 +1,10 @@
 """The decision: what one ImageCache wants, what the nodes hold, and the orders that
 close the gap. A pure function over plain data, so every rule is unit-tested.
 
+The plan is made node by node. Given a `PlanMemo`, a node whose inputs are the same as
+last time (labels, the observation's version, the cache's spec and the other caches)
+keeps its previous `NodePlan`, so a reconcile costs what changed, not nodes x images.
+
 Safe to run any number of times: an order already in flight is never sent again, an
 image already present is not pulled again (unless a refresh asks), and images or pins
 another cache still wants are never removed or lifted.
@@ -9,35 +13,18 @@ another cache still wants are never removed or lifted.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 from common.reference import ImageRef, parse
 
 from .api import CacheList, CacheSpec, Reason
 from .model import PERMANENT_CATEGORIES, NodeObservation, OrderPhase
+from .pairs import NodePlan, PairPhase, PairState, PullItem, Tally
 
 Selector = tuple[tuple[str, str], ...]
 # (node, image) -> (another cache wants it on that node, another cache wants it pinned)
 OthersWant = Callable[[str, ImageRef], tuple[bool, bool]]
-
-
-class PairPhase(StrEnum):
-    READY = "Ready"
-    PENDING = "Pending"  # waiting for the node's inventory or an order slot
-    QUEUED = "Queued"  # held back by the wave size
-    WAITING = "Waiting"  # queued on the agent
-    PULLING = "Pulling"
-    FAILED = "Failed"
-    AGENT_UNAVAILABLE = "AgentUnavailable"
-    REMOVING = "Removing"
-    REMOVED = "Removed"
-
-
-DONE_PHASES = frozenset(
-    {PairPhase.READY, PairPhase.FAILED, PairPhase.AGENT_UNAVAILABLE, PairPhase.REMOVED}
-)
 
 
 @dataclass(frozen=True)
@@ -70,30 +57,9 @@ class CacheView:
         )
 
 
-@dataclass(frozen=True)
-class PullItem:
-    image: str
-    always: bool
-    pin: bool
-
-
-@dataclass(frozen=True)
-class PairState:
-    node: str
-    image: str
-    phase: PairPhase
-    reason: str = ""
-    message: str = ""
-    bytes_done: int = 0
-    bytes_total: int = 0
-    digest: str = ""
-    pinned: bool = False
-    retry_at: float | None = None
-
-
 @dataclass
 class Plan:
-    pairs: list[PairState] = field(default_factory=list)
+    tally: Tally = field(default_factory=Tally)
     pulls: dict[str, list[PullItem]] = field(default_factory=lambda: defaultdict(list))
     pins: dict[str, list[tuple[str, bool]]] = field(default_factory=lambda: defaultdict(list))
     removals: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
@@ -103,6 +69,14 @@ class Plan:
     finalize_done: bool = False
     refresh_done: bool = False
 
+    @classmethod
+    def of_pairs(cls, pairs: Iterable[PairState]) -> Plan:
+        return cls(tally=Tally.of_pairs(pairs))
+
+    @property
+    def pairs(self) -> list[PairState]:
+        return self.tally.all_pairs()
+
     @property
     def has_orders(self) -> bool:
         return any(self.pulls.values()) or any(self.pins.values()) or any(self.removals.values())
@@ -110,37 +84,39 @@ class Plan:
     @property
     def settled(self) -> bool:
         """Nothing in flight or left to order for this cache."""
-        return (
-            not self.has_orders
-            and not self.removing
-            and all(p.phase in DONE_PHASES for p in self.pairs)
-        )
+        return not self.has_orders and not self.removing and self.tally.open == 0
 
     @property
     def next_retry(self) -> float | None:
-        times = [p.retry_at for p in self.pairs if p.retry_at is not None]
-        return min(times) if times else None
+        return self.tally.next_retry
+
+    def put(self, node: str, node_plan: NodePlan) -> None:
+        self.tally.put(node, node_plan)
+        if node_plan.pulls:
+            self.pulls[node].extend(node_plan.pulls)
+        if node_plan.pins:
+            self.pins[node].extend(node_plan.pins)
+
+
+class PlanMemo:
+    """One cache's last plan, node by node, and what each node's share was made from."""
+
+    def __init__(self) -> None:
+        self.context: Hashable = None
+        self.tally = Tally()
+        self.inputs: dict[str, tuple[tuple[int, ...], int]] = {}  # lists matched, obs version
+
+    def start(self, context: Hashable) -> Tally:
+        """The tally to update; emptied when anything every node depends on changed."""
+        if context != self.context:
+            self.context = context
+            self.tally = Tally()
+            self.inputs = {}
+        return self.tally
 
 
 def backoff(failures: int, settings: Settings) -> float:
     return float(min(settings.retry_max, settings.retry_base * 2 ** max(0, failures - 1)))
-
-
-def desired_pairs(
-    spec: CacheSpec, nodes: Mapping[str, Mapping[str, str]]
-) -> tuple[dict[tuple[str, str], bool], list[CacheList]]:
-    """(node, image) -> pin wanted, for every list; and the lists that match no node."""
-    wanted: dict[tuple[str, str], bool] = {}
-    unmatched = []
-    for cache_list in spec.lists:
-        matched = [n for n, labels in nodes.items() if cache_list.matches(labels)]
-        if not matched:
-            unmatched.append(cache_list)
-        for node in matched:
-            for image in cache_list.images:
-                key = (node, image)
-                wanted[key] = wanted.get(key, False) or cache_list.pin
-    return wanted, unmatched
 
 
 def _pairs_of(
@@ -158,6 +134,17 @@ def list_pairs(lists: Iterable[CacheList]) -> set[tuple[str, Selector]]:
     return {(image, cl.node_selector) for cl in lists for image in cl.images}
 
 
+Wanted = tuple[tuple[str, ImageRef, bool], ...]  # image, parsed, pin wanted
+
+
+def _wanted(lists: tuple[CacheList, ...], matched: tuple[int, ...]) -> Wanted:
+    pins: dict[str, bool] = {}
+    for i in matched:
+        for image in lists[i].images:
+            pins[image] = pins.get(image, False) or lists[i].pin
+    return tuple((image, parse(image), pins[image]) for image in sorted(pins))
+
+
 def plan_cache(
     view: CacheView,
     nodes: Mapping[str, Mapping[str, str]],
@@ -166,43 +153,72 @@ def plan_cache(
     in_flight_by_image: Mapping[str, int],
     settings: Settings,
     now: float,
+    memo: PlanMemo | None = None,
+    others_token: Hashable = None,
 ) -> Plan:
+    """`others_token` changes whenever `others` may answer differently (with a memo)."""
     plan = Plan()
     if view.deleting:
         _plan_unpin_all(view, nodes, observations, others, now, plan)
         return plan
     if view.spec is None:
         return plan
-    wanted, plan.unmatched = desired_pairs(view.spec, nodes)
-    current = list_pairs(view.spec.lists)
-    removing = set(view.removing) | (list_pairs(view.applied) - current)
-    plan.removing = tuple(
-        sorted(_plan_removals(removing, wanted, nodes, observations, others, now, plan))
-    )
-    if view.purge:
-        _plan_purge(wanted, observations, others, now, plan)
-        return plan
+    lists = view.spec.lists
+    matches: dict[str, tuple[int, ...]] = {}
+    matched_any = [False] * len(lists)
+    for node, labels in nodes.items():
+        found = tuple(i for i, cl in enumerate(lists) if cl.matches(labels))
+        if found:
+            matches[node] = found
+            for i in found:
+                matched_any[i] = True
+    plan.unmatched = [cl for cl, hit in zip(lists, matched_any, strict=True) if not hit]
+    removing = set(view.removing) | (list_pairs(view.applied) - list_pairs(lists))
+    if removing or view.purge:
+        wanted = {
+            (n, image) for n, found in matches.items() for i in found for image in lists[i].images
+        }
+        plan.removing = tuple(
+            sorted(_plan_removals(removing, wanted, nodes, observations, others, now, plan))
+        )
+        if view.purge:
+            _plan_purge(sorted(wanted), observations, others, now, plan)
+            return plan
     if view.dormant:
         return plan
-    ordered: dict[str, int] = defaultdict(int)
     wave = view.spec.max_concurrent_nodes_per_image or settings.wave
-    for (node, image), pin in sorted(wanted.items()):
-        plan.pairs.append(
-            _plan_pair(
-                view,
-                node,
-                image,
-                pin,
-                observations.get(node),
-                others,
-                in_flight_by_image,
-                ordered,
-                wave,
-                settings,
-                now,
-                plan,
-            )
+    context = (view.spec, view.refresh_since, settings, others_token)
+    if memo is None:
+        memo = PlanMemo()
+    plan.tally = memo.start(context)
+    wants: dict[tuple[int, ...], Wanted] = {}
+    ordered: dict[str, int] = defaultdict(int)
+    for node in sorted(matches):
+        found = matches[node]
+        obs = observations.get(node)
+        version = obs.version if obs is not None else -1
+        kept = plan.tally.nodes.get(node)
+        if (
+            kept is not None
+            and memo.inputs.get(node) == (found, version)
+            and now < kept.valid_until
+            and not kept.has_orders
+            and not (wave and kept.queued)
+        ):
+            continue
+        want = wants.get(found)
+        if want is None:
+            want = wants[found] = _wanted(lists, found)
+        plan.put(
+            node,
+            _plan_node(
+                view, node, want, obs, others, in_flight_by_image, ordered, wave, settings, now
+            ),
         )
+        memo.inputs[node] = (found, version)
+    for node in [n for n in plan.tally.nodes if n not in matches]:
+        plan.tally.put(node, None)
+        memo.inputs.pop(node, None)
     plan.refresh_done = view.refresh_since is not None and plan.settled
     return plan
 
@@ -211,11 +227,10 @@ def _alive(obs: NodeObservation | None, now: float) -> bool:
     return obs is not None and obs.agent is not None and obs.agent.alive(now)
 
 
-def _plan_pair(
+def _plan_node(
     view: CacheView,
     node: str,
-    image: str,
-    pin: bool,
+    want: Wanted,
     obs: NodeObservation | None,
     others: OthersWant,
     in_flight_by_image: Mapping[str, int],
@@ -223,46 +238,92 @@ def _plan_pair(
     wave: int | None,
     settings: Settings,
     now: float,
-    plan: Plan,
-) -> PairState:
-    ref = parse(image)
-    key = ref.canonical
+) -> NodePlan:
     if obs is None or obs.agent is None or not obs.agent.alive(now):
         why = (
             "no agent has registered for this node"
             if obs is None or obs.agent is None
-            else ("the agent's Lease expired: the agent is gone or cannot reach the API server")
+            else "the agent's Lease expired: the agent is gone or cannot reach the API server"
         )
-        return PairState(node, image, PairPhase.AGENT_UNAVAILABLE, Reason.AGENT_UNAVAILABLE, why)
+        return NodePlan.of(
+            PairState(node, image, PairPhase.AGENT_UNAVAILABLE, Reason.AGENT_UNAVAILABLE, why)
+            for image, _, _ in want
+        )
     if obs.inventory is None:
-        return PairState(node, image, PairPhase.PENDING, message="listing the node's images")
+        return NodePlan.of(
+            (
+                PairState(node, image, PairPhase.PENDING, message="listing the node's images")
+                for image, _, _ in want
+            ),
+            valid_until=obs.agent.expires,
+        )
+    pulls: list[PullItem] = []
+    pins: list[tuple[str, bool]] = []
+    pairs = [
+        _plan_pair(
+            view,
+            node,
+            image,
+            ref,
+            pin,
+            obs,
+            others,
+            in_flight_by_image,
+            ordered,
+            wave,
+            settings,
+            now,
+            pulls,
+            pins,
+        )
+        for image, ref, pin in want
+    ]
+    return NodePlan.of(pairs, pulls, pins, obs.agent.expires)
+
+
+def _plan_pair(
+    view: CacheView,
+    node: str,
+    image: str,
+    ref: ImageRef,
+    pin: bool,
+    obs: NodeObservation,
+    others: OthersWant,
+    in_flight_by_image: Mapping[str, int],
+    ordered: dict[str, int],
+    wave: int | None,
+    settings: Settings,
+    now: float,
+    pulls: list[PullItem],
+    pins: list[tuple[str, bool]],
+) -> PairState:
+    assert obs.inventory is not None
+    key = ref.canonical
     record = obs.pulls.get(key)
     if record is not None and record.in_flight:
-        phase = PairPhase.PULLING if record.phase == OrderPhase.PULLING else PairPhase.WAITING
-        return PairState(
-            node, image, phase, bytes_done=record.bytes_done, bytes_total=record.bytes_total
-        )
+        phase = PairPhase.PULLING if record.phase is OrderPhase.PULLING else PairPhase.WAITING
+        return PairState(node, image, phase, "", "", record.bytes_done, record.bytes_total)
     present = obs.inventory.lookup(ref)
-    refreshed = (
-        record is not None
-        and view.refresh_since is not None
-        and record.finished >= view.refresh_since
-    )
-    stale = view.refresh_since is not None and ref.is_mutable and not refreshed
+    since = view.refresh_since
+    refreshed = since is not None and record is not None and record.finished >= since
+    stale = since is not None and ref.is_mutable and not refreshed
     if present is not None and not stale:
-        pinned = present.pinned
         if obs.pinning_supported and key not in obs.pins_in_flight:
             if pin and not present.pinned:
-                plan.pins[node].append((image, True))  # re-pin what lost its pin
+                pins.append((image, True))  # re-pin what lost its pin
             elif not pin and present.pin_owned and not others(node, ref)[1]:
-                plan.pins[node].append((image, False))  # the list's pin switch was turned off
+                pins.append((image, False))  # the list's pin switch was turned off
         return PairState(
-            node, image, PairPhase.READY, digest=obs.inventory.digest_of(ref), pinned=pinned
+            node,
+            image,
+            PairPhase.READY,
+            digest=obs.inventory.digest_of(ref),
+            pinned=present.pinned,
         )
-    if record is not None and record.phase == OrderPhase.FAILED:
+    if record is not None and record.phase is OrderPhase.FAILED:
         permanent = record.category in PERMANENT_CATEGORIES
         retry_at = None if permanent else record.finished + backoff(record.failures, settings)
-        refresh_retry = view.refresh_since is not None and record.finished < view.refresh_since
+        refresh_retry = since is not None and record.finished < since
         if not refresh_retry and (retry_at is None or now < retry_at):
             return PairState(
                 node, image, PairPhase.FAILED, record.category, record.message, retry_at=retry_at
@@ -276,7 +337,7 @@ def _plan_pair(
         )
     ordered[key] += 1
     always = stale or (settings.always_pull and record is None)
-    plan.pulls[node].append(PullItem(image, always=always, pin=pin and obs.pinning_supported))
+    pulls.append(PullItem(image, always=always, pin=pin and obs.pinning_supported))
     return PairState(node, image, PairPhase.PENDING, message="pull ordered")
 
 
@@ -308,7 +369,7 @@ def _release(
 
 def _plan_removals(
     removing: set[tuple[str, Selector]],
-    wanted: Mapping[tuple[str, str], bool],
+    wanted: set[tuple[str, str]],
     nodes: Mapping[str, Mapping[str, str]],
     observations: Mapping[str, NodeObservation],
     others: OthersWant,
@@ -333,31 +394,34 @@ def _plan_removals(
 
 
 def _plan_purge(
-    wanted: Mapping[tuple[str, str], bool],
+    wanted: list[tuple[str, str]],
     observations: Mapping[str, NodeObservation],
     others: OthersWant,
     now: float,
     plan: Plan,
 ) -> None:
     busy = False
-    for node, image in sorted(wanted):
+    by_node: dict[str, list[PairState]] = defaultdict(list)
+    for node, image in wanted:
         obs = observations.get(node)
         if not _alive(obs, now) or obs is None or obs.inventory is None:
-            plan.pairs.append(
+            by_node[node].append(
                 PairState(node, image, PairPhase.AGENT_UNAVAILABLE, Reason.AGENT_UNAVAILABLE)
             )
             continue
         key = parse(image).canonical
         if key in obs.removal_errors:
-            plan.pairs.append(
+            by_node[node].append(
                 PairState(node, image, PairPhase.FAILED, "RemoveFailed", obs.removal_errors[key])
             )
             continue
         holding = _release(node, image, obs, others, plan)
         busy |= holding
-        plan.pairs.append(
+        by_node[node].append(
             PairState(node, image, PairPhase.REMOVING if holding else PairPhase.REMOVED)
         )
+    for node, pairs in by_node.items():
+        plan.tally.put(node, NodePlan.of(pairs))
     plan.purge_done = not busy
 
 

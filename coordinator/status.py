@@ -7,17 +7,16 @@ cache over thousands of nodes still fits in one object.
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .api import Message, Reason, Status, list_to_json
-from .plan import CacheView, PairPhase, PairState, Plan
+from .pairs import Counts, Tally
+from .plan import CacheView, Plan
 
 MAX_FAILED_NODES_PER_IMAGE = 20
 MAX_NODE_DETAILS = 50
-FAILED_PHASES = frozenset({PairPhase.FAILED, PairPhase.AGENT_UNAVAILABLE})
 
 PROCESSING_MESSAGES = {
     Reason.CREATE: Message.PULLING,
@@ -56,80 +55,49 @@ def operation(view: CacheView, previous: Mapping[str, Any]) -> str:
     return Reason.UPDATE
 
 
-def _per_image(pairs: Sequence[PairState]) -> tuple[Counter[str], Counter[str]]:
-    """Nodes wanted and nodes failed, per image (from every pair, not the capped list)."""
-    totals = Counter(p.image for p in pairs)
-    failed = Counter(p.image for p in pairs if p.phase in FAILED_PHASES)
-    return totals, failed
-
-
-def _failures(pairs: Sequence[PairState]) -> dict[str, list[dict[str, str]]]:
-    by_image: dict[str, list[PairState]] = defaultdict(list)
-    for p in pairs:
-        if p.phase in FAILED_PHASES:
-            by_image[p.image].append(p)
+def _failures(tally: Tally) -> dict[str, list[dict[str, str]]]:
     out: dict[str, list[dict[str, str]]] = {}
-    for image, failed in sorted(by_image.items()):
+    for image in sorted(tally.failed):
+        count = len(tally.failed[image])
         entries = [
             {"node": p.node, "reason": p.reason or p.phase.value, "message": p.message}
-            for p in failed[:MAX_FAILED_NODES_PER_IMAGE]
+            for p in tally.first_failures(image, MAX_FAILED_NODES_PER_IMAGE)
         ]
-        if len(failed) > MAX_FAILED_NODES_PER_IMAGE:
+        if count > MAX_FAILED_NODES_PER_IMAGE:
             entries.append(
                 {
                     "node": "",
                     "reason": "MoreFailures",
-                    "message": f"and {len(failed) - MAX_FAILED_NODES_PER_IMAGE} more nodes",
+                    "message": f"and {count - MAX_FAILED_NODES_PER_IMAGE} more nodes",
                 }
             )
         out[image] = entries
     return out
 
 
-def _image_summary(pairs: Sequence[PairState]) -> list[dict[str, Any]]:
-    by_image: dict[str, list[PairState]] = defaultdict(list)
-    for p in pairs:
-        by_image[p.image].append(p)
+def _image_summary(tally: Tally) -> list[dict[str, Any]]:
     out = []
-    for image, states in sorted(by_image.items()):
-        ready = [p for p in states if p.phase == PairPhase.READY]
-        digests = Counter(p.digest for p in ready if p.digest)
+    for image, counts in sorted(tally.images.items()):
         entry: dict[str, Any] = {
             "image": image,
-            "nodesReady": len(ready),
-            "nodesTotal": len(states),
+            "nodesReady": counts.ready,
+            "nodesTotal": counts.total,
         }
-        if digests:
-            entry["digest"] = digests.most_common(1)[0][0]
-            if len(digests) > 1:
-                entry["digests"] = sorted(digests)
-        pulling = [p for p in states if p.phase == PairPhase.PULLING]
-        if pulling:
-            entry["bytesDone"] = sum(p.bytes_done for p in pulling)
-            entry["bytesTotal"] = sum(p.bytes_total for p in pulling)
+        if counts.digests:
+            # the digest most nodes hold (the smallest on a tie, so it does not flap)
+            entry["digest"] = min(counts.digests.items(), key=lambda d: (-d[1], d[0]))[0]
+            if len(counts.digests) > 1:
+                entry["digests"] = sorted(counts.digests)
+        if counts.pulling:
+            entry["bytesDone"] = counts.bytes_done
+            entry["bytesTotal"] = counts.bytes_total
         out.append(entry)
     return out
 
 
-def _node_details(pairs: Sequence[PairState]) -> list[dict[str, Any]]:
+def _node_details(tally: Tally) -> list[dict[str, Any]]:
     """Nodes not yet done, most behind first, at most MAX_NODE_DETAILS of them."""
-    by_node: dict[str, list[PairState]] = defaultdict(list)
-    for p in pairs:
-        by_node[p.node].append(p)
-    rows = []
-    for node, states in by_node.items():
-        ready = sum(p.phase == PairPhase.READY for p in states)
-        if ready == len(states):
-            continue
-        row: dict[str, Any] = {"node": node, "ready": ready, "total": len(states)}
-        active = [p for p in states if p.phase in (PairPhase.PULLING, PairPhase.WAITING)]
-        if active:
-            row["pulling"] = [p.image for p in active]
-            row["bytesDone"] = sum(p.bytes_done for p in active)
-            row["bytesTotal"] = sum(p.bytes_total for p in active)
-        rows.append(row)
-    rows.sort(key=lambda r: (r["ready"] / r["total"], r["node"]))
-    return rows[:MAX_NODE_DETAILS]
+    return [plan.row(node) for node, plan in tally.most_behind(MAX_NODE_DETAILS)]
 
 
 def _condition(
@@ -162,8 +130,8 @@ def build_status(
     spec_error: str = "",
     secret_errors: Sequence[str] = (),
 ) -> dict[str, Any]:
-    pairs = plan.pairs
-    failures = _failures(pairs)
+    tally = plan.tally
+    failures = _failures(tally)
     op = operation(view, previous)
     processing = not spec_error and not plan.settled
     if spec_error:
@@ -179,8 +147,9 @@ def build_status(
                 Message.DELETE_FAILED,
             )
     elif failures:
-        totals, failed = _per_image(pairs)
-        all_failed = any(count >= totals[image] for image, count in failed.items())
+        all_failed = any(
+            counts.failed >= counts.total for counts in tally.images.values() if counts.failed
+        )
         if all_failed:
             status, reason, message = (
                 Status.FAILED,
@@ -210,15 +179,14 @@ def build_status(
         start = previous.get("startTime") if was_processing else now
     else:
         start = previous.get("startTime") or now
-    ready = sum(p.phase == PairPhase.READY for p in pairs)
-    summary = _image_summary(pairs)
+    summary = _image_summary(tally)
     out: dict[str, Any] = {
         "status": status,
         "reason": reason,
         "message": message,
         "startTime": start,
         "observedGeneration": view.generation,
-        "ready": f"{ready}/{len(pairs)}",
+        "ready": f"{tally.ready}/{tally.pairs}",
         "imagesReady": f"{sum(i['nodesReady'] == i['nodesTotal'] for i in summary)}/{len(summary)}",
         "images": summary,
         "conditions": [
@@ -240,7 +208,7 @@ def build_status(
         out["pullSecretErrors"] = list(secret_errors)
     if failures:
         out["failures"] = failures
-    nodes = _node_details(pairs)
+    nodes = _node_details(tally)
     if nodes:
         out["nodes"] = nodes
     if not processing:
@@ -279,7 +247,7 @@ def comparable(status: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def events_for(
-    previous: Mapping[str, Any], new: Mapping[str, Any], pairs: Sequence[PairState]
+    previous: Mapping[str, Any], new: Mapping[str, Any], counts: Counts
 ) -> list[EventSpec]:
     """Events on a change of state, aggregated per image (never one per node)."""
     before = (previous.get("status"), previous.get("reason"))
@@ -287,8 +255,7 @@ def events_for(
     if before == after:
         return []
     status, reason = after
-    nodes = len({p.node for p in pairs})
-    images = len({p.image for p in pairs})
+    nodes, images = counts.nodes, counts.images
     if status == Status.PROCESSING:
         return [
             EventSpec("Normal", str(reason), f"{new['message']} ({images} images, {nodes} nodes)")
@@ -296,15 +263,14 @@ def events_for(
     if status == Status.SUCCEEDED:
         return [EventSpec("Normal", str(reason), f"{new['message']} ({new.get('ready', '')})")]
     events = [EventSpec("Warning", str(reason), str(new.get("message", "")))]
-    totals, counts = _per_image(pairs)
     for image, failed in sorted((new.get("failures") or {}).items()):
         first = failed[0]
-        count = counts.get(image, len(failed))
+        count = counts.failed.get(image, len(failed))
         events.append(
             EventSpec(
                 "Warning",
                 "ImagePullFailed",
-                f"{image}: failed on {count} of {totals.get(image, count)} nodes; "
+                f"{image}: failed on {count} of {counts.totals.get(image, count)} nodes; "
                 f"{first['node']}: {first['reason']}: {first['message']}"[:1000],
             )
         )

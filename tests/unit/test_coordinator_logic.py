@@ -12,7 +12,8 @@ import pytest
 from common.reference import parse
 from coordinator.api import CacheList, CacheSpec, SpecError, parse_spec
 from coordinator.controller import agent_from_lease
-from coordinator.plan import CacheView, PairPhase, PairState, Plan
+from coordinator.pairs import PairPhase, PairState
+from coordinator.plan import CacheView, Plan
 from coordinator.secrets import SecretError, credentials_for, parse_secret
 from coordinator.status import MAX_FAILED_NODES_PER_IMAGE, build_status, comparable, events_for
 from coordinator.workqueue import WorkQueue
@@ -26,7 +27,7 @@ def view(**kw: object) -> CacheView:
 
 
 def plan_of(*pairs: PairState, **kw: object) -> Plan:
-    plan = Plan(pairs=list(pairs))
+    plan = Plan.of_pairs(pairs)
     for k, v in kw.items():
         setattr(plan, k, v)
     return plan
@@ -105,14 +106,16 @@ def test_transition_events_are_sent_once_and_aggregate_per_image() -> None:
     pairs = [
         PairState(f"n{i}", "r.io/a:1", PairPhase.FAILED, "Unauthorized", "401") for i in range(3)
     ]
-    new = build_status(view(), plan_of(*pairs), {}, NOW)
-    events = events_for({"status": "Processing", "reason": "ImageCacheCreate"}, new, pairs)
+    plan = plan_of(*pairs)
+    new = build_status(view(), plan, {}, NOW)
+    counts = plan.tally.counts()
+    events = events_for({"status": "Processing", "reason": "ImageCacheCreate"}, new, counts)
     assert [(e.type, e.reason) for e in events] == [
         ("Warning", "ImagePullFailedForSomeImages"),
         ("Warning", "ImagePullFailed"),
     ]
     assert "failed on 3 of 3 nodes" in events[1].message
-    assert events_for(new, new, pairs) == []
+    assert events_for(new, new, counts) == []
     assert comparable(new) == comparable({**new, "startTime": "other"})
 
 

@@ -12,7 +12,8 @@ from coordinator.model import (
     OrderPhase,
     PullRecord,
 )
-from coordinator.plan import CacheView, PairPhase, Settings, plan_cache
+from coordinator.pairs import PairPhase
+from coordinator.plan import CacheView, Settings, plan_cache
 
 NOW = 1_000_000.0
 A = "reg.io/app/a:v1"

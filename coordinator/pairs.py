@@ -1,0 +1,232 @@
+"""What the planner finds for each node x image pair, grouped per node, and the sums
+over all of them that the status is written from.
+
+A cache over 5,000 nodes has 100,000 pairs. The planner therefore keeps one
+`NodePlan` per node and replans only nodes whose inputs changed; `Tally` keeps the
+sums the status needs and is updated node by node, so neither the plan nor the status
+costs a pass over every pair.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class PairPhase(StrEnum):
+    READY = "Ready"
+    PENDING = "Pending"  # waiting for the node's inventory or an order slot
+    QUEUED = "Queued"  # held back by the wave size
+    WAITING = "Waiting"  # queued on the agent
+    PULLING = "Pulling"
+    FAILED = "Failed"
+    AGENT_UNAVAILABLE = "AgentUnavailable"
+    REMOVING = "Removing"
+    REMOVED = "Removed"
+
+
+DONE_PHASES = frozenset(
+    {PairPhase.READY, PairPhase.FAILED, PairPhase.AGENT_UNAVAILABLE, PairPhase.REMOVED}
+)
+FAILED_PHASES = frozenset({PairPhase.FAILED, PairPhase.AGENT_UNAVAILABLE})
+ACTIVE_PHASES = frozenset({PairPhase.PULLING, PairPhase.WAITING})
+
+
+@dataclass(frozen=True, slots=True)
+class PullItem:
+    image: str
+    always: bool
+    pin: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PairState:
+    node: str
+    image: str
+    phase: PairPhase
+    reason: str = ""
+    message: str = ""
+    bytes_done: int = 0
+    bytes_total: int = 0
+    digest: str = ""
+    pinned: bool = False
+    retry_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NodePlan:
+    """One node's pairs and orders. `valid_until`: when time alone (a Lease running
+    out, a retry falling due) may change the answer."""
+
+    pairs: tuple[PairState, ...]
+    pulls: tuple[PullItem, ...] = ()
+    pins: tuple[tuple[str, bool], ...] = ()
+    valid_until: float = math.inf
+    ready: int = 0
+    open: int = 0  # pairs not yet done
+    queued: bool = False
+    retry_at: float | None = None
+
+    @classmethod
+    def of(
+        cls,
+        pairs: Iterable[PairState],
+        pulls: Iterable[PullItem] = (),
+        pins: Iterable[tuple[str, bool]] = (),
+        valid_until: float = math.inf,
+    ) -> NodePlan:
+        states = tuple(pairs)
+        retries = [p.retry_at for p in states if p.retry_at is not None]
+        return cls(
+            states,
+            tuple(pulls),
+            tuple(pins),
+            min([valid_until, *retries]),
+            ready=sum(p.phase is PairPhase.READY for p in states),
+            open=sum(p.phase not in DONE_PHASES for p in states),
+            queued=any(p.phase is PairPhase.QUEUED for p in states),
+            retry_at=min(retries) if retries else None,
+        )
+
+    @property
+    def has_orders(self) -> bool:
+        return bool(self.pulls or self.pins)
+
+    def row(self, node: str) -> dict[str, object]:
+        """The node's line in the status: how far along it is, and what it pulls."""
+        row: dict[str, object] = {"node": node, "ready": self.ready, "total": len(self.pairs)}
+        active = [p for p in self.pairs if p.phase in ACTIVE_PHASES]
+        if active:
+            row["pulling"] = [p.image for p in active]
+            row["bytesDone"] = sum(p.bytes_done for p in active)
+            row["bytesTotal"] = sum(p.bytes_total for p in active)
+        return row
+
+
+@dataclass
+class ImageTally:
+    total: int = 0
+    ready: int = 0
+    failed: int = 0
+    pulling: int = 0
+    bytes_done: int = 0
+    bytes_total: int = 0
+    digests: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(frozen=True)
+class Counts:
+    """A snapshot of the sums Events are worded from."""
+
+    nodes: int
+    images: int
+    totals: Mapping[str, int]
+    failed: Mapping[str, int]
+
+
+class Tally:
+    """Sums over every pair of a plan, kept current one node at a time."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, NodePlan] = {}
+        self.images: dict[str, ImageTally] = {}
+        self.behind: dict[str, NodePlan] = {}  # nodes with pairs not ready
+        self.failed: dict[str, dict[str, PairState]] = {}  # image -> node -> pair
+        self.retries: dict[str, float] = {}  # node -> its earliest retry
+        self.pairs = 0
+        self.ready = 0
+        self.open = 0
+
+    def put(self, node: str, plan: NodePlan | None) -> None:
+        """Replaces the node's share (None: the node no longer has pairs here)."""
+        old = self.nodes.pop(node, None)
+        if old is not None:
+            self._count(node, old, -1)
+        if plan is not None and plan.pairs:
+            self.nodes[node] = plan
+            self._count(node, plan, 1)
+
+    def _count(self, node: str, plan: NodePlan, sign: int) -> None:
+        self.pairs += sign * len(plan.pairs)
+        self.ready += sign * plan.ready
+        self.open += sign * plan.open
+        if plan.ready < len(plan.pairs):
+            if sign > 0:
+                self.behind[node] = plan
+            else:
+                self.behind.pop(node, None)
+        if plan.retry_at is not None:
+            if sign > 0:
+                self.retries[node] = plan.retry_at
+            else:
+                self.retries.pop(node, None)
+        for pair in plan.pairs:
+            image = self.images.get(pair.image)
+            if image is None:
+                image = self.images[pair.image] = ImageTally()
+            image.total += sign
+            phase = pair.phase
+            if phase is PairPhase.READY:
+                image.ready += sign
+                if pair.digest:
+                    image.digests[pair.digest] += sign
+                    if not image.digests[pair.digest]:
+                        del image.digests[pair.digest]
+            elif phase is PairPhase.PULLING:
+                image.pulling += sign
+                image.bytes_done += sign * pair.bytes_done
+                image.bytes_total += sign * pair.bytes_total
+            elif phase in FAILED_PHASES:
+                image.failed += sign
+                failed = self.failed.setdefault(pair.image, {})
+                if sign > 0:
+                    failed[node] = pair
+                else:
+                    failed.pop(node, None)
+                    if not failed:
+                        del self.failed[pair.image]
+            if not image.total:
+                del self.images[pair.image]
+
+    @property
+    def next_retry(self) -> float | None:
+        return min(self.retries.values()) if self.retries else None
+
+    def first_failures(self, image: str, limit: int) -> list[PairState]:
+        """The failed pairs of `image` on the first `limit` nodes by name."""
+        failed = self.failed.get(image) or {}
+        return [failed[n] for n in heapq.nsmallest(limit, failed)]
+
+    def most_behind(self, limit: int) -> list[tuple[str, NodePlan]]:
+        """Nodes not yet done, least ready first."""
+        return heapq.nsmallest(
+            limit,
+            self.behind.items(),
+            key=lambda item: (item[1].ready / len(item[1].pairs), item[0]),
+        )
+
+    def counts(self) -> Counts:
+        return Counts(
+            nodes=len(self.nodes),
+            images=len(self.images),
+            totals={i: t.total for i, t in self.images.items()},
+            failed={i: t.failed for i, t in self.images.items() if t.failed},
+        )
+
+    def all_pairs(self) -> list[PairState]:
+        """Every pair, by node then image (for tests and small caches; not the hot path)."""
+        return [p for node in sorted(self.nodes) for p in self.nodes[node].pairs]
+
+    @classmethod
+    def of_pairs(cls, pairs: Iterable[PairState]) -> Tally:
+        by_node: dict[str, list[PairState]] = {}
+        for pair in pairs:
+            by_node.setdefault(pair.node, []).append(pair)
+        tally = cls()
+        for node, states in by_node.items():
+            tally.put(node, NodePlan.of(states))
+        return tally
