@@ -192,4 +192,4 @@ def test_a_tally_returns_to_empty_when_every_node_leaves() -> None:
     for node in ("n1", "n2"):
         tally.put(node, None)
     assert (tally.pairs, tally.ready, tally.open) == (0, 0, 0)
-    assert not (tally.nodes or tally.images or tally.behind or tally.failed or tally.retries)
+    assert (tally.nodes, tally.images, tally.behind, tally.failed, tally.retries) == ({},) * 5
