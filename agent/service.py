@@ -48,6 +48,14 @@ STATUS_CODES = {
     Category.RUNTIME_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     Category.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
+OUTCOMES = frozenset({Phase.SUCCEEDED, Phase.ALREADY_PRESENT, Phase.FAILED})
+
+
+def reported(progress: int, phase: Phase) -> bool:
+    """Whether a stream that asked for `progress` carries an event of `phase`."""
+    return progress != agent_pb2.PROGRESS_OUTCOMES or phase in OUTCOMES
+
+
 PINS = {
     PinState.PINNED: agent_pb2.PIN_STATE_PINNED,
     PinState.UNPINNED: agent_pb2.PIN_STATE_UNPINNED,
@@ -129,9 +137,10 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     ) -> AsyncIterator[agent_pb2.PullEvent]:
         log.info(
-            "pull batch %s: %d image(s): %s",
+            "pull batch %s: %d image(s)%s: %s",
             request.request_id or "-",
             len(request.images),
+            " (outcomes only)" if request.progress == agent_pb2.PROGRESS_OUTCOMES else "",
             ", ".join(p.image for p in request.images),
         )
         queue: asyncio.Queue[PullEvent | None] = asyncio.Queue()
@@ -155,7 +164,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                     log.warning(
                         "pull of %s failed (%s): %s", event.image, event.category, event.message
                     )
-                yield event_to_proto(event)
+                if reported(request.progress, event.phase):
+                    yield event_to_proto(event)
         finally:
             for task in tasks:
                 task.cancel()

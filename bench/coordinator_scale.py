@@ -60,6 +60,14 @@ def api_writes(env: TestEnv) -> dict[str, float]:
     return out
 
 
+def spread(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    return {
+        q: round(ordered[min(len(ordered) - 1, int(f * len(ordered)))], 2)
+        for q, f in (("min", 0.0), ("p50", 0.5), ("p90", 0.9), ("max", 1.0))
+    }
+
+
 def proc_usage(pid: int) -> tuple[float, float]:
     """Peak RSS (MiB) and CPU seconds of a process so far."""
     status = Path(f"/proc/{pid}/status").read_text()
@@ -149,6 +157,7 @@ def run_one(nodes: int, pull_seconds: float, servers: int) -> dict[str, Any]:
         after = api_writes(env)
         rss, cpu = proc_usage(coordinator.process.pid)
         pulls = sum(n.pulls for n in fleet.agent.nodes.values())
+        sim = fleet.agent
         writes = {
             k: after.get(k, 0) - before.get(k, 0)
             for k in after
@@ -163,6 +172,11 @@ def run_one(nodes: int, pull_seconds: float, servers: int) -> dict[str, Any]:
             "rss_mib": rss,
             "cpu_s": cpu,
             "pulls": pulls,
+            "first_order_s": sim.first_order - t0,  # the coordinator's first order
+            "last_pull_end_s": sim.last_pull_end - t0,  # when the fleet's work was done
+            # when nodes got their orders, and how long their pulls took, over the fleet
+            "ordered_s": spread([n.ordered_at - t0 for n in sim.nodes.values()]),
+            "pulling_s": spread([n.done_at - n.ordered_at for n in sim.nodes.values()]),
             "writes": writes,
             "ready": status.get("ready"),
         }

@@ -10,8 +10,10 @@ one; only the runtime behind the agents is simulated.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,10 +31,13 @@ class SimNodeState:
     images: dict[str, tuple[str, str, bool]] = field(
         default_factory=dict
     )  # ref -> id, digest, pinned
-    slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
+    slots: asyncio.Lock = field(default_factory=asyncio.Lock)  # held by two pulls at once
     pulls: int = 0
+    ordered_at: float = 0.0  # time.monotonic() of the node's first order
+    done_at: float = 0.0  # of its last simulated pull's end
 
 
+@functools.lru_cache(maxsize=4096)
 def _digest(text: str) -> str:
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
@@ -41,62 +46,61 @@ class FakeAgent(agent_pb2_grpc.AgentServicer):
     def __init__(self, pull_seconds: float) -> None:
         self.pull_seconds = pull_seconds
         self.nodes: dict[str, SimNodeState] = {}
+        self.first_order = 0.0  # time.monotonic() of the first PullImages call, 0: none yet
+        self.last_pull_end = 0.0  # of the last simulated pull to end
 
     def _node(self, context: Any) -> SimNodeState:
         name = dict(context.invocation_metadata()).get("x-fledged-node", "")
         return self.nodes.setdefault(name, SimNodeState())
 
     async def PullImages(self, request: Any, context: Any) -> AsyncIterator[agent_pb2.PullEvent]:
+        """Two pulls at a time per node, as the agent's default cap: one timer per pair
+        of pulls rather than a task per image, so the simulator stays light next to the
+        coordinator it measures (both share the machine)."""
         node = self._node(context)
-        queue: asyncio.Queue[agent_pb2.PullEvent | None] = asyncio.Queue()
-
-        async def one(pull: agent_pb2.ImagePull) -> None:
+        self.first_order = self.first_order or time.monotonic()
+        node.ordered_at = node.ordered_at or time.monotonic()
+        detailed = request.progress != A.PROGRESS_OUTCOMES  # as the real agent decides
+        pending = []
+        for pull in request.images:
             ref = parse(pull.image).canonical
-            try:
-                if pull.policy != A.PULL_POLICY_ALWAYS and ref in node.images:
-                    image_id, digest, _pinned = node.images[ref]
-                    queue.put_nowait(
-                        A.PullEvent(
-                            image=pull.image,
-                            phase=A.PHASE_ALREADY_PRESENT,
-                            image_id=image_id,
-                            repo_digest=digest,
+            if pull.policy != A.PULL_POLICY_ALWAYS and ref in node.images:
+                image_id, digest, _pinned = node.images[ref]
+                yield A.PullEvent(
+                    image=pull.image,
+                    phase=A.PHASE_ALREADY_PRESENT,
+                    image_id=image_id,
+                    repo_digest=digest,
+                )
+            else:
+                pending.append((pull, ref))
+        if detailed:
+            for pull, _ in pending[2:]:
+                yield A.PullEvent(image=pull.image, phase=A.PHASE_WAITING)
+        for i in range(0, len(pending), 2):
+            pair = pending[i : i + 2]
+            async with node.slots:  # the node's two slots, whatever the batch
+                if detailed:
+                    for pull, _ in pair:
+                        yield A.PullEvent(
+                            image=pull.image, phase=A.PHASE_PULLING, bytes_total=1 << 20
                         )
-                    )
-                    return
-                if node.slots.locked():
-                    queue.put_nowait(A.PullEvent(image=pull.image, phase=A.PHASE_WAITING))
-                async with node.slots:
-                    queue.put_nowait(
-                        A.PullEvent(image=pull.image, phase=A.PHASE_PULLING, bytes_total=1 << 20)
-                    )
-                    await asyncio.sleep(self.pull_seconds)
-                    node.pulls += 1
+                await asyncio.sleep(self.pull_seconds)
+            self.last_pull_end = node.done_at = time.monotonic()
+            for pull, ref in pair:
+                node.pulls += 1
                 image_id, digest = _digest("id" + ref), _digest("manifest" + ref)
                 node.images[ref] = (image_id, digest, pull.pin)
-                queue.put_nowait(
-                    A.PullEvent(
-                        image=pull.image,
-                        phase=A.PHASE_SUCCEEDED,
-                        image_id=image_id,
-                        repo_digest=digest,
-                        size=1 << 20,
-                        bytes_done=1 << 20,
-                        bytes_total=1 << 20,
-                        pin=A.PIN_STATE_PINNED if pull.pin else A.PIN_STATE_UNPINNED,
-                    )
+                yield A.PullEvent(
+                    image=pull.image,
+                    phase=A.PHASE_SUCCEEDED,
+                    image_id=image_id,
+                    repo_digest=digest,
+                    size=1 << 20,
+                    bytes_done=1 << 20,
+                    bytes_total=1 << 20,
+                    pin=A.PIN_STATE_PINNED if pull.pin else A.PIN_STATE_UNPINNED,
                 )
-            finally:
-                queue.put_nowait(None)
-
-        tasks = [asyncio.create_task(one(p)) for p in request.images]
-        left = len(tasks)
-        while left:
-            event = await queue.get()
-            if event is None:
-                left -= 1
-            else:
-                yield event
 
     async def ListImages(self, request: Any, context: Any) -> agent_pb2.ListImagesResponse:
         node = self._node(context)

@@ -20,6 +20,7 @@ class CoordinatorConfig:
     always_pull: bool
     agent_namespace: str
     max_concurrent_nodes_per_image: int | None
+    byte_progress_max_nodes: int
     leader_elect: bool
     leader_election_namespace: str
     leader_election_id: str
@@ -70,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="wave size: nodes pulling one image at once, cluster-wide (0: unlimited)",
     )
+    a(
+        "--byte-progress-max-nodes",
+        type=int,
+        default=1000,
+        help="caches on more nodes than this get only each pull's outcome from the agents, "
+        "not its byte progress (keeps the event rate of large fleets down); 0: never",
+    )
     a("--leader-elect", action="store_true", help="elect a leader among replicas on a Lease")
     a("--leader-election-namespace", default=None, help="default: the agent namespace")
     a("--leader-election-id", default="kube-fledged-coordinator", help="name of the leader Lease")
@@ -111,6 +119,7 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         always_pull=ns.image_pull_policy == "Always",
         agent_namespace=ns.agent_namespace,
         max_concurrent_nodes_per_image=ns.max_concurrent_nodes_per_image or None,
+        byte_progress_max_nodes=ns.byte_progress_max_nodes,
         leader_elect=ns.leader_elect,
         leader_election_namespace=ns.leader_election_namespace or ns.agent_namespace,
         leader_election_id=ns.leader_election_id,

@@ -20,7 +20,6 @@ from typing import Any
 from kubernetes import client
 
 from common.reference import ImageRef, InvalidReference, parse
-from protos.fledged.agent.v1 import agent_pb2
 
 from . import api
 from .kube import Informer, KubeWriter, Obj, metadata_only, now_iso
@@ -40,6 +39,7 @@ ENDPOINT_ANNOTATION = "kubefledged.io/agent-endpoint"
 TLS_ANNOTATION = "kubefledged.io/agent-tls"
 STATUS_MIN_INTERVAL = 1.0  # seconds between two status writes of one cache
 NODE_CHANGE_BATCH = 0.25  # seconds node answers are gathered before a cache is replanned
+COSTLY_RECONCILE = 0.02  # seconds: past this, a cache is replanned at most once a status interval
 PIN_SWEEP_EVERY = 10.0  # seconds between sweeps for pins no cache wants any more
 
 
@@ -51,6 +51,19 @@ class ControllerConfig:
     workers: int = 4
     status_interval: float = STATUS_MIN_INTERVAL
     watch_namespace: str | None = None
+    byte_progress_max_nodes: int = 1000
+
+
+def replan_delay(cost: float, status_interval: float) -> float:
+    """How long node answers gather before a cache is replanned, so a burst from many
+    nodes makes one reconcile rather than one each. A reconcile replans the nodes that
+    changed, so a cache over thousands of nodes costs more: it waits at least twice its
+    cost, and a whole status interval once it is costly (its status cannot be written
+    more often anyway). Planning then keeps to a small share of the coordinator's time."""
+    delay = max(NODE_CHANGE_BATCH, 2 * cost)
+    if cost > COSTLY_RECONCILE:
+        delay = max(delay, status_interval)
+    return delay
 
 
 def agent_from_lease(lease: Mapping[str, Any]) -> AgentInfo | None:
@@ -238,14 +251,10 @@ class Controller:
             self._threadsafe(self._registry.set_agent, node, agent)
 
     def node_changed(self, node: str) -> None:
-        """The registry's callback: something changed on `node`.
-
-        Delayed a little, so a burst of answers from many nodes makes one reconcile
-        rather than one each: a reconcile plans every node x image pair of a cache, so
-        the delay grows with its cost and planning keeps to about a third of the time."""
+        """The registry's callback: something changed on `node`."""
         for key in list(self.caches.store):
             cost = self._reconcile_seconds.get(key, 0.0)
-            self.queue.add_after(key, max(NODE_CHANGE_BATCH, 2 * cost))
+            self.queue.add_after(key, replan_delay(cost, self._config.status_interval))
 
     def enqueue_all(self) -> None:
         for key in list(self.caches.store):
@@ -550,26 +559,15 @@ class Controller:
             log.info("%s: %s done", key, ", ".join(done))
 
     def _dispatch(self, key: str, plan: Plan, auths: list[RegistryAuth]) -> None:
-        def creds(image: str) -> list[agent_pb2.RegistryCredentials]:
+        def creds(image: str) -> list[RegistryAuth]:
             try:
-                ref = parse(image)
+                return credentials_for(parse(image), auths)
             except InvalidReference:
                 return []
-            return [
-                agent_pb2.RegistryCredentials(
-                    server_address=a.server_address,
-                    username=a.username,
-                    password=a.password,
-                    auth=a.auth,
-                    identity_token=a.identity_token,
-                )
-                for a in credentials_for(ref, auths)
-            ]
 
-        for node, items in plan.pulls.items():
-            if items:
-                self.metrics.orders.labels("pull").inc(len(items))
-                self._registry.submit_pulls(node, items, creds, key)
+        detailed = len(plan.tally.nodes) <= self._config.byte_progress_max_nodes
+        self.metrics.orders.labels("pull").inc(sum(len(items) for items in plan.pulls.values()))
+        self._registry.submit_pulls(plan.pulls, creds, key, detailed)
         for node, changes in plan.pins.items():
             if changes:
                 for _, pinned in changes:

@@ -108,6 +108,7 @@ async def run(cfg: CoordinatorConfig) -> int:
             refresh_every=cfg.refresh_every,
             workers=cfg.workers,
             watch_namespace=cfg.watch_namespace,
+            byte_progress_max_nodes=cfg.byte_progress_max_nodes,
         ),
         metrics,
     )

@@ -8,10 +8,11 @@ which caches to look at again; nothing here decides what to order.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -21,8 +22,16 @@ from common.reference import InvalidReference, parse
 from protos.fledged.agent.v1 import agent_pb2
 
 from .agents import AgentPool
-from .model import AgentInfo, Inventory, NodeImage, NodeObservation, OrderPhase, PullRecord
+from .model import (
+    AgentInfo,
+    Inventory,
+    NodeObservation,
+    OrderPhase,
+    PullRecord,
+    shared_image,
+)
 from .pairs import PullItem
+from .secrets import RegistryAuth
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +46,9 @@ CATEGORY_NAMES = {
     agent_pb2.ERROR_CATEGORY_INTERNAL: "Internal",
 }
 AGENT_UNAVAILABLE = "AgentUnavailable"
+LISTINGS_AT_ONCE = 64  # a restart over 5,000 nodes lists them a few dozen at a time
 PROGRESS_NOTIFY_EVERY = 1.0  # seconds: progress reaches status at most this often per node
-CredentialsFor = Callable[[str], Sequence[agent_pb2.RegistryCredentials]]
+CredentialsFor = Callable[[str], Sequence[RegistryAuth]]  # image -> what may log in for it
 
 
 def canonical(image: str) -> str:
@@ -48,14 +58,26 @@ def canonical(image: str) -> str:
         return image
 
 
+@functools.lru_cache(maxsize=65536)
+def _normalized(name: str) -> str | None:
+    try:
+        return str(parse(name))
+    except InvalidReference:
+        return None
+
+
 def _normalize_all(names: Sequence[str]) -> frozenset[str]:
-    out = set()
-    for name in names:
-        try:
-            out.add(str(parse(name)))
-        except InvalidReference:
-            continue
-    return frozenset(out)
+    return frozenset(n for n in map(_normalized, names) if n is not None)
+
+
+def _credentials(auth: RegistryAuth) -> agent_pb2.RegistryCredentials:
+    return agent_pb2.RegistryCredentials(
+        server_address=auth.server_address,
+        username=auth.username,
+        password=auth.password,
+        auth=auth.auth,
+        identity_token=auth.identity_token,
+    )
 
 
 def renewed(old: AgentInfo | None, new: AgentInfo | None, now: float) -> bool:
@@ -73,13 +95,13 @@ def renewed(old: AgentInfo | None, new: AgentInfo | None, now: float) -> bool:
 def inventory_from(resp: agent_pb2.ListImagesResponse, now: float) -> Inventory:
     return Inventory(
         [
-            NodeImage(
-                image_id=i.id,
-                tags=_normalize_all(i.repo_tags),
-                digests=_normalize_all(i.repo_digests),
-                pinned=i.pin == agent_pb2.PIN_STATE_PINNED,
-                pin_owned=i.pinned_by_fledged,
-                size=i.size,
+            shared_image(
+                i.id,
+                _normalize_all(i.repo_tags),
+                _normalize_all(i.repo_digests),
+                i.pin == agent_pb2.PIN_STATE_PINNED,
+                i.pinned_by_fledged,
+                i.size,
             )
             for i in resp.images
         ],
@@ -102,6 +124,7 @@ class NodeRegistry:
         self.observations: dict[str, NodeObservation] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._last_notify: dict[str, float] = {}
+        self._listings = asyncio.Semaphore(LISTINGS_AT_ONCE)
 
     # -- bookkeeping -----------------------------------------------------------------
 
@@ -178,8 +201,9 @@ class NodeRegistry:
             return
         client = self._pool.get(agent.endpoint)
         try:
-            info = await client.node_info(node)
-            listing = await client.list_images(node)
+            async with self._listings:
+                info = await client.node_info(node)
+                listing = await client.list_images(node)
         except grpc.RpcError as err:
             log.warning(
                 "cannot list images on %s (%s): %s",
@@ -199,35 +223,45 @@ class NodeRegistry:
     # -- orders ----------------------------------------------------------------------
 
     def submit_pulls(
-        self, node: str, items: Sequence[PullItem], credentials_for: CredentialsFor, cache_key: str
+        self,
+        batches: Mapping[str, Sequence[PullItem]],
+        credentials_for: CredentialsFor,
+        cache_key: str,
+        detailed: bool = True,
     ) -> None:
-        obs = self.observation(node)
-        if obs.agent is None or not items:
-            return
+        """One PullImages call per node. `detailed`: ask for WAITING and byte progress
+        too, not only outcomes. Each distinct order is built once for all nodes."""
+        orders: dict[PullItem, agent_pb2.ImagePull] = {}
+        deadline = duration_pb2.Duration(seconds=int(self._deadline))
+        progress = agent_pb2.PROGRESS_FULL if detailed else agent_pb2.PROGRESS_OUTCOMES
         now = time.time()
-        obs.touch()
-        for item in items:
-            key = canonical(item.image)
-            old = obs.pulls.get(key)
-            obs.pulls[key] = PullRecord(
-                OrderPhase.SENT, started=now, failures=old.failures if old else 0
-            )
-        request = agent_pb2.PullImagesRequest(
-            request_id=f"{cache_key}/{uuid.uuid4().hex[:8]}",
-            images=[
-                agent_pb2.ImagePull(
-                    image=item.image,
-                    policy=agent_pb2.PULL_POLICY_ALWAYS
-                    if item.always
-                    else agent_pb2.PULL_POLICY_IF_NOT_PRESENT,
-                    credentials=credentials_for(item.image),
-                    deadline=duration_pb2.Duration(seconds=int(self._deadline)),
-                    pin=item.pin,
+        for node, items in batches.items():
+            obs = self.observation(node)
+            if obs.agent is None or not items:
+                continue
+            obs.touch()
+            for item in items:
+                key = canonical(item.image)
+                old = obs.pulls.get(key)
+                obs.pulls[key] = PullRecord(
+                    OrderPhase.SENT, started=now, failures=old.failures if old else 0
                 )
-                for item in items
-            ],
-        )
-        self._spawn(self._pull(node, obs.agent, request), f"pull {node} {request.request_id}")
+                if item not in orders:
+                    orders[item] = agent_pb2.ImagePull(
+                        image=item.image,
+                        policy=agent_pb2.PULL_POLICY_ALWAYS
+                        if item.always
+                        else agent_pb2.PULL_POLICY_IF_NOT_PRESENT,
+                        credentials=[_credentials(a) for a in credentials_for(item.image)],
+                        deadline=deadline,
+                        pin=item.pin,
+                    )
+            request = agent_pb2.PullImagesRequest(
+                request_id=f"{cache_key}/{uuid.uuid4().hex[:8]}",
+                progress=progress,
+                images=[orders[item] for item in items],
+            )
+            self._spawn(self._pull(node, obs.agent, request), f"pull {node} {request.request_id}")
 
     async def _pull(
         self, node: str, agent: AgentInfo, request: agent_pb2.PullImagesRequest
@@ -292,17 +326,19 @@ class NodeRegistry:
                 existing = next(
                     (i for i in obs.inventory.images if i.image_id == event.image_id), None
                 )
-                tags = {f"{ref.name}:{ref.tag}"} if ref.tag else set()
-                digests = {f"{ref.name}@{event.repo_digest}"} if event.repo_digest else set()
+                tags = _normalize_all([f"{ref.name}:{ref.tag}"] if ref.tag else [])
+                digests = _normalize_all(
+                    [f"{ref.name}@{event.repo_digest}"] if event.repo_digest else []
+                )
                 pinned = event.pin == agent_pb2.PIN_STATE_PINNED
                 obs.inventory = obs.inventory.replace(
-                    NodeImage(
-                        image_id=event.image_id,
-                        tags=frozenset(tags | (existing.tags if existing else set())),
-                        digests=frozenset(digests | (existing.digests if existing else set())),
-                        pinned=pinned,
-                        pin_owned=(existing.pin_owned if existing else False) or pinned,
-                        size=event.size,
+                    shared_image(
+                        event.image_id,
+                        tags | (existing.tags if existing else frozenset()),
+                        digests | (existing.digests if existing else frozenset()),
+                        pinned,
+                        (existing.pin_owned if existing else False) or pinned,
+                        event.size,
                     )
                 )
         elif event.phase == agent_pb2.PHASE_FAILED:

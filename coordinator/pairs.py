@@ -34,6 +34,8 @@ DONE_PHASES = frozenset(
 )
 FAILED_PHASES = frozenset({PairPhase.FAILED, PairPhase.AGENT_UNAVAILABLE})
 ACTIVE_PHASES = frozenset({PairPhase.PULLING, PairPhase.WAITING})
+# Phases whose pairs add more than one to their image's total (digest, bytes, failure).
+_COUNTED = frozenset({PairPhase.READY, PairPhase.PULLING, *FAILED_PHASES})
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,17 +82,21 @@ class NodePlan:
         valid_until: float = math.inf,
     ) -> NodePlan:
         states = tuple(pairs)
-        retries = [p.retry_at for p in states if p.retry_at is not None]
-        return cls(
-            states,
-            tuple(pulls),
-            tuple(pins),
-            min([valid_until, *retries]),
-            ready=sum(p.phase is PairPhase.READY for p in states),
-            open=sum(p.phase not in DONE_PHASES for p in states),
-            queued=any(p.phase is PairPhase.QUEUED for p in states),
-            retry_at=min(retries) if retries else None,
-        )
+        ready = open_ = 0
+        queued = False
+        retry_at: float | None = None
+        for p in states:
+            phase = p.phase
+            if phase is PairPhase.READY:
+                ready += 1
+            elif phase not in DONE_PHASES:
+                open_ += 1
+                queued = queued or phase is PairPhase.QUEUED
+            if p.retry_at is not None and (retry_at is None or p.retry_at < retry_at):
+                retry_at = p.retry_at
+        if retry_at is not None:
+            valid_until = min(valid_until, retry_at)
+        return cls(states, tuple(pulls), tuple(pins), valid_until, ready, open_, queued, retry_at)
 
     @property
     def has_orders(self) -> bool:
@@ -105,6 +111,10 @@ class NodePlan:
             row["bytesDone"] = sum(p.bytes_done for p in active)
             row["bytesTotal"] = sum(p.bytes_total for p in active)
         return row
+
+
+def _aligned(old: tuple[PairState, ...], new: tuple[PairState, ...]) -> bool:
+    return len(old) == len(new) and all(a.image == b.image for a, b in zip(old, new, strict=True))
 
 
 @dataclass
@@ -144,13 +154,30 @@ class Tally:
     def put(self, node: str, plan: NodePlan | None) -> None:
         """Replaces the node's share (None: the node no longer has pairs here)."""
         old = self.nodes.pop(node, None)
+        if plan is not None and not plan.pairs:
+            plan = None
         if old is not None:
-            self._count(node, old, -1)
-        if plan is not None and plan.pairs:
+            self._count_node(node, old, -1)
+        if plan is not None:
             self.nodes[node] = plan
-            self._count(node, plan, 1)
+            self._count_node(node, plan, 1)
+        if old is not None and plan is not None and _aligned(old.pairs, plan.pairs):
+            # Same images in the same order, as when the node's observation moved:
+            # count only the pairs whose contribution changed.
+            for before, after in zip(old.pairs, plan.pairs, strict=True):
+                if before.phase is after.phase and (
+                    before.phase not in _COUNTED or before == after
+                ):
+                    continue
+                self._count_pair(node, before, -1)
+                self._count_pair(node, after, 1)
+            return
+        for gone in old.pairs if old is not None else ():
+            self._count_pair(node, gone, -1)
+        for new in plan.pairs if plan is not None else ():
+            self._count_pair(node, new, 1)
 
-    def _count(self, node: str, plan: NodePlan, sign: int) -> None:
+    def _count_node(self, node: str, plan: NodePlan, sign: int) -> None:
         self.pairs += sign * len(plan.pairs)
         self.ready += sign * plan.ready
         self.open += sign * plan.open
@@ -164,33 +191,34 @@ class Tally:
                 self.retries[node] = plan.retry_at
             else:
                 self.retries.pop(node, None)
-        for pair in plan.pairs:
-            image = self.images.get(pair.image)
-            if image is None:
-                image = self.images[pair.image] = ImageTally()
-            image.total += sign
-            phase = pair.phase
-            if phase is PairPhase.READY:
-                image.ready += sign
-                if pair.digest:
-                    image.digests[pair.digest] += sign
-                    if not image.digests[pair.digest]:
-                        del image.digests[pair.digest]
-            elif phase is PairPhase.PULLING:
-                image.pulling += sign
-                image.bytes_done += sign * pair.bytes_done
-                image.bytes_total += sign * pair.bytes_total
-            elif phase in FAILED_PHASES:
-                image.failed += sign
-                failed = self.failed.setdefault(pair.image, {})
-                if sign > 0:
-                    failed[node] = pair
-                else:
-                    failed.pop(node, None)
-                    if not failed:
-                        del self.failed[pair.image]
-            if not image.total:
-                del self.images[pair.image]
+
+    def _count_pair(self, node: str, pair: PairState, sign: int) -> None:
+        image = self.images.get(pair.image)
+        if image is None:
+            image = self.images[pair.image] = ImageTally()
+        image.total += sign
+        phase = pair.phase
+        if phase is PairPhase.READY:
+            image.ready += sign
+            if pair.digest:
+                image.digests[pair.digest] += sign
+                if not image.digests[pair.digest]:
+                    del image.digests[pair.digest]
+        elif phase is PairPhase.PULLING:
+            image.pulling += sign
+            image.bytes_done += sign * pair.bytes_done
+            image.bytes_total += sign * pair.bytes_total
+        elif phase in FAILED_PHASES:
+            image.failed += sign
+            failed = self.failed.setdefault(pair.image, {})
+            if sign > 0:
+                failed[node] = pair
+            else:
+                failed.pop(node, None)
+                if not failed:
+                    del self.failed[pair.image]
+        if not image.total:
+            del self.images[pair.image]
 
     @property
     def next_retry(self) -> float | None:

@@ -105,6 +105,18 @@ class PlanMemo:
         self.context: Hashable = None
         self.tally = Tally()
         self.inputs: dict[str, tuple[tuple[int, ...], int]] = {}  # lists matched, obs version
+        self._lists: tuple[CacheList, ...] = ()
+        self._matched: dict[str, tuple[Mapping[str, str], tuple[int, ...]]] = {}
+
+    def matched(
+        self, lists: tuple[CacheList, ...]
+    ) -> dict[str, tuple[Mapping[str, str], tuple[int, ...]]]:
+        """Per node, the labels object last seen and the lists they matched. The
+        informer replaces a Node's labels on every change, so the same object means
+        the same labels."""
+        if lists != self._lists:
+            self._lists, self._matched = lists, {}
+        return self._matched
 
     def start(self, context: Hashable) -> Tally:
         """The tally to update; emptied when anything every node depends on changed."""
@@ -164,15 +176,26 @@ def plan_cache(
     if view.spec is None:
         return plan
     lists = view.spec.lists
+    if memo is None:
+        memo = PlanMemo()
+    seen = memo.matched(lists)
     matches: dict[str, tuple[int, ...]] = {}
     matched_any = [False] * len(lists)
     for node, labels in nodes.items():
-        found = tuple(i for i, cl in enumerate(lists) if cl.matches(labels))
+        known = seen.get(node)
+        if known is not None and known[0] is labels:
+            found = known[1]
+        else:
+            found = tuple(i for i, cl in enumerate(lists) if cl.matches(labels))
+            seen[node] = (labels, found)
         if found:
             matches[node] = found
             for i in found:
                 matched_any[i] = True
     plan.unmatched = [cl for cl, hit in zip(lists, matched_any, strict=True) if not hit]
+    if len(seen) > len(nodes):  # Nodes were deleted
+        for gone in [n for n in seen if n not in nodes]:
+            del seen[gone]
     removing = set(view.removing) | (list_pairs(view.applied) - list_pairs(lists))
     if removing or view.purge:
         wanted = {
@@ -188,8 +211,6 @@ def plan_cache(
         return plan
     wave = view.spec.max_concurrent_nodes_per_image or settings.wave
     context = (view.spec, view.refresh_since, settings, others_token)
-    if memo is None:
-        memo = PlanMemo()
     plan.tally = memo.start(context)
     wants: dict[tuple[int, ...], Wanted] = {}
     ordered: dict[str, int] = defaultdict(int)
@@ -313,13 +334,8 @@ def _plan_pair(
                 pins.append((image, True))  # re-pin what lost its pin
             elif not pin and present.pin_owned and not others(node, ref)[1]:
                 pins.append((image, False))  # the list's pin switch was turned off
-        return PairState(
-            node,
-            image,
-            PairPhase.READY,
-            digest=obs.inventory.digest_of(ref),
-            pinned=present.pinned,
-        )
+        digest = present.digest_by_name.get(ref.name, "")
+        return PairState(node, image, PairPhase.READY, "", "", 0, 0, digest, present.pinned)
     if record is not None and record.phase is OrderPhase.FAILED:
         permanent = record.category in PERMANENT_CATEGORIES
         retry_at = None if permanent else record.finished + backoff(record.failures, settings)

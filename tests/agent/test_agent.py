@@ -250,6 +250,27 @@ def test_concurrency_cap_queues_the_rest_as_waiting(testenv: TestEnv) -> None:
     assert all(final(events, r).phase == A.PHASE_SUCCEEDED for r in refs)
 
 
+def test_a_stream_asking_for_outcomes_only_gets_one_event_per_image(
+    testenv: TestEnv, backend: Backend
+) -> None:
+    """What a coordinator of a large fleet asks for: no WAITING, no byte progress."""
+    registry = testenv.registry_client()
+    images = [registry.push_image(unique("agent/quiet"), "v1", size=4 << 20) for _ in range(3)]
+    with RegistryProxy(testenv.registry.host, rate=8 << 20) as slow:
+        testenv.add_registry_host(slow.host)
+        refs = [i.ref.replace(i.registry, slow.host) for i in images]
+        missing = images[0].ref.rsplit(":", 1)[0] + ":missing"
+        events = backend.agent.pull(
+            *(order(r) for r in refs), order(missing), progress=A.PROGRESS_OUTCOMES
+        )
+    assert all(e.phase in TERMINAL for e in events), [e.phase for e in events]
+    assert len(events) == 4
+    assert [final(events, r).phase for r in refs] == [A.PHASE_SUCCEEDED] * 3
+    assert final(events, missing).error_category == A.ERROR_CATEGORY_NOT_FOUND
+    end = final(events, refs[1])
+    assert (end.image_id, end.repo_digest) == (images[1].config_digest, images[1].digest)
+
+
 def test_pin_and_unpin_are_visible_through_cri(
     testenv: TestEnv, agents: dict[str, AgentProcess]
 ) -> None:

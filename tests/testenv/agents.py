@@ -88,11 +88,16 @@ class AgentProcess:
     def serving(self) -> bool:
         return bool(self.health() == health_pb2.HealthCheckResponse.SERVING)
 
-    def pull(self, *pulls: agent_pb2.ImagePull, timeout: float = 120) -> list[agent_pb2.PullEvent]:
+    def pull(
+        self,
+        *pulls: agent_pb2.ImagePull,
+        timeout: float = 120,
+        progress: agent_pb2.Progress.ValueType = agent_pb2.PROGRESS_UNSPECIFIED,
+    ) -> list[agent_pb2.PullEvent]:
         """All events of one batch, in the order the agent sent them."""
+        request = agent_pb2.PullImagesRequest(images=pulls, progress=progress)
         with self.channel() as channel:
-            stub = agent_pb2_grpc.AgentStub(channel)
-            return list(stub.PullImages(agent_pb2.PullImagesRequest(images=pulls), timeout=timeout))
+            return list(agent_pb2_grpc.AgentStub(channel).PullImages(request, timeout=timeout))
 
     def call(self, method: str, request: object, timeout: float = 30) -> object:
         with self.channel() as channel:

@@ -123,6 +123,32 @@ PIN_STATE_UNSUPPORTED: PinState.ValueType  # 3
 """the runtime has no pinning (Docker, CRI without containerd)"""
 Global___PinState: _TypeAlias = PinState  # noqa: Y015
 
+class _Progress:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ProgressEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Progress.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PROGRESS_UNSPECIFIED: _Progress.ValueType  # 0
+    """treated as FULL"""
+    PROGRESS_FULL: _Progress.ValueType  # 1
+    """WAITING, PULLING with bytes as they move, then the outcome"""
+    PROGRESS_OUTCOMES: _Progress.ValueType  # 2
+    """only SUCCEEDED, ALREADY_PRESENT and FAILED"""
+
+class Progress(_Progress, metaclass=_ProgressEnumTypeWrapper):
+    """How much a PullImages stream reports besides each image's final event. A coordinator
+    of thousands of nodes asks for less: it reads progress as nodes done, not bytes.
+    """
+
+PROGRESS_UNSPECIFIED: Progress.ValueType  # 0
+"""treated as FULL"""
+PROGRESS_FULL: Progress.ValueType  # 1
+"""WAITING, PULLING with bytes as they move, then the outcome"""
+PROGRESS_OUTCOMES: Progress.ValueType  # 2
+"""only SUCCEEDED, ALREADY_PRESENT and FAILED"""
+Global___Progress: _TypeAlias = Progress  # noqa: Y015
+
 @_typing.final
 class RegistryCredentials(_message.Message):
     """Registry credentials for one image, resolved by the coordinator from pull secrets.
@@ -208,8 +234,10 @@ class PullImagesRequest(_message.Message):
 
     IMAGES_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """correlates agent logs with the coordinator's"""
+    progress: Global___Progress.ValueType
     @_builtins.property
     def images(self) -> _containers.RepeatedCompositeFieldContainer[Global___ImagePull]: ...
     def __init__(
@@ -217,10 +245,11 @@ class PullImagesRequest(_message.Message):
         *,
         images: _abc.Iterable[Global___ImagePull] | None = ...,
         request_id: _builtins.str = ...,
+        progress: Global___Progress.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images", "progress", b"progress", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
