@@ -181,6 +181,9 @@ def run_one(nodes: int, pull_seconds: float, servers: int) -> dict[str, Any]:
             "ready": status.get("ready"),
         }
         print(json.dumps(result), flush=True)
+        for line in coordinator.process.log_path.read_text().splitlines():
+            if "planning" in line:
+                print("  coordinator:", line, flush=True)
         return result
     finally:
         env.cleanup()

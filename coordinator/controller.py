@@ -39,6 +39,7 @@ ENDPOINT_ANNOTATION = "kubefledged.io/agent-endpoint"
 TLS_ANNOTATION = "kubefledged.io/agent-tls"
 STATUS_MIN_INTERVAL = 1.0  # seconds between two status writes of one cache
 NODE_CHANGE_BATCH = 0.25  # seconds node answers are gathered before a cache is replanned
+SLOW_RECONCILE = 0.2  # seconds of planning and sending worth a log line
 COSTLY_RECONCILE = 0.02  # seconds: past this, a cache is replanned at most once a status interval
 PIN_SWEEP_EVERY = 10.0  # seconds between sweeps for pins no cache wants any more
 
@@ -230,8 +231,11 @@ class Controller:
         """Our own status write coming back is no news: a cache over thousands of nodes
         would otherwise be replanned once more for every status write."""
         if old is not None and new is not None and _intent(old) == _intent(new):
+            status = comparable(new.get("status") or {})
+            if status == comparable(old.get("status") or {}):
+                return  # metadata only (our finalizer going on, labels)
             written = self.status.last_written(key)
-            if written is not None and comparable(new.get("status") or {}) == comparable(written):
+            if written is not None and status == comparable(written):
                 return
         self.queue.add(key)
 
@@ -505,6 +509,7 @@ class Controller:
             auths, secret_errors = await asyncio.to_thread(self._credentials, namespace, spec)
         nodes = self._node_labels()
         now = time.time()
+        started = time.monotonic()
         others, others_token = self._others(key, nodes)
         plan = plan_cache(
             view,
@@ -517,7 +522,17 @@ class Controller:
             memo=self._memos.setdefault(key, PlanMemo()),
             others_token=others_token,
         )
+        planned = time.monotonic()
         self._dispatch(key, plan, auths)
+        if time.monotonic() - started > SLOW_RECONCILE:
+            log.info(
+                "%s: planning %d nodes took %.2fs, sending %d pull batches %.2fs",
+                key,
+                len(plan.tally.nodes),
+                planned - started,
+                sum(1 for items in plan.pulls.values() if items),
+                time.monotonic() - planned,
+            )
         if deleting:
             if plan.finalize_done:
                 log.info("%s: pins lifted; releasing the finalizer", key)
@@ -580,13 +595,14 @@ class Controller:
 
 
 def _intent(obj: Obj) -> tuple[Any, ...]:
-    """Everything of a cache that the user (or a deletion) changes; not its status."""
+    """What of a cache the user (or a deletion) changes. Not its status, nor its
+    finalizers: the one change there worth acting on is ours being stripped, which the
+    next reconcile puts back anyway."""
     meta = obj.get("metadata") or {}
     return (
         obj.get("spec"),
         meta.get("generation"),
         meta.get("annotations"),
-        meta.get("finalizers"),
         meta.get("deletionTimestamp"),
     )
 

@@ -77,16 +77,16 @@ class Inventory:
         image = self.lookup(ref)
         return "" if image is None else image.digest_by_name.get(ref.name, "")
 
+    def same_images(self, other: Inventory) -> bool:
+        """Equal holdings (images are shared objects, so mostly an identity check)."""
+        return len(self.images) == len(other.images) and {i.image_id: i for i in self.images} == {
+            i.image_id: i for i in other.images
+        }
+
     def replace(self, image: NodeImage) -> Inventory:
         """A copy where `image` (same id) replaces the old entry, or is added."""
         rest = [i for i in self.images if i.image_id != image.image_id]
         return Inventory([*rest, image], self.synced_at)
-
-    def without(self, ref: ImageRef) -> Inventory:
-        gone = self.lookup(ref)
-        if gone is None:
-            return self
-        return Inventory([i for i in self.images if i.image_id != gone.image_id], self.synced_at)
 
 
 class OrderPhase(StrEnum):
@@ -125,10 +125,18 @@ class PullRecord:
 _VERSIONS = itertools.count(1)
 
 
+def stamp() -> int:
+    """A version number: every change recorded after this call gets a larger one."""
+    return next(_VERSIONS)
+
+
 @dataclass
 class NodeObservation:
-    """`version` changes on every change (the planner keeps a node's plan while it
-    holds); numbers are never reused, not even by a new observation of the node."""
+    """What is known of one node, with version numbers the planner compares to keep
+    what it planned while it still holds: `version` moves on a change that may touch
+    every image (a new agent, a fresh listing, pins), `key_versions` on a change of
+    some images only (an order, an answer). Numbers are never reused, not even by a
+    new observation of the node."""
 
     agent: AgentInfo | None = None
     inventory: Inventory | None = None  # None until the agent has been listed
@@ -137,7 +145,28 @@ class NodeObservation:
     pins_in_flight: set[str] = field(default_factory=set)
     removals_in_flight: set[str] = field(default_factory=set)
     removal_errors: dict[str, str] = field(default_factory=dict)
-    version: int = field(default_factory=lambda: next(_VERSIONS))
+    version: int = field(default_factory=stamp)
+    key_versions: dict[str, int] = field(default_factory=dict)  # canonical or lookup key
 
-    def touch(self) -> None:
-        self.version = next(_VERSIONS)
+    def touch(self, *keys: str) -> None:
+        """Records a change of the images under `keys`, or of anything when none given."""
+        if keys:
+            version = next(_VERSIONS)
+            for key in keys:
+                self.key_versions[key] = version
+        else:
+            self.version = next(_VERSIONS)
+            self.key_versions.clear()  # all older than the node's version now
+
+    def changed_since(self, version: int, ref: ImageRef) -> bool:
+        versions = self.key_versions
+        return versions.get(ref.canonical, 0) > version or versions.get(ref.lookup_key, 0) > version
+
+    def replace_image(self, image: NodeImage) -> None:
+        """Adds or updates one image of the inventory (a pull's answer); the references
+        it answered to before and after count as changed."""
+        assert self.inventory is not None
+        old = next((i for i in self.inventory.images if i.image_id == image.image_id), None)
+        self.inventory = self.inventory.replace(image)
+        before = old.tags | old.digests if old is not None else frozenset()
+        self.touch(*(image.tags | image.digests | before))

@@ -122,18 +122,18 @@ class NodeRegistry:
         self._deadline = pull_deadline
         self._resync_every = resync_every
         self.observations: dict[str, NodeObservation] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[object]] = set()
         self._last_notify: dict[str, float] = {}
         self._listings = asyncio.Semaphore(LISTINGS_AT_ONCE)
 
     # -- bookkeeping -----------------------------------------------------------------
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, object], name: str) -> None:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._finished)
 
-    def _finished(self, task: asyncio.Task[None]) -> None:
+    def _finished(self, task: asyncio.Task[object]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("agent task %s failed", task.get_name(), exc_info=task.exception())
@@ -193,16 +193,18 @@ class NodeRegistry:
     def resync(self, node: str) -> None:
         self._spawn(self.sync(node), f"sync {node}")
 
-    async def sync(self, node: str) -> None:
-        """Lists the node's images (and runtime abilities) through its agent."""
+    async def sync(self, node: str, abilities: bool = True) -> bool:
+        """Lists the node's images through its agent; with `abilities`, asks what its
+        runtime can do too (needed once per agent process, not after every batch).
+        Returns whether anything changed (and the controller was told)."""
         obs = self.observation(node)
         agent = obs.agent
         if agent is None:
-            return
+            return False
         client = self._pool.get(agent.endpoint)
         try:
             async with self._listings:
-                info = await client.node_info(node)
+                info = await client.node_info(node) if abilities else None
                 listing = await client.list_images(node)
         except grpc.RpcError as err:
             log.warning(
@@ -211,14 +213,25 @@ class NodeRegistry:
                 agent.endpoint,
                 err.details() if hasattr(err, "details") else err,
             )
-            return
+            return False
         if obs.agent is not agent:
-            return  # replaced meanwhile
-        obs.pinning_supported = info.pinning_supported
-        obs.inventory = inventory_from(listing, time.time())
+            return False  # replaced meanwhile
+        fresh = inventory_from(listing, time.time())
+        same = (
+            obs.inventory is not None
+            and obs.inventory.same_images(fresh)
+            and not obs.removal_errors
+            and (info is None or info.pinning_supported == obs.pinning_supported)
+        )
+        obs.inventory = fresh
+        if same:
+            return False  # as the answers already told: nothing to plan anew
+        if info is not None:
+            obs.pinning_supported = info.pinning_supported
         obs.removal_errors.clear()
         obs.touch()
         self._notify(node)
+        return True
 
     # -- orders ----------------------------------------------------------------------
 
@@ -239,7 +252,7 @@ class NodeRegistry:
             obs = self.observation(node)
             if obs.agent is None or not items:
                 continue
-            obs.touch()
+            obs.touch(*(canonical(item.image) for item in items))
             for item in items:
                 key = canonical(item.image)
                 old = obs.pulls.get(key)
@@ -290,7 +303,7 @@ class NodeRegistry:
             message = f"lost the agent at {agent.endpoint}: {detail}"
             log.warning("pull batch on %s broke: %s", node, message)
             now = time.time()
-            obs.touch()
+            obs.touch(*open_keys)
             for key in open_keys:
                 record = obs.pulls.get(key)
                 if record is not None and record.in_flight:
@@ -301,11 +314,11 @@ class NodeRegistry:
                     record.failures += 1
             self._notify(node)
             return
-        await self.sync(node)  # the batch changed the node: list it again
+        await self.sync(node, abilities=False)  # the batch changed the node: list it again
 
     @staticmethod
     def _apply_event(obs: NodeObservation, key: str, event: agent_pb2.PullEvent) -> None:
-        obs.touch()
+        obs.touch(key)
         record = obs.pulls.get(key)
         if record is None:
             record = obs.pulls[key] = PullRecord(OrderPhase.SENT, started=time.time())
@@ -331,7 +344,7 @@ class NodeRegistry:
                     [f"{ref.name}@{event.repo_digest}"] if event.repo_digest else []
                 )
                 pinned = event.pin == agent_pb2.PIN_STATE_PINNED
-                obs.inventory = obs.inventory.replace(
+                obs.replace_image(
                     shared_image(
                         event.image_id,
                         tags | (existing.tags if existing else frozenset()),
@@ -380,7 +393,8 @@ class NodeRegistry:
             obs.touch()
             for image, _ in changes:
                 obs.pins_in_flight.discard(canonical(image))
-        await self.sync(node)
+        if not await self.sync(node, abilities=False):
+            self._notify(node)  # the pins are no longer in flight, whatever they did
 
     def submit_removals(self, node: str, images: Sequence[str]) -> None:
         obs = self.observation(node)
@@ -411,9 +425,10 @@ class NodeRegistry:
             for image in images:
                 obs.removals_in_flight.discard(canonical(image))
         errors = dict(obs.removal_errors)
-        await self.sync(node)
+        await self.sync(node, abilities=False)
         obs.removal_errors.update(errors)  # kept (not retried) until the next periodic resync
         obs.touch()
+        self._notify(node)
 
     async def close(self) -> None:
         for task in list(self._tasks):

@@ -165,8 +165,9 @@ class Tally:
             # Same images in the same order, as when the node's observation moved:
             # count only the pairs whose contribution changed.
             for before, after in zip(old.pairs, plan.pairs, strict=True):
-                if before.phase is after.phase and (
-                    before.phase not in _COUNTED or before == after
+                if before is after or (
+                    before.phase is after.phase
+                    and (before.phase not in _COUNTED or before == after)
                 ):
                     continue
                 self._count_pair(node, before, -1)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from common.reference import ImageRef, parse
 
 from .api import CacheList, CacheSpec, Reason
-from .model import PERMANENT_CATEGORIES, NodeObservation, OrderPhase
+from .model import PERMANENT_CATEGORIES, NodeObservation, OrderPhase, stamp
 from .pairs import NodePlan, PairPhase, PairState, PullItem, Tally
 
 Selector = tuple[tuple[str, str], ...]
@@ -104,7 +104,8 @@ class PlanMemo:
     def __init__(self) -> None:
         self.context: Hashable = None
         self.tally = Tally()
-        self.inputs: dict[str, tuple[tuple[int, ...], int]] = {}  # lists matched, obs version
+        # per node: the lists it matched, its observation's version, and when it was planned
+        self.inputs: dict[str, tuple[tuple[int, ...], int, int]] = {}
         self._lists: tuple[CacheList, ...] = ()
         self._matched: dict[str, tuple[Mapping[str, str], tuple[int, ...]]] = {}
 
@@ -214,29 +215,47 @@ def plan_cache(
     plan.tally = memo.start(context)
     wants: dict[tuple[int, ...], Wanted] = {}
     ordered: dict[str, int] = defaultdict(int)
+    planned_at = stamp()
     for node in sorted(matches):
         found = matches[node]
         obs = observations.get(node)
         version = obs.version if obs is not None else -1
+        want = wants.get(found)
+        if want is None:
+            want = wants[found] = _wanted(lists, found)
         kept = plan.tally.nodes.get(node)
+        inputs = memo.inputs.get(node)
         if (
             kept is not None
-            and memo.inputs.get(node) == (found, version)
+            and inputs is not None
+            and inputs[:2] == (found, version)
             and now < kept.valid_until
             and not kept.has_orders
             and not (wave and kept.queued)
         ):
-            continue
-        want = wants.get(found)
-        if want is None:
-            want = wants[found] = _wanted(lists, found)
+            if obs is None or not obs.key_versions:
+                continue  # nothing changed on the node
+            since = inputs[2]
+            changed = [i for i, w in enumerate(want) if obs.changed_since(since, w[1])]
+            if not changed:
+                memo.inputs[node] = (found, version, planned_at)
+                continue
+            if _plannable(obs, now):
+                # Only some images changed (orders sent, answers in): replan those.
+                node_plan = _replan_pairs(
+                    kept, changed, view, node, want, obs, others, in_flight_by_image,
+                    ordered, wave, settings, now,
+                )  # fmt: skip
+                plan.put(node, node_plan)
+                memo.inputs[node] = (found, version, planned_at)
+                continue
         plan.put(
             node,
             _plan_node(
                 view, node, want, obs, others, in_flight_by_image, ordered, wave, settings, now
             ),
         )
-        memo.inputs[node] = (found, version)
+        memo.inputs[node] = (found, version, planned_at)
     for node in [n for n in plan.tally.nodes if n not in matches]:
         plan.tally.put(node, None)
         memo.inputs.pop(node, None)
@@ -246,6 +265,38 @@ def plan_cache(
 
 def _alive(obs: NodeObservation | None, now: float) -> bool:
     return obs is not None and obs.agent is not None and obs.agent.alive(now)
+
+
+def _plannable(obs: NodeObservation, now: float) -> bool:
+    """Whether the node's pairs are planned one by one (else all share one state)."""
+    return obs.agent is not None and obs.agent.alive(now) and obs.inventory is not None
+
+
+def _replan_pairs(
+    kept: NodePlan,
+    changed: list[int],
+    view: CacheView,
+    node: str,
+    want: Wanted,
+    obs: NodeObservation,
+    others: OthersWant,
+    in_flight_by_image: Mapping[str, int],
+    ordered: dict[str, int],
+    wave: int | None,
+    settings: Settings,
+    now: float,
+) -> NodePlan:
+    assert obs.agent is not None
+    pairs = list(kept.pairs)
+    pulls: list[PullItem] = []
+    pins: list[tuple[str, bool]] = []
+    for i in changed:
+        image, ref, pin = want[i]
+        pairs[i] = _plan_pair(
+            view, node, image, ref, pin, obs, others, in_flight_by_image, ordered, wave,
+            settings, now, pulls, pins,
+        )  # fmt: skip
+    return NodePlan.of(pairs, pulls, pins, obs.agent.expires)
 
 
 def _plan_node(
