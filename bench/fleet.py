@@ -54,36 +54,56 @@ class FakeAgent(agent_pb2_grpc.AgentServicer):
         return self.nodes.setdefault(name, SimNodeState())
 
     async def PullImages(self, request: Any, context: Any) -> AsyncIterator[agent_pb2.PullEvent]:
-        """Two pulls at a time per node, as the agent's default cap: one timer per pair
-        of pulls rather than a task per image, so the simulator stays light next to the
-        coordinator it measures (both share the machine)."""
+        """Two pulls at a time per node, as the agent's default cap. As in the agent,
+        pulls go on while their events are being sent: one task per batch runs them
+        (not one per image, so the simulator stays light next to the coordinator it
+        measures) and the stream sends what it reports."""
         node = self._node(context)
         self.first_order = self.first_order or time.monotonic()
         node.ordered_at = node.ordered_at or time.monotonic()
         detailed = request.progress != A.PROGRESS_OUTCOMES  # as the real agent decides
+        events: asyncio.Queue[agent_pb2.PullEvent | None] = asyncio.Queue()
+        task = asyncio.create_task(self._run_batch(node, list(request.images), detailed, events))
+        try:
+            while (event := await events.get()) is not None:
+                yield event
+        finally:
+            task.cancel()
+
+    async def _run_batch(
+        self,
+        node: SimNodeState,
+        pulls: list[agent_pb2.ImagePull],
+        detailed: bool,
+        events: asyncio.Queue[agent_pb2.PullEvent | None],
+    ) -> None:
         pending = []
-        for pull in request.images:
+        for pull in pulls:
             ref = parse(pull.image).canonical
             if pull.policy != A.PULL_POLICY_ALWAYS and ref in node.images:
                 image_id, digest, _pinned = node.images[ref]
-                yield A.PullEvent(
-                    image=pull.image,
-                    phase=A.PHASE_ALREADY_PRESENT,
-                    image_id=image_id,
-                    repo_digest=digest,
+                events.put_nowait(
+                    A.PullEvent(
+                        image=pull.image,
+                        phase=A.PHASE_ALREADY_PRESENT,
+                        image_id=image_id,
+                        repo_digest=digest,
+                    )
                 )
             else:
                 pending.append((pull, ref))
         if detailed:
             for pull, _ in pending[2:]:
-                yield A.PullEvent(image=pull.image, phase=A.PHASE_WAITING)
+                events.put_nowait(A.PullEvent(image=pull.image, phase=A.PHASE_WAITING))
         for i in range(0, len(pending), 2):
             pair = pending[i : i + 2]
             async with node.slots:  # the node's two slots, whatever the batch
                 if detailed:
                     for pull, _ in pair:
-                        yield A.PullEvent(
-                            image=pull.image, phase=A.PHASE_PULLING, bytes_total=1 << 20
+                        events.put_nowait(
+                            A.PullEvent(
+                                image=pull.image, phase=A.PHASE_PULLING, bytes_total=1 << 20
+                            )
                         )
                 await asyncio.sleep(self.pull_seconds)
             self.last_pull_end = node.done_at = time.monotonic()
@@ -91,16 +111,19 @@ class FakeAgent(agent_pb2_grpc.AgentServicer):
                 node.pulls += 1
                 image_id, digest = _digest("id" + ref), _digest("manifest" + ref)
                 node.images[ref] = (image_id, digest, pull.pin)
-                yield A.PullEvent(
-                    image=pull.image,
-                    phase=A.PHASE_SUCCEEDED,
-                    image_id=image_id,
-                    repo_digest=digest,
-                    size=1 << 20,
-                    bytes_done=1 << 20,
-                    bytes_total=1 << 20,
-                    pin=A.PIN_STATE_PINNED if pull.pin else A.PIN_STATE_UNPINNED,
+                events.put_nowait(
+                    A.PullEvent(
+                        image=pull.image,
+                        phase=A.PHASE_SUCCEEDED,
+                        image_id=image_id,
+                        repo_digest=digest,
+                        size=1 << 20,
+                        bytes_done=1 << 20,
+                        bytes_total=1 << 20,
+                        pin=A.PIN_STATE_PINNED if pull.pin else A.PIN_STATE_UNPINNED,
+                    )
                 )
+        events.put_nowait(None)
 
     async def ListImages(self, request: Any, context: Any) -> agent_pb2.ListImagesResponse:
         node = self._node(context)
