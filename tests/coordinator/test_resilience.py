@@ -8,10 +8,15 @@ import re
 import time
 import urllib.error
 from datetime import datetime
+from typing import Any
 
 import pytest
 from kubernetes import client
 
+from coordinator.controller import StatusWriter
+from coordinator.kube import KubeWriter
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.pairs import Counts
 from tests.conftest import unique
 from tests.coordinator.helpers import apply, cache_manifest, get_cache, wait_for, wait_status
 from tests.testenv import TestEnv
@@ -164,3 +169,45 @@ def test_a_coordinator_without_api_rights_stays_unready_and_still_stops(
         started = time.monotonic()
         blind.stop()
     assert time.monotonic() - started < 10  # SIGTERM is honoured while waiting to sync
+
+
+def test_a_status_write_that_meets_a_concurrent_change_retries_on_a_fresh_read(
+    testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
+) -> None:
+    """The status writer against the real apiserver, with a real concurrent update
+    between its read and its write (the coordinator stopped so nothing else writes)."""
+    image = testenv.registry_client().push_image(unique("ic/contended"), "v1")
+    apply(testenv, cache_manifest("contended", namespace, [{"images": [image.ref]}]))
+    wait_status(testenv, namespace, "contended", "Succeeded", timeout=30)
+    coordinator.stop()
+    try:
+        custom = client.CustomObjectsApi(testenv.api_client())
+
+        class Contended(KubeWriter):
+            """A real writer; someone else updates the cache right after its first read."""
+
+            reads = 0
+
+            def get_cache(self, ns: str, name: str) -> dict[str, Any] | None:
+                obj = super().get_cache(ns, name)
+                self.reads += 1
+                if self.reads == 1:
+                    custom.patch_namespaced_custom_object(
+                        "kubefledged.io", "v1alpha2", ns, "imagecaches", name,
+                        {"metadata": {"annotations": {"example.com/touched": "yes"}}},
+                    )  # fmt: skip
+                return obj
+
+        writer = Contended(testenv.api_client())
+        before = (get_cache(testenv, namespace, "contended") or {})["status"]
+        ours = {**before, "message": "written after a conflict"}
+        counts = Counts(nodes=3, images=1, totals={image.ref: 3}, failed={})
+        StatusWriter(writer, 0.0, CoordinatorMetrics())._write(
+            f"{namespace}/contended", ours, counts
+        )
+        obj = get_cache(testenv, namespace, "contended") or {}
+        assert writer.reads == 2  # the 409 led to a fresh read, then a write that held
+        assert obj["status"]["message"] == "written after a conflict"
+        assert obj["metadata"]["annotations"]["example.com/touched"] == "yes"
+    finally:
+        coordinator.restart()
