@@ -47,14 +47,22 @@ class AgentClient:
         else:
             self._channel = grpc.aio.insecure_channel(endpoint, options=options)
         self._stub = agent_pb2_grpc.AgentStub(self._channel)
+        # PullImages with the request already serialized: a fleet-wide order keeps one
+        # small bytes object per node for the stream's life, not a message tree.
+        self._pull_bytes: Any = self._channel.unary_stream(
+            "/fledged.agent.v1.Agent/PullImages",
+            request_serializer=None,
+            response_deserializer=agent_pb2.PullEvent.FromString,
+        )
 
     async def close(self) -> None:
         await self._channel.close()
 
     async def pull(
-        self, node: str, request: agent_pb2.PullImagesRequest, limit: float
+        self, node: str, request: bytes, limit: float
     ) -> AsyncIterator[agent_pb2.PullEvent]:
-        call = self._stub.PullImages(request, timeout=limit, metadata=_for(node))
+        """`request`: a serialized PullImagesRequest."""
+        call = self._pull_bytes(request, timeout=limit, metadata=_for(node))
         async for event in call:
             yield event
 

@@ -269,22 +269,21 @@ class NodeRegistry:
                         deadline=deadline,
                         pin=item.pin,
                     )
+            request_id = f"{cache_key}/{uuid.uuid4().hex[:8]}"
             request = agent_pb2.PullImagesRequest(
-                request_id=f"{cache_key}/{uuid.uuid4().hex[:8]}",
-                progress=progress,
-                images=[orders[item] for item in items],
+                request_id=request_id, progress=progress, images=[orders[item] for item in items]
             )
-            self._spawn(self._pull(node, obs.agent, request), f"pull {node} {request.request_id}")
+            keys = {canonical(item.image) for item in items}
+            self._spawn(
+                self._pull(node, obs.agent, request.SerializeToString(), keys),
+                f"pull {node} {request_id}",
+            )
 
-    async def _pull(
-        self, node: str, agent: AgentInfo, request: agent_pb2.PullImagesRequest
-    ) -> None:
+    async def _pull(self, node: str, agent: AgentInfo, request: bytes, open_keys: set[str]) -> None:
+        """`request`: the serialized PullImagesRequest for `open_keys`."""
         obs = self.observation(node)
-        open_keys = {canonical(p.image) for p in request.images}
         client = self._pool.get(agent.endpoint)
-        overall = (
-            self._deadline * len(request.images) + 60
-        )  # the agent enforces each pull's deadline
+        overall = self._deadline * len(open_keys) + 60  # the agent enforces each pull's deadline
         try:
             async for event in client.pull(node, request, limit=overall):
                 key = canonical(event.image)

@@ -22,6 +22,7 @@ from tests.coordinator.helpers import apply, cache_manifest, get_cache, wait_for
 from tests.testenv import TestEnv
 from tests.testenv.agents import CoordinatorProcess
 from tests.testenv.proxy import RegistryProxy
+from tests.testenv.runtime import NodeRuntime
 
 LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 
@@ -210,4 +211,45 @@ def test_a_status_write_that_meets_a_concurrent_change_retries_on_a_fresh_read(
         assert obj["status"]["message"] == "written after a conflict"
         assert obj["metadata"]["annotations"]["example.com/touched"] == "yes"
     finally:
+        coordinator.restart()
+
+
+def test_the_refresh_timer_repulls_a_moved_tag_without_any_annotation(
+    testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
+) -> None:
+    """--image-cache-refresh-frequency on its own (the suite's coordinator has it off)."""
+    registry = testenv.registry_client()
+    repo = unique("ic/timer")
+    old = registry.push_image(repo, "latest", seed="old")
+    apply(testenv, cache_manifest("timed", namespace, [{"images": [old.ref]}]))
+    wait_status(testenv, namespace, "timed", "Succeeded")
+    new = registry.push_image(repo, "latest", seed="new")
+    coordinator.stop()
+    timed = testenv.start_coordinator(
+        ("--image-cache-refresh-frequency=3s",), name=unique("coordinator-timer")
+    )
+    try:
+
+        def on_every_node() -> bool:
+            for node in ("node-1", "node-2", "node-3"):
+                with NodeRuntime(testenv.node(node).runtime_endpoint) as cri:
+                    held = cri.status(old.ref)  # what the tag means on the node now
+                if held is None or held.id != new.config_digest:
+                    return False
+            return True
+
+        wait_for("the timer to re-pull the moved tag on every node", on_every_node, timeout=40)
+        obj = wait_for(
+            "the new digest in status",
+            lambda: (
+                (o := get_cache(testenv, namespace, "timed"))
+                and o["status"]["images"][0].get("digest") == new.digest
+                and o["status"]["status"] == "Succeeded"
+                and o
+            ),
+            timeout=20,
+        )
+        assert "kubefledged.io/refresh-imagecache" not in (obj["metadata"].get("annotations") or {})
+    finally:
+        timed.stop()
         coordinator.restart()
