@@ -118,7 +118,13 @@ def run_one(nodes: int, pull_seconds: float, servers: int) -> dict[str, Any]:
         make_fleet(env, nodes, fleet)
         print(f"{nodes} nodes and Leases created in {time.monotonic() - started:.0f}s", flush=True)
         coordinator = env.start_coordinator(("--log-level=info", "--workers=4"))
-        time.sleep(3)  # let it list the fleet before the clock starts
+        listed = time.monotonic()
+        while coordinator.metric("fledged_coordinator_agents_listed") < nodes:
+            if time.monotonic() - listed > 300:
+                raise RuntimeError("the coordinator did not list the fleet in 5 min")
+            time.sleep(0.5)
+        print(f"fleet listed by the coordinator in {time.monotonic() - listed:.0f}s", flush=True)
+        time.sleep(2)  # the clock starts on a coordinator at rest
         before = api_writes(env)
         cache = {
             "apiVersion": "kubefledged.io/v1alpha2",

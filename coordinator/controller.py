@@ -339,6 +339,9 @@ class Controller:
                 last_sweep = now
                 self.sweep_pins(now)
             self.metrics.agents_alive.set(sum(alive.values()))
+            self.metrics.agents_listed.set(
+                sum(obs.inventory is not None for obs in self._registry.observations.values())
+            )
             for node, obs in self._registry.observations.items():
                 state = obs.agent is not None and obs.agent.alive(now)
                 if alive.get(node) != state:

@@ -35,6 +35,11 @@ class CoordinatorMetrics:
             "Nodes whose agent holds a live Lease.",
             registry=self.registry,
         )
+        self.agents_listed = Gauge(
+            "fledged_coordinator_agents_listed",
+            "Nodes whose agent's images have been listed: orders can go there.",
+            registry=self.registry,
+        )
         self.is_leader = Gauge(
             "fledged_coordinator_is_leader",
             "1 while this replica leads (or runs without leader election).",

@@ -67,6 +67,13 @@ def test_a_kube_fledged_manifest_caches_its_images_on_the_selected_nodes(
         held = node_images(testenv, node)
         assert held.get(everywhere.ref) is True, f"{node} should hold {everywhere.ref} pinned"
         assert (edge.ref in held) == (node in EDGE)
+    # The coordinator's metrics count the agents it has heard from (every node here).
+    wait_for(
+        "the metrics to count the listed agents",
+        lambda: coordinator.metric("fledged_coordinator_agents_listed") >= len(ALL),
+        timeout=5,
+    )
+    assert coordinator.metric("fledged_coordinator_orders_total{kind=\"pull\"}") >= 5
     table = kubectl(testenv, "-n", namespace, "get", "ic", "-o", "wide").stdout
     assert "Succeeded" in table
     assert "5/5" in table

@@ -104,16 +104,18 @@ class AgentProcess:
             return getattr(agent_pb2_grpc.AgentStub(channel), method)(request, timeout=timeout)
 
     def metric(self, name: str) -> float:
-        """The value of one unlabelled sample on /metrics."""
-        import urllib.request
+        return read_metric(self.metrics_port, name)
 
-        with urllib.request.urlopen(
-            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5
-        ) as r:
-            for line in r.read().decode().splitlines():
-                if line.startswith(name + " ") or line.startswith(name + "{}"):
-                    return float(line.rsplit(" ", 1)[1])
-        raise KeyError(name)
+
+def read_metric(port: int, name: str) -> float:
+    """The value of one unlabelled sample on a local /metrics."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{}"):
+                return float(line.rsplit(" ", 1)[1])
+    raise KeyError(name)
 
 
 class CoordinatorProcess:
@@ -154,6 +156,9 @@ class CoordinatorProcess:
 
         with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/readyz", timeout=2) as r:
             return bool(r.status == 200)
+
+    def metric(self, name: str) -> float:
+        return read_metric(self.metrics_port, name)
 
     def stop(self) -> None:
         self.process.stop()
