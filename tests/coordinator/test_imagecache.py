@@ -73,7 +73,7 @@ def test_a_kube_fledged_manifest_caches_its_images_on_the_selected_nodes(
         lambda: coordinator.metric("fledged_coordinator_agents_listed") >= len(ALL),
         timeout=5,
     )
-    assert coordinator.metric("fledged_coordinator_orders_total{kind=\"pull\"}") >= 5
+    assert coordinator.metric('fledged_coordinator_orders_total{kind="pull"}') >= 5
     table = kubectl(testenv, "-n", namespace, "get", "ic", "-o", "wide").stdout
     assert "Succeeded" in table
     assert "5/5" in table
