@@ -51,6 +51,7 @@ class LeaseRegistrar:
         self._version = version
         self._duration = duration
         self._interval = renew_interval
+        self._acquired: datetime | None = None  # when this process took the Lease
 
     def _metadata(self, resource_version: str | None = None) -> client.V1ObjectMeta:
         return client.V1ObjectMeta(
@@ -68,17 +69,22 @@ class LeaseRegistrar:
     def renew_once(self) -> None:
         """Creates the Lease or renews it (blocking; run in a thread)."""
         now = datetime.now(UTC)
+        taking_over = self._acquired is None
+        if self._acquired is None:
+            # A new acquireTime tells the coordinator this is a new agent process, even
+            # at the same address: what it knew of the node is out of date.
+            self._acquired = now
         spec = client.V1LeaseSpec(
             holder_identity=self.node,
             lease_duration_seconds=max(1, int(self._duration)),
             renew_time=now,
+            acquire_time=self._acquired,
         )
         try:
             current = self._api.read_namespaced_lease(self.name, self.namespace)
         except client.ApiException as err:
             if err.status != 404:
                 raise
-            spec.acquire_time = now
             self._api.create_namespaced_lease(
                 self.namespace, client.V1Lease(metadata=self._metadata(), spec=spec)
             )
@@ -86,7 +92,8 @@ class LeaseRegistrar:
                 "registered Lease %s/%s for endpoint %s", self.namespace, self.name, self._endpoint
             )
             return
-        spec.acquire_time = current.spec.acquire_time if current.spec else now
+        transitions = (current.spec.lease_transitions or 0) if current.spec else 0
+        spec.lease_transitions = transitions + 1 if taking_over else transitions
         self._api.replace_namespaced_lease(
             self.name,
             self.namespace,

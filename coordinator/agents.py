@@ -55,8 +55,9 @@ class AgentClient:
             response_deserializer=agent_pb2.PullEvent.FromString,
         )
 
-    async def close(self) -> None:
-        await self._channel.close()
+    async def close(self, grace: float | None = None) -> None:
+        """Calls still running get `grace` seconds to end (None: cancelled now)."""
+        await self._channel.close(grace)
 
     async def pull(
         self, node: str, request: bytes, limit: float
@@ -97,6 +98,13 @@ class AgentPool:
     def __init__(self, tls: TlsConfig | None) -> None:
         self._tls = tls
         self._clients: dict[str, AgentClient] = {}
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    def discard(self, endpoint: str) -> AgentClient | None:
+        """Forgets the endpoint's channel (the caller closes it); a later `get` dials anew."""
+        return self._clients.pop(endpoint, None)
 
     def get(self, endpoint: str) -> AgentClient:
         agent = self._clients.get(endpoint)

@@ -80,6 +80,7 @@ def agent_from_lease(lease: Mapping[str, Any]) -> AgentInfo | None:
         endpoint=endpoint,
         tls=(meta.get("annotations") or {}).get(TLS_ANNOTATION) == "true",
         expires=renewed + float(spec.get("leaseDurationSeconds") or 40),
+        acquired=str(spec.get("acquireTime") or ""),
     )
 
 
@@ -342,6 +343,7 @@ class Controller:
             self.metrics.agents_listed.set(
                 sum(obs.inventory is not None for obs in self._registry.observations.values())
             )
+            self.metrics.agent_channels.set(self._registry.channels)
             for node, obs in self._registry.observations.items():
                 state = obs.agent is not None and obs.agent.alive(now)
                 if alive.get(node) != state:

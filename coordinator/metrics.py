@@ -40,6 +40,11 @@ class CoordinatorMetrics:
             "Nodes whose agent's images have been listed: orders can go there.",
             registry=self.registry,
         )
+        self.agent_channels = Gauge(
+            "fledged_coordinator_agent_channels",
+            "gRPC channels open to agent endpoints.",
+            registry=self.registry,
+        )
         self.is_leader = Gauge(
             "fledged_coordinator_is_leader",
             "1 while this replica leads (or runs without leader election).",

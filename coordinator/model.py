@@ -21,6 +21,7 @@ class AgentInfo:
     endpoint: str
     tls: bool
     expires: float  # epoch seconds: renewTime + leaseDurationSeconds
+    acquired: str = ""  # the Lease's acquireTime: a new one is a new agent process
 
     def alive(self, now: float) -> bool:
         return now < self.expires

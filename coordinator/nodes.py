@@ -12,6 +12,7 @@ import functools
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
@@ -47,6 +48,7 @@ CATEGORY_NAMES = {
 }
 AGENT_UNAVAILABLE = "AgentUnavailable"
 LISTINGS_AT_ONCE = 64  # a restart over 5,000 nodes lists them a few dozen at a time
+CHANNEL_CLOSE_GRACE = 30.0  # seconds calls on a channel no agent uses any more may finish
 PROGRESS_NOTIFY_EVERY = 1.0  # seconds: progress reaches status at most this often per node
 CredentialsFor = Callable[[str], Sequence[RegistryAuth]]  # image -> what may log in for it
 
@@ -81,14 +83,23 @@ def _credentials(auth: RegistryAuth) -> agent_pb2.RegistryCredentials:
 
 
 def renewed(old: AgentInfo | None, new: AgentInfo | None, now: float) -> bool:
-    """Only the Lease's renewal moved: same endpoint and TLS, not run out, and not
+    """Only the Lease's renewal moved: the same agent process, not run out, and not
     shortened (plans made with the old expiry stay right until then)."""
     return (
         old is not None
         and new is not None
         and old.alive(now)
         and new.expires >= old.expires
-        and (old.node, old.endpoint, old.tls) == (new.node, new.endpoint, new.tls)
+        and same_process(old, new)
+    )
+
+
+def same_process(old: AgentInfo, new: AgentInfo) -> bool:
+    return (old.node, old.endpoint, old.tls, old.acquired) == (
+        new.node,
+        new.endpoint,
+        new.tls,
+        new.acquired,
     )
 
 
@@ -125,6 +136,7 @@ class NodeRegistry:
         self._tasks: set[asyncio.Task[object]] = set()
         self._last_notify: dict[str, float] = {}
         self._listings = asyncio.Semaphore(LISTINGS_AT_ONCE)
+        self._users: Counter[str] = Counter()  # endpoint -> nodes whose agent is there
 
     # -- bookkeeping -----------------------------------------------------------------
 
@@ -137,6 +149,10 @@ class NodeRegistry:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("agent task %s failed", task.get_name(), exc_info=task.exception())
+
+    @property
+    def channels(self) -> int:
+        return len(self._pool)
 
     def observation(self, node: str) -> NodeObservation:
         obs = self.observations.get(node)
@@ -166,19 +182,56 @@ class NodeRegistry:
         obs = self.observation(node)
         old = obs.agent
         obs.agent = agent
+        self._move(old, agent)
         if renewed(old, agent, time.time()) and obs.inventory is not None:
             return  # the same agent, still alive and listed: nothing to plan anew
         obs.touch()
-        if agent is None or (old is not None and old.endpoint != agent.endpoint):
-            obs.inventory = None  # a new agent process: list again before acting
-        if agent is not None and (
-            old is None or old.endpoint != agent.endpoint or obs.inventory is None
-        ):
+        new_process = agent is not None and (old is None or not same_process(old, agent))
+        if agent is None or new_process:
+            obs.inventory = None  # list again before acting
+        if new_process:
+            # Orders lost with the previous agent go to this one now, not after a backoff.
+            lost = [
+                key
+                for key, record in obs.pulls.items()
+                if record.phase is OrderPhase.FAILED and record.category == AGENT_UNAVAILABLE
+            ]
+            for key in lost:
+                del obs.pulls[key]
+            if old is not None:
+                log.info(
+                    "node %s: a new agent process at %s; %d order(s) lost with the previous "
+                    "one will be sent again",
+                    node,
+                    agent.endpoint if agent else "-",
+                    len(lost),
+                )
+        if agent is not None and (new_process or obs.inventory is None):
             self._spawn(self.sync(node), f"sync {node}")
         self._notify(node)
 
     def forget_node(self, node: str) -> None:
-        self.observations.pop(node, None)
+        obs = self.observations.pop(node, None)
+        if obs is not None:
+            self._move(obs.agent, None)
+
+    def _move(self, old: AgentInfo | None, new: AgentInfo | None) -> None:
+        """Counts the nodes behind each endpoint; closes the channel of one that has
+        none left (agent pods get a new address on every restart: without this, each
+        restart would leave a channel behind)."""
+        before = old.endpoint if old is not None else None
+        after = new.endpoint if new is not None else None
+        if before == after:
+            return
+        if after is not None:
+            self._users[after] += 1
+        if before is not None:
+            self._users[before] -= 1
+            if self._users[before] <= 0:
+                del self._users[before]
+                client = self._pool.discard(before)
+                if client is not None:
+                    self._spawn(client.close(CHANNEL_CLOSE_GRACE), f"close {before}")
 
     def resync_due(self, now: float) -> list[str]:
         return [

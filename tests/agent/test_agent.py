@@ -429,12 +429,18 @@ def test_agents_register_and_renew_their_leases(
         assert spec.holder_identity == node
         assert (meta.annotations or {})["kubefledged.io/agent-endpoint"] == agent.address
         assert (meta.labels or {})["kubefledged.io/node"] == node
-    first = read_lease(testenv, "node-1")[1].renew_time
-    assert first is not None
+    first = read_lease(testenv, "node-1")[1]
+    first_renewal = first.renew_time
+    assert first_renewal is not None
+    assert first.acquire_time is not None  # when this agent process took the Lease
 
     def renewed() -> bool:
-        later = read_lease(testenv, "node-1")[1].renew_time
-        return later is not None and later > first
+        later = read_lease(testenv, "node-1")[1]
+        return bool(
+            later.renew_time is not None
+            and later.renew_time > first_renewal
+            and later.acquire_time == first.acquire_time  # the same process renews
+        )
 
     agents["node-1"].process.wait_until(renewed, timeout=10, what="Lease renewal")
 

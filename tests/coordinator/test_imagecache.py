@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -472,6 +473,20 @@ def test_a_node_that_joins_later_gets_the_images_without_a_refresh(
             status = cri.status(image.ref)
             assert status is not None
             assert status.pinned
+        # The agent restarts at a new address (as a pod does): the coordinator closes
+        # its channel to the old one and dials the new one.
+        channels = coordinator.metric("fledged_coordinator_agent_channels")
+        agent.stop()  # deletes its Lease
+
+        def open_channels(count: float) -> Callable[[], bool]:
+            return lambda: coordinator.metric("fledged_coordinator_agent_channels") == count
+
+        wait_for("the old agent's channel to close", open_channels(channels - 1), timeout=15)
+        agent = testenv.start_agent(
+            node_name=name, runtime_endpoint=containerd.endpoint, name=f"agent-{name}-again"
+        )
+        wait_for("a channel to the new agent", open_channels(channels), timeout=15)
+        assert wait_status(testenv, namespace, "joiner", "Succeeded")["status"]["ready"] == "1/1"
     finally:
         agent.stop()
         containerd.stop()

@@ -21,6 +21,8 @@ from tests.conftest import unique
 from tests.coordinator.helpers import apply, cache_manifest, get_cache, wait_for, wait_status
 from tests.testenv import TestEnv
 from tests.testenv.agents import CoordinatorProcess
+from tests.testenv.containerd import Containerd
+from tests.testenv.nodes import node_labels, register_node
 from tests.testenv.proxy import RegistryProxy
 from tests.testenv.runtime import NodeRuntime
 
@@ -253,3 +255,55 @@ def test_the_refresh_timer_repulls_a_moved_tag_without_any_annotation(
     finally:
         timed.stop()
         coordinator.restart()
+
+
+def test_an_agent_killed_mid_pull_is_reported_and_its_successor_finishes_the_pull(
+    testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
+) -> None:
+    """SIGKILL leaves the agent's Lease behind, and the successor listens at the same
+    address: the Lease's new acquireTime is what tells the coordinator."""
+    image = testenv.registry_client().push_image(unique("ic/crash"), "v1", size=8 << 20)
+    pool = unique("crash")
+    name = unique("node-crash")
+    containerd = Containerd(testenv.workdir, name, [testenv.registry.host])
+    containerd.start()
+    core = client.CoreV1Api(testenv.api_client())
+    register_node(core, name, node_labels(name, {"fledged.test/pool": pool}))
+    agent = testenv.start_agent(
+        node_name=name, runtime_endpoint=containerd.endpoint, name=f"agent-{name}"
+    )
+    try:
+        with RegistryProxy(testenv.registry.host, rate=1 << 20) as slow:  # 8 s
+            containerd.add_registry_host(slow.host)
+            ref = image.ref.replace(image.registry, slow.host)
+            lists = [{"images": [ref], "nodeSelector": {"fledged.test/pool": pool}}]
+            apply(testenv, cache_manifest("crash", namespace, lists))
+
+            def pulling() -> bool:
+                status = (get_cache(testenv, namespace, "crash") or {}).get("status") or {}
+                return any(n.get("bytesDone", 0) > 0 for n in status.get("nodes") or ())
+
+            wait_for("the pull under way", pulling, timeout=30, interval=0.1)
+            agent.process.kill()
+
+            def lost() -> dict[str, Any] | None:
+                obj = get_cache(testenv, namespace, "crash") or {}
+                failed = (obj.get("status", {}).get("failures") or {}).get(ref) or [{}]
+                return obj if failed[0].get("reason") == "AgentUnavailable" else None
+
+            obj = wait_for("the lost agent in status", lost, timeout=15)
+            assert "lost the agent" in obj["status"]["failures"][ref][0]["message"]
+            agent.start()  # same address, new process
+            obj = wait_status(testenv, namespace, "crash", "Succeeded", timeout=60)
+        assert obj["status"]["ready"] == "1/1"
+        assert "failures" not in obj["status"]
+        log = coordinator.process.log_path.read_text()
+        assert re.search(rf"node {name}: a new agent process at .*; 1 order\(s\) lost", log)
+        with NodeRuntime(containerd.endpoint) as cri:
+            held = cri.status(ref)
+        assert held is not None
+        assert held.id == image.config_digest
+    finally:
+        agent.stop()
+        containerd.stop()
+        core.delete_node(name)
