@@ -179,24 +179,7 @@ def plan_cache(
     lists = view.spec.lists
     if memo is None:
         memo = PlanMemo()
-    seen = memo.matched(lists)
-    matches: dict[str, tuple[int, ...]] = {}
-    matched_any = [False] * len(lists)
-    for node, labels in nodes.items():
-        known = seen.get(node)
-        if known is not None and known[0] is labels:
-            found = known[1]
-        else:
-            found = tuple(i for i, cl in enumerate(lists) if cl.matches(labels))
-            seen[node] = (labels, found)
-        if found:
-            matches[node] = found
-            for i in found:
-                matched_any[i] = True
-    plan.unmatched = [cl for cl, hit in zip(lists, matched_any, strict=True) if not hit]
-    if len(seen) > len(nodes):  # Nodes were deleted
-        for gone in [n for n in seen if n not in nodes]:
-            del seen[gone]
+    matches, plan.unmatched = _match(lists, nodes, memo)
     removing = set(view.removing) | (list_pairs(view.applied) - list_pairs(lists))
     if removing or view.purge:
         wanted = {
@@ -211,50 +194,22 @@ def plan_cache(
     if view.dormant:
         return plan
     wave = view.spec.max_concurrent_nodes_per_image or settings.wave
-    context = (view.spec, view.refresh_since, settings, others_token)
-    plan.tally = memo.start(context)
+    plan.tally = memo.start((view.spec, view.refresh_since, settings, others_token))
+    planner = _Planner(view, others, in_flight_by_image, wave, settings, now)
     wants: dict[tuple[int, ...], Wanted] = {}
-    ordered: dict[str, int] = defaultdict(int)
     planned_at = stamp()
     for node in sorted(matches):
         found = matches[node]
-        obs = observations.get(node)
-        version = obs.version if obs is not None else -1
         want = wants.get(found)
         if want is None:
             want = wants[found] = _wanted(lists, found)
-        kept = plan.tally.nodes.get(node)
-        inputs = memo.inputs.get(node)
-        if (
-            kept is not None
-            and inputs is not None
-            and inputs[:2] == (found, version)
-            and now < kept.valid_until
-            and not kept.has_orders
-            and not (wave and kept.queued)
-        ):
-            if obs is None or not obs.key_versions:
-                continue  # nothing changed on the node
-            since = inputs[2]
-            changed = [i for i, w in enumerate(want) if obs.changed_since(since, w[1])]
-            if not changed:
-                memo.inputs[node] = (found, version, planned_at)
-                continue
-            if _plannable(obs, now):
-                # Only some images changed (orders sent, answers in): replan those.
-                node_plan = _replan_pairs(
-                    kept, changed, view, node, want, obs, others, in_flight_by_image,
-                    ordered, wave, settings, now,
-                )  # fmt: skip
-                plan.put(node, node_plan)
-                memo.inputs[node] = (found, version, planned_at)
-                continue
-        plan.put(
-            node,
-            _plan_node(
-                view, node, want, obs, others, in_flight_by_image, ordered, wave, settings, now
-            ),
+        obs = observations.get(node)
+        version = obs.version if obs is not None else -1
+        node_plan = planner.again(
+            node, want, obs, plan.tally.nodes.get(node), memo.inputs.get(node), (found, version)
         )
+        if node_plan is not None:
+            plan.put(node, node_plan)
         memo.inputs[node] = (found, version, planned_at)
     for node in [n for n in plan.tally.nodes if n not in matches]:
         plan.tally.put(node, None)
@@ -263,149 +218,165 @@ def plan_cache(
     return plan
 
 
+def _match(
+    lists: tuple[CacheList, ...], nodes: Mapping[str, Mapping[str, str]], memo: PlanMemo
+) -> tuple[dict[str, tuple[int, ...]], list[CacheList]]:
+    """Per node, the lists it matches (none: left out); and the lists matching no node."""
+    seen = memo.matched(lists)
+    matches: dict[str, tuple[int, ...]] = {}
+    matched_any = [False] * len(lists)
+    for node, labels in nodes.items():
+        known = seen.get(node)
+        if known is not None and known[0] is labels:
+            found = known[1]
+        else:
+            found = tuple(i for i, cl in enumerate(lists) if cl.matches(labels))
+            seen[node] = (labels, found)
+        if found:
+            matches[node] = found
+            for i in found:
+                matched_any[i] = True
+    if len(seen) > len(nodes):  # Nodes were deleted
+        for gone in [n for n in seen if n not in nodes]:
+            del seen[gone]
+    return matches, [cl for cl, hit in zip(lists, matched_any, strict=True) if not hit]
+
+
 def _alive(obs: NodeObservation | None, now: float) -> bool:
     return obs is not None and obs.agent is not None and obs.agent.alive(now)
 
 
-def _plannable(obs: NodeObservation, now: float) -> bool:
-    """Whether the node's pairs are planned one by one (else all share one state)."""
-    return obs.agent is not None and obs.agent.alive(now) and obs.inventory is not None
+@dataclass
+class _Planner:
+    """What every node's plan in one call shares, and the wave slots handed out so far."""
 
+    view: CacheView
+    others: OthersWant
+    in_flight_by_image: Mapping[str, int]
+    wave: int | None
+    settings: Settings
+    now: float
+    ordered: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
-def _replan_pairs(
-    kept: NodePlan,
-    changed: list[int],
-    view: CacheView,
-    node: str,
-    want: Wanted,
-    obs: NodeObservation,
-    others: OthersWant,
-    in_flight_by_image: Mapping[str, int],
-    ordered: dict[str, int],
-    wave: int | None,
-    settings: Settings,
-    now: float,
-) -> NodePlan:
-    assert obs.agent is not None
-    pairs = list(kept.pairs)
-    pulls: list[PullItem] = []
-    pins: list[tuple[str, bool]] = []
-    for i in changed:
-        image, ref, pin = want[i]
-        pairs[i] = _plan_pair(
-            view, node, image, ref, pin, obs, others, in_flight_by_image, ordered, wave,
-            settings, now, pulls, pins,
-        )  # fmt: skip
-    return NodePlan.of(pairs, pulls, pins, obs.agent.expires)
+    def again(
+        self,
+        node: str,
+        want: Wanted,
+        obs: NodeObservation | None,
+        kept: NodePlan | None,
+        inputs: tuple[tuple[int, ...], int, int] | None,
+        current: tuple[tuple[int, ...], int],
+    ) -> NodePlan | None:
+        """The node's plan now; None when the one `kept` from last time still holds.
 
+        `inputs`: the lists matched, the observation's version and the stamp of the last
+        plan; `current`: the lists matched and the version now."""
+        if (
+            kept is None
+            or inputs is None
+            or inputs[:2] != current
+            or self.now >= kept.valid_until
+            or kept.has_orders
+            or (self.wave and kept.queued)
+        ):
+            return self.node(node, want, obs)
+        if obs is None or not obs.key_versions:
+            return None  # nothing changed on the node
+        changed = [i for i, w in enumerate(want) if obs.changed_since(inputs[2], w[1])]
+        if not changed:
+            return None
+        if not _alive(obs, self.now) or obs.inventory is None:
+            return self.node(node, want, obs)
+        # Only some images changed (orders sent, answers in): replan those.
+        assert obs.agent is not None
+        pairs = list(kept.pairs)
+        pulls: list[PullItem] = []
+        pins: list[tuple[str, bool]] = []
+        for i in changed:
+            image, ref, pin = want[i]
+            pairs[i] = self.pair(node, image, ref, pin, obs, pulls, pins)
+        return NodePlan.of(pairs, pulls, pins, obs.agent.expires)
 
-def _plan_node(
-    view: CacheView,
-    node: str,
-    want: Wanted,
-    obs: NodeObservation | None,
-    others: OthersWant,
-    in_flight_by_image: Mapping[str, int],
-    ordered: dict[str, int],
-    wave: int | None,
-    settings: Settings,
-    now: float,
-) -> NodePlan:
-    if obs is None or obs.agent is None or not obs.agent.alive(now):
-        why = (
-            "no agent has registered for this node"
-            if obs is None or obs.agent is None
-            else "the agent's Lease expired: the agent is gone or cannot reach the API server"
-        )
-        return NodePlan.of(
-            PairState(node, image, PairPhase.AGENT_UNAVAILABLE, Reason.AGENT_UNAVAILABLE, why)
-            for image, _, _ in want
-        )
-    if obs.inventory is None:
-        return NodePlan.of(
-            (
-                PairState(node, image, PairPhase.PENDING, message="listing the node's images")
-                for image, _, _ in want
-            ),
-            valid_until=obs.agent.expires,
-        )
-    pulls: list[PullItem] = []
-    pins: list[tuple[str, bool]] = []
-    pairs = [
-        _plan_pair(
-            view,
-            node,
-            image,
-            ref,
-            pin,
-            obs,
-            others,
-            in_flight_by_image,
-            ordered,
-            wave,
-            settings,
-            now,
-            pulls,
-            pins,
-        )
-        for image, ref, pin in want
-    ]
-    return NodePlan.of(pairs, pulls, pins, obs.agent.expires)
-
-
-def _plan_pair(
-    view: CacheView,
-    node: str,
-    image: str,
-    ref: ImageRef,
-    pin: bool,
-    obs: NodeObservation,
-    others: OthersWant,
-    in_flight_by_image: Mapping[str, int],
-    ordered: dict[str, int],
-    wave: int | None,
-    settings: Settings,
-    now: float,
-    pulls: list[PullItem],
-    pins: list[tuple[str, bool]],
-) -> PairState:
-    assert obs.inventory is not None
-    key = ref.canonical
-    record = obs.pulls.get(key)
-    if record is not None and record.in_flight:
-        phase = PairPhase.PULLING if record.phase is OrderPhase.PULLING else PairPhase.WAITING
-        return PairState(node, image, phase, "", "", record.bytes_done, record.bytes_total)
-    present = obs.inventory.lookup(ref)
-    since = view.refresh_since
-    refreshed = since is not None and record is not None and record.finished >= since
-    stale = since is not None and ref.is_mutable and not refreshed
-    if present is not None and not stale:
-        if obs.pinning_supported and key not in obs.pins_in_flight:
-            if pin and not present.pinned:
-                pins.append((image, True))  # re-pin what lost its pin
-            elif not pin and present.pin_owned and not others(node, ref)[1]:
-                pins.append((image, False))  # the list's pin switch was turned off
-        digest = present.digest_by_name.get(ref.name, "")
-        return PairState(node, image, PairPhase.READY, "", "", 0, 0, digest, present.pinned)
-    if record is not None and record.phase is OrderPhase.FAILED:
-        permanent = record.category in PERMANENT_CATEGORIES
-        retry_at = None if permanent else record.finished + backoff(record.failures, settings)
-        refresh_retry = since is not None and record.finished < since
-        if not refresh_retry and (retry_at is None or now < retry_at):
-            return PairState(
-                node, image, PairPhase.FAILED, record.category, record.message, retry_at=retry_at
+    def node(self, node: str, want: Wanted, obs: NodeObservation | None) -> NodePlan:
+        if obs is None or obs.agent is None or not obs.agent.alive(self.now):
+            why = (
+                "no agent has registered for this node"
+                if obs is None or obs.agent is None
+                else "the agent's Lease expired: the agent is gone or cannot reach the API server"
             )
-    if wave is not None and in_flight_by_image.get(key, 0) + ordered[key] >= wave:
-        return PairState(
-            node,
-            image,
-            PairPhase.QUEUED,
-            message=f"waiting for a wave slot (max {wave} nodes at once)",
-        )
-    ordered[key] += 1
-    always = stale or (settings.always_pull and record is None)
-    pulls.append(PullItem(image, always=always, pin=pin and obs.pinning_supported))
-    return PairState(node, image, PairPhase.PENDING, message="pull ordered")
+            return NodePlan.of(
+                PairState(node, image, PairPhase.AGENT_UNAVAILABLE, Reason.AGENT_UNAVAILABLE, why)
+                for image, _, _ in want
+            )
+        if obs.inventory is None:
+            return NodePlan.of(
+                (
+                    PairState(node, image, PairPhase.PENDING, message="listing the node's images")
+                    for image, _, _ in want
+                ),
+                valid_until=obs.agent.expires,
+            )
+        pulls: list[PullItem] = []
+        pins: list[tuple[str, bool]] = []
+        pairs = [self.pair(node, image, ref, pin, obs, pulls, pins) for image, ref, pin in want]
+        return NodePlan.of(pairs, pulls, pins, obs.agent.expires)
+
+    def pair(
+        self,
+        node: str,
+        image: str,
+        ref: ImageRef,
+        pin: bool,
+        obs: NodeObservation,
+        pulls: list[PullItem],
+        pins: list[tuple[str, bool]],
+    ) -> PairState:
+        """One image on one node with a live, listed agent; orders go to `pulls`, `pins`."""
+        assert obs.inventory is not None
+        key = ref.canonical
+        record = obs.pulls.get(key)
+        if record is not None and record.in_flight:
+            phase = PairPhase.PULLING if record.phase is OrderPhase.PULLING else PairPhase.WAITING
+            return PairState(node, image, phase, "", "", record.bytes_done, record.bytes_total)
+        present = obs.inventory.lookup(ref)
+        since = self.view.refresh_since
+        refreshed = since is not None and record is not None and record.finished >= since
+        stale = since is not None and ref.is_mutable and not refreshed
+        if present is not None and not stale:
+            if obs.pinning_supported and key not in obs.pins_in_flight:
+                if pin and not present.pinned:
+                    pins.append((image, True))  # re-pin what lost its pin
+                elif not pin and present.pin_owned and not self.others(node, ref)[1]:
+                    pins.append((image, False))  # the list's pin switch was turned off
+            digest = present.digest_by_name.get(ref.name, "")
+            return PairState(node, image, PairPhase.READY, "", "", 0, 0, digest, present.pinned)
+        if record is not None and record.phase is OrderPhase.FAILED:
+            permanent = record.category in PERMANENT_CATEGORIES
+            retry_at = (
+                None if permanent else record.finished + backoff(record.failures, self.settings)
+            )
+            refresh_retry = since is not None and record.finished < since
+            if not refresh_retry and (retry_at is None or self.now < retry_at):
+                return PairState(
+                    node,
+                    image,
+                    PairPhase.FAILED,
+                    record.category,
+                    record.message,
+                    retry_at=retry_at,
+                )
+        wave = self.wave
+        if wave is not None and self.in_flight_by_image.get(key, 0) + self.ordered[key] >= wave:
+            return PairState(
+                node,
+                image,
+                PairPhase.QUEUED,
+                message=f"waiting for a wave slot (max {wave} nodes at once)",
+            )
+        self.ordered[key] += 1
+        always = stale or (self.settings.always_pull and record is None)
+        pulls.append(PullItem(image, always=always, pin=pin and obs.pinning_supported))
+        return PairState(node, image, PairPhase.PENDING, message="pull ordered")
 
 
 def _release(
