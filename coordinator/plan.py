@@ -277,7 +277,7 @@ class _Planner:
             or inputs[:2] != current
             or self.now >= kept.valid_until
             or kept.has_orders
-            or (self.wave and kept.queued)
+            or (kept.queued and self._slot_open(kept, want))
         ):
             return self.node(node, want, obs)
         if obs is None or not obs.key_versions:
@@ -296,6 +296,18 @@ class _Planner:
             image, ref, pin = want[i]
             pairs[i] = self.pair(node, image, ref, pin, obs, pulls, pins)
         return NodePlan.of(pairs, pulls, pins, obs.agent.expires)
+
+    def _slot_open(self, kept: NodePlan, want: Wanted) -> bool:
+        """Whether an image the node waits on for a wave slot could get one now."""
+        wave = self.wave
+        if wave is None:
+            return True
+        for pair, (_, ref, _) in zip(kept.pairs, want, strict=True):
+            if pair.phase is PairPhase.QUEUED:
+                key = ref.canonical
+                if self.in_flight_by_image.get(key, 0) + self.ordered[key] < wave:
+                    return True
+        return False
 
     def node(self, node: str, want: Wanted, obs: NodeObservation | None) -> NodePlan:
         if obs is None or obs.agent is None or not obs.agent.alive(self.now):
