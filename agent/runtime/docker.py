@@ -7,12 +7,15 @@ GC is not the kubelet's concern with dockershim gone), so pins report UNSUPPORTE
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import socket
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import docker
+import docker.auth
 import docker.errors
 import requests
 
@@ -54,6 +57,21 @@ def docker_ref(ref: str) -> str:
     except InvalidReference:
         return ref
     return f"{parsed.name}@{parsed.digest}" if parsed.digest else ref
+
+
+# A pull's read timeout runs this long after its deadline, so that the deadline (and
+# its clear DeadlineExceeded) always comes first.
+READ_TIMEOUT_SLACK = 5.0
+Responses = list[requests.Response]  # (`list` is also a method of DockerRuntime)
+
+
+def _hang_up(response: requests.Response) -> None:
+    """Shuts a streaming response's connection from another thread: the blocked read
+    returns at once, and the daemon, its client gone, cancels the pull."""
+    sock = getattr(getattr(response.raw, "_connection", None), "sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def _classify(err: Exception) -> AgentError:
@@ -168,13 +186,16 @@ class DockerRuntime:
 
         async def attempt(auth: dict[str, str] | None, left: float) -> None:
             stop = threading.Event()
+            held: Responses = []
             work = asyncio.to_thread(
-                self._pull_blocking, repository, tag, auth, progress, report, stop
+                self._pull_blocking, repository, tag, auth, progress, report, stop, left, held
             )
             try:
                 await asyncio.wait_for(work, timeout=left)
             except TimeoutError as err:
-                stop.set()  # the daemon's pull goes on; we stop reading it
+                stop.set()
+                for response in held:
+                    _hang_up(response)  # the daemon cancels a pull whose client is gone
                 raise AgentError(
                     Category.DEADLINE_EXCEEDED, f"pull of {ref} did not finish within {deadline:g}s"
                 ) from err
@@ -195,11 +216,26 @@ class DockerRuntime:
         progress: LayerProgress,
         report: ProgressCallback,
         stop: threading.Event,
+        deadline: float,
+        held: Responses,
     ) -> None:
+        """The SDK's `pull`, but with the response in `held`, so that the deadline can
+        hang up on it; and with a read timeout for a daemon that never answers."""
+        headers = {"X-Registry-Auth": docker.auth.encode_header(auth)} if auth else {}
         try:
-            stream: Iterator[dict[str, Any]] = self._api.pull(
-                repository, tag=tag, stream=True, decode=True, auth_config=auth
+            response = self._api._post(
+                self._api._url("/images/create"),
+                params={"fromImage": repository, "tag": tag},
+                headers=headers,
+                stream=True,
+                timeout=deadline + READ_TIMEOUT_SLACK,
             )
+            held.append(response)
+            if stop.is_set():
+                _hang_up(response)
+                return
+            self._api._raise_for_status(response)
+            stream: Iterator[dict[str, Any]] = self._api._stream_helper(response, decode=True)
             for event in stream:
                 if stop.is_set():
                     return
@@ -210,7 +246,12 @@ class DockerRuntime:
                 if update is not None:
                     report(update)
         except (docker.errors.APIError, requests.exceptions.RequestException) as err:
+            if stop.is_set():
+                return  # hung up on purpose
             raise _classify(err) from err
+        finally:
+            for response in held:
+                response.close()
 
     async def remove(self, ref: str) -> bool:
         try:

@@ -27,6 +27,7 @@ class RegistryProxy:
         self._thread = threading.Thread(target=self._serve, name=f"proxy-{self.port}", daemon=True)
         self._server: asyncio.Server | None = None
         self._next_slot = 0.0  # the rate is shared by all connections, as one link would be
+        self.open_connections = 0  # clients connected now (a cancelled pull closes its own)
 
     def start(self) -> RegistryProxy:
         self._thread.start()
@@ -61,6 +62,13 @@ class RegistryProxy:
             self._loop.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.open_connections += 1
+        try:
+            await self._forward(reader, writer)
+        finally:
+            self.open_connections -= 1
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.stall:
             with contextlib.suppress(Exception):
                 await reader.read()  # hold the connection open until the client gives up
