@@ -22,7 +22,7 @@ from kubernetes import client
 from common.reference import ImageRef, InvalidReference, parse
 
 from . import api
-from .kube import Informer, KubeWriter, Obj, metadata_only, now_iso
+from .kube import SECRET_TTL, Informer, KubeWriter, Obj, metadata_only, now_iso
 from .metrics import CoordinatorMetrics
 from .model import AgentInfo
 from .nodes import NodeRegistry
@@ -448,11 +448,16 @@ class Controller:
 
     def _credentials(
         self, namespace: str, spec: api.CacheSpec
-    ) -> tuple[list[RegistryAuth], list[str]]:
+    ) -> tuple[list[RegistryAuth], list[str], str]:
+        """What may log in, what is wrong with the Secrets, and which versions of them
+        were read (a change retries pulls refused as Unauthorized)."""
         auths: list[RegistryAuth] = []
         errors = []
+        versions = []
         for name in spec.pull_secrets:
             secret = self._kube.get_secret(namespace, name)
+            meta = secret.metadata if secret is not None else None
+            versions.append(f"{name}={meta.resource_version if meta is not None else '-'}")
             if secret is None:
                 errors.append(f"imagePullSecret {name!r} not found in namespace {namespace!r}")
                 continue
@@ -461,7 +466,7 @@ class Controller:
                 auths.extend(parse_secret(name, secret.type or "", data))
             except SecretError as err:
                 errors.append(str(err))
-        return auths, errors
+        return auths, errors, ",".join(versions)
 
     async def reconcile(self, key: str) -> None:
         obj = self.caches.store.get(key)
@@ -492,6 +497,13 @@ class Controller:
         if api.REFRESH_ANNOTATION in annotations:
             self._refreshing.setdefault(key, time.time())
         spec, spec_error = self._spec(key, obj)
+        auths: list[RegistryAuth] = []
+        secret_errors: list[str] = []
+        credentials = ""
+        if spec is not None and spec.pull_secrets and not deleting:
+            auths, secret_errors, credentials = await asyncio.to_thread(
+                self._credentials, namespace, spec
+            )
         previous = self.status.last_written(key) or obj.get("status") or {}
         removing = tuple(
             (str(r["image"]), tuple(sorted((r.get("nodeSelector") or {}).items())))
@@ -507,11 +519,8 @@ class Controller:
             purge=api.PURGE_ANNOTATION in annotations,
             purged_generation=previous.get("purgedGeneration"),
             refresh_since=self._refreshing.get(key),
+            credentials=credentials,
         )
-        auths: list[RegistryAuth] = []
-        secret_errors: list[str] = []
-        if spec is not None and spec.pull_secrets and not deleting:
-            auths, secret_errors = await asyncio.to_thread(self._credentials, namespace, spec)
         nodes = self._node_labels()
         now = time.time()
         started = time.monotonic()
@@ -528,7 +537,7 @@ class Controller:
             others_token=others_token,
         )
         planned = time.monotonic()
-        self._dispatch(key, plan, auths)
+        self._dispatch(key, plan, auths, credentials)
         if time.monotonic() - started > SLOW_RECONCILE:
             log.info(
                 "%s: planning %d nodes took %.2fs, sending %d pull batches %.2fs",
@@ -557,6 +566,9 @@ class Controller:
         retry = plan.next_retry
         if retry is not None:
             self.queue.add_after(key, max(0.5, retry - now))
+        if credentials and (secret_errors or plan.tally.failed):
+            # No Secret is watched: look again for one created or fixed meanwhile.
+            self.queue.add_after(key, SECRET_TTL)
 
     async def _finish_operations(self, key: str, obj: Obj, view: CacheView, plan: Plan) -> None:
         meta = obj["metadata"]
@@ -578,7 +590,9 @@ class Controller:
             )
             log.info("%s: %s done", key, ", ".join(done))
 
-    def _dispatch(self, key: str, plan: Plan, auths: list[RegistryAuth]) -> None:
+    def _dispatch(
+        self, key: str, plan: Plan, auths: list[RegistryAuth], credentials: str = ""
+    ) -> None:
         def creds(image: str) -> list[RegistryAuth]:
             try:
                 return credentials_for(parse(image), auths)
@@ -587,7 +601,7 @@ class Controller:
 
         detailed = len(plan.tally.nodes) <= self._config.byte_progress_max_nodes
         self.metrics.orders.labels("pull").inc(sum(len(items) for items in plan.pulls.values()))
-        self._registry.submit_pulls(plan.pulls, creds, key, detailed)
+        self._registry.submit_pulls(plan.pulls, creds, key, detailed, credentials)
         for node, changes in plan.pins.items():
             if changes:
                 for _, pinned in changes:

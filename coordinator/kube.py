@@ -19,6 +19,7 @@ from .api import GROUP, PLURAL, VERSION
 log = logging.getLogger(__name__)
 
 Obj = dict[str, Any]
+SECRET_TTL = 10.0  # seconds a pull Secret read is reused
 Handler = Callable[[str, Obj | None, Obj | None], None]  # key, old, new
 
 
@@ -154,6 +155,7 @@ class KubeWriter:
         self._core = client.CoreV1Api(api)
         self._component = component
         self._host = f"{component}-{uuid.uuid4().hex[:6]}"
+        self._secrets: dict[tuple[str, str], tuple[float, client.V1Secret | None]] = {}
 
     def get_cache(self, namespace: str, name: str) -> Obj | None:
         try:
@@ -178,12 +180,23 @@ class KubeWriter:
         )
 
     def get_secret(self, namespace: str, name: str) -> client.V1Secret | None:
+        """A pull Secret, read at most once per SECRET_TTL (None: it does not exist).
+
+        A cache over a busy fleet is reconciled about once a second, every cache on any
+        node's answer: without this, each of those reconciles read its Secrets anew."""
+        key = (namespace, name)
+        now = time.monotonic()
+        cached = self._secrets.get(key)
+        if cached is not None and now - cached[0] < SECRET_TTL:
+            return cached[1]
         try:
-            return self._core.read_namespaced_secret(name, namespace)
+            secret = self._core.read_namespaced_secret(name, namespace)
         except client.ApiException as err:
-            if err.status == 404:
-                return None
-            raise
+            if err.status != 404:
+                raise
+            secret = None
+        self._secrets[key] = (now, secret)
+        return secret
 
     def event(self, obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         meta = obj["metadata"]

@@ -101,7 +101,8 @@ class OrderPhase(StrEnum):
 IN_FLIGHT = frozenset({OrderPhase.SENT, OrderPhase.WAITING, OrderPhase.PULLING})
 
 # Failures that a retry cannot fix until something changes (spec, secret, refresh).
-PERMANENT_CATEGORIES = frozenset({"NotFound", "Unauthorized", "InvalidReference"})
+UNAUTHORIZED = "Unauthorized"
+PERMANENT_CATEGORIES = frozenset({"NotFound", UNAUTHORIZED, "InvalidReference"})
 
 
 @dataclass(slots=True)
@@ -117,6 +118,7 @@ class PullRecord:
     category: str = ""
     message: str = ""
     failures: int = 0  # consecutive, for backoff
+    credentials: str = ""  # the ordering cache's pull Secrets then (CacheView.credentials)
 
     @property
     def in_flight(self) -> bool:

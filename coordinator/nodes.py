@@ -294,6 +294,7 @@ class NodeRegistry:
         credentials_for: CredentialsFor,
         cache_key: str,
         detailed: bool = True,
+        credentials: str = "",
     ) -> None:
         """One PullImages call per node. `detailed`: ask for WAITING and byte progress
         too, not only outcomes. Each distinct order is built once for all nodes."""
@@ -310,7 +311,10 @@ class NodeRegistry:
                 key = canonical(item.image)
                 old = obs.pulls.get(key)
                 obs.pulls[key] = PullRecord(
-                    OrderPhase.SENT, started=now, failures=old.failures if old else 0
+                    OrderPhase.SENT,
+                    started=now,
+                    failures=old.failures if old else 0,
+                    credentials=credentials,
                 )
                 if item not in orders:
                     orders[item] = agent_pb2.ImagePull(

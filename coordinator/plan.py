@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from common.reference import ImageRef, parse
 
 from .api import CacheList, CacheSpec, Reason
-from .model import PERMANENT_CATEGORIES, NodeObservation, OrderPhase, stamp
+from .model import PERMANENT_CATEGORIES, UNAUTHORIZED, NodeObservation, OrderPhase, stamp
 from .pairs import NodePlan, PairPhase, PairState, PullItem, Tally
 
 Selector = tuple[tuple[str, str], ...]
@@ -46,6 +46,9 @@ class CacheView:
     purge: bool = False
     purged_generation: int | None = None
     refresh_since: float | None = None
+    # The pull Secrets as they are now (names and versions): a pull refused as
+    # Unauthorized with other credentials is tried again.
+    credentials: str = ""
 
     @property
     def dormant(self) -> bool:
@@ -194,7 +197,9 @@ def plan_cache(
     if view.dormant:
         return plan
     wave = view.spec.max_concurrent_nodes_per_image or settings.wave
-    plan.tally = memo.start((view.spec, view.refresh_since, settings, others_token))
+    plan.tally = memo.start(
+        (view.spec, view.refresh_since, view.credentials, settings, others_token)
+    )
     planner = _Planner(view, others, in_flight_by_image, wave, settings, now)
     wants: dict[tuple[int, ...], Wanted] = {}
     planned_at = stamp()
@@ -368,7 +373,10 @@ class _Planner:
                 None if permanent else record.finished + backoff(record.failures, self.settings)
             )
             refresh_retry = since is not None and record.finished < since
-            if not refresh_retry and (retry_at is None or self.now < retry_at):
+            new_credentials = (
+                record.category == UNAUTHORIZED and record.credentials != self.view.credentials
+            )
+            if not (refresh_retry or new_credentials) and (retry_at is None or self.now < retry_at):
                 return PairState(
                     node,
                     image,

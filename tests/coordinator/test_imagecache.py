@@ -339,6 +339,29 @@ def test_pull_secrets_authenticate_and_a_missing_one_is_a_clear_failure(
     assert AUTH_PASSWORD not in logs
 
 
+def test_a_pull_secret_created_after_the_cache_is_picked_up_without_a_refresh(
+    testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
+) -> None:
+    """Secret and cache applied in the wrong order: the pulls first fail as Unauthorized,
+    then succeed once the Secret exists (the coordinator looks again for it)."""
+    private = testenv.registry_client(authenticated=True).push_image(unique("ic/late"), "v1")
+    apply(
+        testenv,
+        cache_manifest("latecred", namespace, [{"images": [private.ref]}], secrets=["latecred"]),
+    )
+    obj = wait_status(testenv, namespace, "latecred", "Failed")
+    assert {f["reason"] for f in obj["status"]["failures"][private.ref]} == {"Unauthorized"}
+    core = client.CoreV1Api(testenv.api_client())
+    core.create_namespaced_secret(
+        namespace, _pull_secret(namespace, "latecred", private.registry, AUTH_PASSWORD)
+    )
+    obj = wait_status(testenv, namespace, "latecred", "Succeeded", timeout=60)
+    assert "pullSecretErrors" not in obj["status"]
+    assert "kubefledged.io/refresh-imagecache" not in (obj["metadata"].get("annotations") or {})
+    for node in ALL:
+        assert node_images(testenv, node).get(private.ref) is True
+
+
 def test_a_node_that_leaves_a_selector_has_its_pin_lifted(
     testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
 ) -> None:

@@ -245,3 +245,27 @@ def test_deletion_lifts_only_pins_this_cache_set_and_nobody_else_wants() -> None
 def test_lists_that_match_no_node_are_named() -> None:
     plan = plan_cache(view(everything_list(A, zone="z")), NODES, {}, nobody, {}, Settings(), NOW)
     assert [cl.selector_text() for cl in plan.unmatched] == ["zone=z"]
+
+
+def test_a_pull_refused_as_unauthorized_is_tried_again_once_the_secrets_change() -> None:
+    refused = node()
+    refused.pulls[A] = PullRecord(
+        OrderPhase.FAILED,
+        NOW - 100,
+        NOW - 10,
+        category="Unauthorized",
+        failures=1,
+        credentials="regcred=-",
+    )
+    obs = {"n1": refused}
+    same = plan_cache(
+        view(everything_list(A, zone="a"), credentials="regcred=-"),
+        NODES, obs, nobody, {}, Settings(), NOW,
+    )  # fmt: skip
+    assert not same.pulls
+    assert same.pairs[0].phase == PairPhase.FAILED
+    fixed = plan_cache(
+        view(everything_list(A, zone="a"), credentials="regcred=42"),
+        NODES, obs, nobody, {}, Settings(), NOW,
+    )  # fmt: skip
+    assert list(fixed.pulls) == ["n1"]
