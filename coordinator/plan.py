@@ -368,15 +368,20 @@ class _Planner:
             digest = present.digest_by_name.get(ref.name, "")
             return PairState(node, image, PairPhase.READY, "", "", 0, 0, digest, present.pinned)
         if record is not None and record.phase is OrderPhase.FAILED:
-            permanent = record.category in PERMANENT_CATEGORIES
-            retry_at = (
-                None if permanent else record.finished + backoff(record.failures, self.settings)
-            )
-            refresh_retry = since is not None and record.finished < since
+            # Refused with other credentials than the cache's Secrets give now: worth
+            # another try, at once the first time, then with backoff (two caches with
+            # different Secrets for one image must not take turns at the registry).
             new_credentials = (
                 record.category == UNAUTHORIZED and record.credentials != self.view.credentials
             )
-            if not (refresh_retry or new_credentials) and (retry_at is None or self.now < retry_at):
+            permanent = record.category in PERMANENT_CATEGORIES and not new_credentials
+            retry_at = (
+                None if permanent else record.finished + backoff(record.failures, self.settings)
+            )
+            if new_credentials and record.failures <= 1:
+                retry_at = record.finished
+            refresh_retry = since is not None and record.finished < since
+            if not refresh_retry and (retry_at is None or self.now < retry_at):
                 return PairState(
                     node,
                     image,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from common.reference import ImageRef, parse
 from coordinator.api import CacheList, CacheSpec
 from coordinator.model import (
@@ -269,3 +271,11 @@ def test_a_pull_refused_as_unauthorized_is_tried_again_once_the_secrets_change()
         NODES, obs, nobody, {}, Settings(), NOW,
     )  # fmt: skip
     assert list(fixed.pulls) == ["n1"]
+    # Refused again (say another cache with other Secrets tried meanwhile): backoff now.
+    refused.pulls[A] = replace(refused.pulls[A], failures=2)
+    again = plan_cache(
+        view(everything_list(A, zone="a"), credentials="regcred=43"),
+        NODES, obs, nobody, {}, Settings(retry_base=30), NOW,
+    )  # fmt: skip
+    assert not again.pulls
+    assert again.next_retry == NOW - 10 + 60
