@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -24,13 +23,14 @@ from tests.coordinator.helpers import (
     wait_status,
 )
 from tests.testenv import AUTH_PASSWORD, AUTH_USER, TestEnv
-from tests.testenv.agents import CoordinatorProcess
+from tests.testenv.agents import AGENT_NAMESPACE, CoordinatorProcess
 from tests.testenv.containerd import Containerd
 from tests.testenv.nodes import node_labels, register_node
 from tests.testenv.runtime import NodeRuntime
 
 ALL = ("node-1", "node-2", "node-3")
 EDGE = ("node-1", "node-2")
+ENDPOINT = "kubefledged.io/agent-endpoint"  # the annotation carrying an agent's address
 
 
 def test_a_kube_fledged_manifest_caches_its_images_on_the_selected_nodes(
@@ -497,19 +497,29 @@ def test_a_node_that_joins_later_gets_the_images_without_a_refresh(
             assert status is not None
             assert status.pinned
         # The agent restarts at a new address (as a pod does): the coordinator closes
-        # its channel to the old one and dials the new one.
-        channels = coordinator.metric("fledged_coordinator_agent_channels")
+        # its channel to the old one and dials the new one. One channel per agent
+        # endpoint in the Leases, whatever other tests left behind.
+        leases = client.CoordinationV1Api(testenv.api_client())
+
+        def one_channel_per_endpoint() -> bool:
+            items = leases.list_namespaced_lease(
+                AGENT_NAMESPACE, label_selector="app.kubernetes.io/component=agent"
+            ).items
+            endpoints = {
+                ((i.metadata and i.metadata.annotations) or {}).get(ENDPOINT) for i in items
+            }
+            channels = coordinator.metric("fledged_coordinator_agent_channels")
+            return channels == len(endpoints - {None})
+
+        wait_for("one channel per agent", one_channel_per_endpoint, timeout=15)
         agent.stop()  # deletes its Lease
-
-        def open_channels(count: float) -> Callable[[], bool]:
-            return lambda: coordinator.metric("fledged_coordinator_agent_channels") == count
-
-        wait_for("the old agent's channel to close", open_channels(channels - 1), timeout=15)
+        wait_for("the old agent's channel to close", one_channel_per_endpoint, timeout=15)
         agent = testenv.start_agent(
             node_name=name, runtime_endpoint=containerd.endpoint, name=f"agent-{name}-again"
         )
-        wait_for("a channel to the new agent", open_channels(channels), timeout=15)
-        assert wait_status(testenv, namespace, "joiner", "Succeeded")["status"]["ready"] == "1/1"
+        obj = wait_status(testenv, namespace, "joiner", "Succeeded")
+        assert obj["status"]["ready"] == "1/1"
+        wait_for("a channel to the new agent", one_channel_per_endpoint, timeout=15)
     finally:
         agent.stop()
         containerd.stop()
