@@ -475,6 +475,7 @@ class Controller:
             self._refreshing.pop(key, None)
             self._specs.pop(key, None)
             self._memos.pop(key, None)
+            self._reconcile_seconds.pop(key, None)
             return
         meta = obj["metadata"]
         namespace, name = meta["namespace"], meta["name"]

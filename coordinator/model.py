@@ -74,10 +74,6 @@ class Inventory:
             return self._by_digest.get(ref.lookup_key)
         return self._by_tag.get(ref.lookup_key)
 
-    def digest_of(self, ref: ImageRef) -> str:
-        image = self.lookup(ref)
-        return "" if image is None else image.digest_by_name.get(ref.name, "")
-
     def same_images(self, other: Inventory) -> bool:
         """Equal holdings (images are shared objects, so mostly an identity check)."""
         return len(self.images) == len(other.images) and {i.image_id: i for i in self.images} == {
@@ -165,11 +161,21 @@ class NodeObservation:
         versions = self.key_versions
         return versions.get(ref.canonical, 0) > version or versions.get(ref.lookup_key, 0) > version
 
-    def replace_image(self, image: NodeImage) -> None:
-        """Adds or updates one image of the inventory (a pull's answer); the references
-        it answered to before and after count as changed."""
+    def add_pulled(
+        self,
+        image_id: str,
+        tags: frozenset[str],
+        digests: frozenset[str],
+        pinned: bool,
+        size: int,
+    ) -> None:
+        """A pull's answer: the image joins the inventory, merged with what the node
+        held under that id; every reference it answers to counts as changed."""
         assert self.inventory is not None
-        old = next((i for i in self.inventory.images if i.image_id == image.image_id), None)
+        old = next((i for i in self.inventory.images if i.image_id == image_id), None)
+        owned = pinned
+        if old is not None:
+            tags, digests, owned = tags | old.tags, digests | old.digests, owned or old.pin_owned
+        image = shared_image(image_id, tags, digests, pinned, owned, size)
         self.inventory = self.inventory.replace(image)
-        before = old.tags | old.digests if old is not None else frozenset()
-        self.touch(*(image.tags | image.digests | before))
+        self.touch(*(image.tags | image.digests))

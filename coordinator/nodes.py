@@ -306,9 +306,9 @@ class NodeRegistry:
             obs = self.observation(node)
             if obs.agent is None or not items:
                 continue
-            obs.touch(*(canonical(item.image) for item in items))
-            for item in items:
-                key = canonical(item.image)
+            keys = [canonical(item.image) for item in items]
+            obs.touch(*keys)
+            for key, item in zip(keys, items, strict=True):
                 old = obs.pulls.get(key)
                 obs.pulls[key] = PullRecord(
                     OrderPhase.SENT,
@@ -330,9 +330,8 @@ class NodeRegistry:
             request = agent_pb2.PullImagesRequest(
                 request_id=request_id, progress=progress, images=[orders[item] for item in items]
             )
-            keys = {canonical(item.image) for item in items}
             self._spawn(
-                self._pull(node, obs.agent, request.SerializeToString(), keys),
+                self._pull(node, obs.agent, request.SerializeToString(), set(keys)),
                 f"pull {node} {request_id}",
             )
 
@@ -392,23 +391,13 @@ class NodeRegistry:
             record.bytes_done, record.bytes_total = event.bytes_done, event.bytes_total
             if obs.inventory is not None:
                 ref = parse(event.image)
-                existing = next(
-                    (i for i in obs.inventory.images if i.image_id == event.image_id), None
-                )
-                tags = _normalize_all([f"{ref.name}:{ref.tag}"] if ref.tag else [])
-                digests = _normalize_all(
-                    [f"{ref.name}@{event.repo_digest}"] if event.repo_digest else []
-                )
-                pinned = event.pin == agent_pb2.PIN_STATE_PINNED
-                obs.replace_image(
-                    shared_image(
-                        event.image_id,
-                        tags | (existing.tags if existing else frozenset()),
-                        digests | (existing.digests if existing else frozenset()),
-                        pinned,
-                        (existing.pin_owned if existing else False) or pinned,
-                        event.size,
-                    )
+                digest = event.repo_digest
+                obs.add_pulled(
+                    event.image_id,
+                    _normalize_all([f"{ref.name}:{ref.tag}"] if ref.tag else []),
+                    _normalize_all([f"{ref.name}@{digest}"] if digest else []),
+                    event.pin == agent_pb2.PIN_STATE_PINNED,
+                    event.size,
                 )
         elif event.phase == agent_pb2.PHASE_FAILED:
             record.phase = OrderPhase.FAILED
@@ -481,10 +470,12 @@ class NodeRegistry:
             for image in images:
                 obs.removals_in_flight.discard(canonical(image))
         errors = dict(obs.removal_errors)
-        await self.sync(node, abilities=False)
-        obs.removal_errors.update(errors)  # kept (not retried) until the next periodic resync
-        obs.touch()
-        self._notify(node)
+        changed = await self.sync(node, abilities=False)
+        if errors:
+            obs.removal_errors.update(errors)  # kept (not retried) until the next resync
+            obs.touch()
+        if errors or not changed:
+            self._notify(node)  # the removals are no longer in flight, whatever they did
 
     async def close(self) -> None:
         for task in list(self._tasks):
