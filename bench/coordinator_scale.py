@@ -18,7 +18,6 @@ import math
 import os
 import re
 import ssl
-import subprocess
 import sys
 import time
 import urllib.request
@@ -30,9 +29,9 @@ from typing import Any
 from kubernetes import client
 
 from bench.fleet import Fleet
+from tests.coordinator.helpers import apply, cache_manifest, wait_for, wait_status
 from tests.testenv import TestEnv
 from tests.testenv.agents import AGENT_NAMESPACE
-from tests.testenv.paths import binary
 
 RESULTS = Path(__file__).parent / "results" / "coordinator_scale.md"
 IMAGES = 20
@@ -119,46 +118,20 @@ def run_one(nodes: int, pull_seconds: float, servers: int) -> dict[str, Any]:
         print(f"{nodes} nodes and Leases created in {time.monotonic() - started:.0f}s", flush=True)
         coordinator = env.start_coordinator(("--log-level=info", "--workers=4"))
         listed = time.monotonic()
-        while coordinator.metric("fledged_coordinator_agents_listed") < nodes:
-            if time.monotonic() - listed > 300:
-                raise RuntimeError("the coordinator did not list the fleet in 5 min")
-            time.sleep(0.5)
+        wait_for(
+            "the coordinator to list the fleet",
+            lambda: coordinator.metric("fledged_coordinator_agents_listed") >= nodes,
+            timeout=300,
+            interval=0.5,
+        )
         print(f"fleet listed by the coordinator in {time.monotonic() - listed:.0f}s", flush=True)
         time.sleep(2)  # the clock starts on a coordinator at rest
         before = api_writes(env)
-        cache = {
-            "apiVersion": "kubefledged.io/v1alpha2",
-            "kind": "ImageCache",
-            "metadata": {"name": "scale", "namespace": "default"},
-            "spec": {
-                "cacheSpec": [
-                    {"images": [f"registry.bench.local/app/img-{i}:v1" for i in range(IMAGES)]}
-                ]
-            },
-        }
-        api = client.CustomObjectsApi(env.api_client())
-        kubectl = [str(binary("kubectl")), f"--kubeconfig={env.kubeconfig}"]
+        images = [f"registry.bench.local/app/img-{i}:v1" for i in range(IMAGES)]
         t0 = time.monotonic()
-        subprocess.run(
-            [*kubectl, "apply", "-f", "-"],
-            input=json.dumps(cache),
-            text=True,
-            check=True,
-            capture_output=True,
-        )
-        while True:
-            obj: Any = api.get_namespaced_custom_object(
-                "kubefledged.io", "v1alpha2", "default", "imagecaches", "scale"
-            )
-            status = obj.get("status") or {}
-            if (
-                status.get("status") == "Succeeded"
-                and status.get("observedGeneration") == obj["metadata"]["generation"]
-            ):
-                break
-            if time.monotonic() - t0 > 1800:
-                raise RuntimeError(f"not Ready after 30 min: {status.get('ready')}")
-            time.sleep(0.25)
+        apply(env, cache_manifest("scale", "default", [{"images": images}]))
+        obj = wait_status(env, "default", "scale", "Succeeded", timeout=1800, interval=0.25)
+        status = obj["status"]
         elapsed = time.monotonic() - t0
         after = api_writes(env)
         rss, cpu = proc_usage(coordinator.process.pid)

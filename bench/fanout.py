@@ -13,19 +13,15 @@ with the other nodes idle is reported too. Results: results/fanout.md.
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
-from kubernetes import client
-
+from tests.coordinator.helpers import apply, cache_manifest, get_cache, wait_for
 from tests.testenv import TestEnv
-from tests.testenv.paths import binary
 from tests.testenv.runtime import NodeRuntime
 
 RESULTS = Path(__file__).parent / "results" / "fanout.md"
@@ -39,11 +35,8 @@ def timed_pull(endpoint: str, ref: str) -> float:
         return time.perf_counter() - started
 
 
-def ready_on_all(api: client.CustomObjectsApi, name: str) -> bool:
-    obj: Any = api.get_namespaced_custom_object(
-        "kubefledged.io", "v1alpha2", "default", "imagecaches", name
-    )
-    status = obj.get("status") or {}
+def ready_on_all(env: TestEnv, name: str) -> bool:
+    status = (get_cache(env, "default", name) or {}).get("status") or {}
     return bool(status.get("status") == "Succeeded" and status.get("ready") == f"{NODES}/{NODES}")
 
 
@@ -59,8 +52,6 @@ def main() -> int:
         env.start_agents()
         env.start_coordinator(("--log-level=info",))
         registry = env.registry_client()
-        api = client.CustomObjectsApi(env.api_client())
-        kubectl = [str(binary("kubectl")), f"--kubeconfig={env.kubeconfig}"]
         endpoints = [n.runtime_endpoint for n in env.nodes]
         for r in range(args.rounds):
             cached = registry.push_image(f"fanout/cached-{r}", "v1", size=SIZE, layers=LAYERS)
@@ -69,31 +60,11 @@ def main() -> int:
             with ThreadPoolExecutor(NODES) as pool:
                 concurrent = max(pool.map(timed_pull, endpoints, [direct.ref] * NODES))
             single = max(timed_pull(e, alone.ref) for e in endpoints)
-            cache = {
-                "apiVersion": "kubefledged.io/v1alpha2",
-                "kind": "ImageCache",
-                "metadata": {"name": f"fanout-{r}", "namespace": "default"},
-                "spec": {"cacheSpec": [{"images": [cached.ref]}]},
-            }
+            name = f"fanout-{r}"
             started = time.perf_counter()
-            subprocess.run(
-                [*kubectl, "apply", "-f", "-"],
-                input=json.dumps(cache),
-                text=True,
-                check=True,
-                capture_output=True,
-            )
-            while True:
-                obj: Any = api.get_namespaced_custom_object(
-                    "kubefledged.io", "v1alpha2", "default", "imagecaches", f"fanout-{r}"
-                )
-                status = obj.get("status") or {}
-                if (
-                    status.get("status") == "Succeeded"
-                    and status.get("ready") == f"{NODES}/{NODES}"
-                ):
-                    break
-                time.sleep(0.05)
+            apply(env, cache_manifest(name, "default", [{"images": [cached.ref]}]))
+            ready_now = functools.partial(ready_on_all, env, name)
+            wait_for(f"{name} to be Ready", ready_now, timeout=600, interval=0.05)
             ready = time.perf_counter() - started
             rows.append({"ready": ready, "concurrent": concurrent, "single": single})
             print(

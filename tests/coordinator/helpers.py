@@ -83,6 +83,7 @@ def wait_status(
     status: str,
     reason: str | None = None,
     timeout: float = 60,
+    interval: float = 0.3,
 ) -> dict[str, Any]:
     def check() -> dict[str, Any] | None:
         obj = get_cache(env, namespace, name) or {}
@@ -98,7 +99,7 @@ def wait_status(
 
     try:
         result: dict[str, Any] = wait_for(
-            f"{namespace}/{name} to be {status}/{reason}", check, timeout
+            f"{namespace}/{name} to be {status}/{reason}", check, timeout, interval
         )
     except AssertionError:
         obj = get_cache(env, namespace, name) or {}
