@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from kubernetes import client
 
 from tests.testenv import TestEnv
+from tests.testenv.agents import AgentProcess, CoordinatorProcess
+from tests.testenv.containerd import Containerd
+from tests.testenv.nodes import node_labels, register_node
 from tests.testenv.paths import binary
 from tests.testenv.runtime import NodeRuntime
 
@@ -121,3 +126,53 @@ def events(env: TestEnv, namespace: str, name: str) -> list[tuple[str, str, str]
         namespace, field_selector=f"involvedObject.name={name}"
     ).items
     return [(e.type or "", e.reason or "", e.message or "") for e in items]
+
+
+@contextlib.contextmanager
+def stand_in(
+    env: TestEnv,
+    coordinator: CoordinatorProcess,
+    args: tuple[str, ...],
+    name: str,
+    kill: bool = False,
+) -> Iterator[CoordinatorProcess]:
+    """Another coordinator, with other flags, in place of the suite's (stopped, or
+    SIGKILLed with `kill`), which comes back afterwards."""
+    if kill:
+        coordinator.kill()
+    else:
+        coordinator.stop()
+    other = env.start_coordinator(args, name=name)
+    try:
+        yield other
+    finally:
+        other.stop()
+        coordinator.restart()
+
+
+@dataclass
+class ExtraNode:
+    """A simulated node a test adds: its own containerd, its Node object, an agent."""
+
+    name: str
+    containerd: Containerd
+    agent: AgentProcess
+
+
+@contextlib.contextmanager
+def extra_node(env: TestEnv, name: str, labels: dict[str, str]) -> Iterator[ExtraNode]:
+    containerd = Containerd(env.workdir, name, [env.registry.host])
+    containerd.start()
+    core = client.CoreV1Api(env.api_client())
+    register_node(core, name, node_labels(name, labels))
+    node = ExtraNode(
+        name,
+        containerd,
+        env.start_agent(node_name=name, runtime_endpoint=containerd.endpoint, name=f"agent-{name}"),
+    )
+    try:
+        yield node
+    finally:
+        node.agent.stop()
+        containerd.stop()
+        core.delete_node(name)

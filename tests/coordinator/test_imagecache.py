@@ -16,6 +16,7 @@ from tests.coordinator.helpers import (
     apply,
     cache_manifest,
     events,
+    extra_node,
     get_cache,
     kubectl,
     node_images,
@@ -24,8 +25,6 @@ from tests.coordinator.helpers import (
 )
 from tests.testenv import AUTH_PASSWORD, AUTH_USER, TestEnv
 from tests.testenv.agents import AGENT_NAMESPACE, CoordinatorProcess
-from tests.testenv.containerd import Containerd
-from tests.testenv.nodes import node_labels, register_node
 from tests.testenv.runtime import NodeRuntime
 
 ALL = ("node-1", "node-2", "node-3")
@@ -481,18 +480,10 @@ def test_a_node_that_joins_later_gets_the_images_without_a_refresh(
         ),
     )
     wait_status(testenv, namespace, "joiner", "Failed", "NoMatchingNodes")
-    name = unique("node-late")
-    containerd = Containerd(testenv.workdir, name, [testenv.registry.host])
-    containerd.start()
-    core = client.CoreV1Api(testenv.api_client())
-    register_node(core, name, node_labels(name, {"fledged.test/pool": pool}))
-    agent = testenv.start_agent(
-        node_name=name, runtime_endpoint=containerd.endpoint, name=f"agent-{name}"
-    )
-    try:
+    with extra_node(testenv, unique("node-late"), {"fledged.test/pool": pool}) as node:
         obj = wait_status(testenv, namespace, "joiner", "Succeeded", timeout=30)
         assert obj["status"]["ready"] == "1/1"
-        with NodeRuntime(containerd.endpoint) as cri:
+        with NodeRuntime(node.containerd.endpoint) as cri:
             status = cri.status(image.ref)
             assert status is not None
             assert status.pinned
@@ -512,15 +503,13 @@ def test_a_node_that_joins_later_gets_the_images_without_a_refresh(
             return channels == len(endpoints - {None})
 
         wait_for("one channel per agent", one_channel_per_endpoint, timeout=15)
-        agent.stop()  # deletes its Lease
+        node.agent.stop()  # deletes its Lease
         wait_for("the old agent's channel to close", one_channel_per_endpoint, timeout=15)
-        agent = testenv.start_agent(
-            node_name=name, runtime_endpoint=containerd.endpoint, name=f"agent-{name}-again"
+        node.agent = testenv.start_agent(
+            node_name=node.name,
+            runtime_endpoint=node.containerd.endpoint,
+            name=f"agent-{node.name}-again",
         )
         obj = wait_status(testenv, namespace, "joiner", "Succeeded")
         assert obj["status"]["ready"] == "1/1"
         wait_for("a channel to the new agent", one_channel_per_endpoint, timeout=15)
-    finally:
-        agent.stop()
-        containerd.stop()
-        core.delete_node(name)

@@ -18,11 +18,17 @@ from coordinator.kube import KubeWriter
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.pairs import Counts
 from tests.conftest import unique
-from tests.coordinator.helpers import apply, cache_manifest, get_cache, wait_for, wait_status
+from tests.coordinator.helpers import (
+    apply,
+    cache_manifest,
+    extra_node,
+    get_cache,
+    stand_in,
+    wait_for,
+    wait_status,
+)
 from tests.testenv import TestEnv
 from tests.testenv.agents import CoordinatorProcess
-from tests.testenv.containerd import Containerd
-from tests.testenv.nodes import node_labels, register_node
 from tests.testenv.proxy import RegistryProxy
 from tests.testenv.runtime import NodeRuntime
 
@@ -66,15 +72,9 @@ def test_a_killed_coordinator_resumes_a_cache_without_pulling_anything_twice(
             )
 
         wait_for("pulls under way", pulling, timeout=30, interval=0.1)
-        coordinator.kill()
-        successor = testenv.start_coordinator(
-            ("--byte-progress-max-nodes=0",), name=unique("coordinator-successor")
-        )
-        try:
+        args, name = ("--byte-progress-max-nodes=0",), unique("coordinator-successor")
+        with stand_in(testenv, coordinator, args, name, kill=True):
             obj = wait_status(testenv, namespace, "survivor", "Succeeded", timeout=60)
-        finally:
-            successor.stop()
-            coordinator.restart()
     assert obj["status"]["ready"] == "3/3"
     for node in ("node-1", "node-2", "node-3"):
         log = (testenv.logs / f"agent-{node}.log").read_text()
@@ -226,11 +226,8 @@ def test_the_refresh_timer_repulls_a_moved_tag_without_any_annotation(
     apply(testenv, cache_manifest("timed", namespace, [{"images": [old.ref]}]))
     wait_status(testenv, namespace, "timed", "Succeeded")
     new = registry.push_image(repo, "latest", seed="new")
-    coordinator.stop()
-    timed = testenv.start_coordinator(
-        ("--image-cache-refresh-frequency=3s",), name=unique("coordinator-timer")
-    )
-    try:
+    args, name = ("--image-cache-refresh-frequency=3s",), unique("coordinator-timer")
+    with stand_in(testenv, coordinator, args, name):
 
         def on_every_node() -> bool:
             for node in ("node-1", "node-2", "node-3"):
@@ -252,9 +249,6 @@ def test_the_refresh_timer_repulls_a_moved_tag_without_any_annotation(
             timeout=20,
         )
         assert "kubefledged.io/refresh-imagecache" not in (obj["metadata"].get("annotations") or {})
-    finally:
-        timed.stop()
-        coordinator.restart()
 
 
 def test_an_agent_killed_mid_pull_is_reported_and_its_successor_finishes_the_pull(
@@ -264,17 +258,9 @@ def test_an_agent_killed_mid_pull_is_reported_and_its_successor_finishes_the_pul
     address: the Lease's new acquireTime is what tells the coordinator."""
     image = testenv.registry_client().push_image(unique("ic/crash"), "v1", size=8 << 20)
     pool = unique("crash")
-    name = unique("node-crash")
-    containerd = Containerd(testenv.workdir, name, [testenv.registry.host])
-    containerd.start()
-    core = client.CoreV1Api(testenv.api_client())
-    register_node(core, name, node_labels(name, {"fledged.test/pool": pool}))
-    agent = testenv.start_agent(
-        node_name=name, runtime_endpoint=containerd.endpoint, name=f"agent-{name}"
-    )
-    try:
+    with extra_node(testenv, unique("node-crash"), {"fledged.test/pool": pool}) as node:
         with RegistryProxy(testenv.registry.host, rate=1 << 20) as slow:  # 8 s
-            containerd.add_registry_host(slow.host)
+            node.containerd.add_registry_host(slow.host)
             ref = image.ref.replace(image.registry, slow.host)
             lists = [{"images": [ref], "nodeSelector": {"fledged.test/pool": pool}}]
             apply(testenv, cache_manifest("crash", namespace, lists))
@@ -284,7 +270,7 @@ def test_an_agent_killed_mid_pull_is_reported_and_its_successor_finishes_the_pul
                 return any(n.get("bytesDone", 0) > 0 for n in status.get("nodes") or ())
 
             wait_for("the pull under way", pulling, timeout=30, interval=0.1)
-            agent.process.kill()
+            node.agent.process.kill()
 
             def lost() -> dict[str, Any] | None:
                 obj = get_cache(testenv, namespace, "crash") or {}
@@ -293,17 +279,13 @@ def test_an_agent_killed_mid_pull_is_reported_and_its_successor_finishes_the_pul
 
             obj = wait_for("the lost agent in status", lost, timeout=15)
             assert "lost the agent" in obj["status"]["failures"][ref][0]["message"]
-            agent.start()  # same address, new process
+            node.agent.start()  # same address, new process
             obj = wait_status(testenv, namespace, "crash", "Succeeded", timeout=60)
         assert obj["status"]["ready"] == "1/1"
         assert "failures" not in obj["status"]
         log = coordinator.process.log_path.read_text()
-        assert re.search(rf"node {name}: a new agent process at .*; 1 order\(s\) lost", log)
-        with NodeRuntime(containerd.endpoint) as cri:
+        assert re.search(rf"node {node.name}: a new agent process at .*; 1 order\(s\) lost", log)
+        with NodeRuntime(node.containerd.endpoint) as cri:
             held = cri.status(ref)
         assert held is not None
         assert held.id == image.config_digest
-    finally:
-        agent.stop()
-        containerd.stop()
-        core.delete_node(name)
