@@ -60,10 +60,14 @@ want etcd && build etcd go.etcd.io/etcd/server/v3 "" "" ./cmd/etcd:etcd
 want containerd && build containerd github.com/containerd/containerd/v2 \
   "-X github.com/containerd/containerd/v2/version.Version=$cv" "no_btrfs no_devmapper no_zfs" \
   github.com/containerd/containerd/v2/cmd/containerd:containerd \
+  github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2:containerd-shim-runc-v2 \
   github.com/containerd/containerd/v2/cmd/ctr:ctr
 want helm && build helm helm.sh/helm/v3 "-X helm.sh/helm/v3/internal/version.version=$hv" "" \
   helm.sh/helm/v3/cmd/helm:helm
 want kube && build kube k8s.io/kubernetes "$kflags" "" \
   k8s.io/kubernetes/cmd/kube-apiserver:kube-apiserver \
-  k8s.io/kubernetes/cmd/kubectl:kubectl
+  k8s.io/kubernetes/cmd/kubectl:kubectl \
+  k8s.io/kubernetes/cmd/kubelet:kubelet \
+  k8s.io/kubernetes/cmd/kube-controller-manager:kube-controller-manager \
+  k8s.io/kubernetes/cmd/kube-scheduler:kube-scheduler
 echo ">> test environment binaries in $out"
