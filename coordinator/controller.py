@@ -29,7 +29,13 @@ from .nodes import NodeRegistry
 from .pairs import Counts
 from .plan import CacheView, OthersWant, Plan, PlanMemo, Settings, plan_cache
 from .secrets import RegistryAuth, SecretError, credentials_for, parse_secret
-from .status import build_status, comparable, events_for
+from .status import (
+    build_status,
+    comparable,
+    events_for,
+    fit_status,
+    status_room,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +100,7 @@ class StatusWriter:
         self._pending: dict[str, tuple[dict[str, Any], Counts]] = {}
         self._written: dict[str, dict[str, Any]] = {}
         self._last: dict[str, float] = {}
+        self._refused: dict[str, dict[str, Any]] = {}  # too large even when cut down
         self._wake = asyncio.Event()
 
     def last_written(self, key: str) -> dict[str, Any] | None:
@@ -108,61 +115,105 @@ class StatusWriter:
         self._pending.pop(key, None)
         self._written.pop(key, None)
         self._last.pop(key, None)
+        self._refused.pop(key, None)
 
     async def run(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            now = time.monotonic()
-            later = None
-            for key in list(self._pending):
-                due = self._last.get(key, 0) + self._interval
-                if self._changes_state(key):
-                    due = now  # a new status or reason is news: only progress is throttled
-                if due > now:
-                    later = min(later or due, due)
-                    continue
-                status, counts = self._pending.pop(key)
-                self._last[key] = now
-                try:
-                    await asyncio.to_thread(self._write, key, status, counts)
-                except Exception as err:
-                    log.warning("status of %s not written: %s; retrying", key, err)
-                    self._pending.setdefault(key, (status, counts))
-                    later = min(later or now + 2, now + 2)
+            later = await self._write_due()
             if later is not None:
                 asyncio.get_running_loop().call_later(
                     max(0.0, later - time.monotonic()), self._wake.set
                 )
 
-    def _changes_state(self, key: str) -> bool:
-        new = self._pending[key][0]
+    async def _write_due(self) -> float | None:
+        """Writes each pending status whose time has come; returns when to look again.
+
+        Caches come and go while a write is awaited (a mass delete forgets hundreds):
+        each key is looked up afresh, and one cache's trouble is logged, never fatal."""
+        now = time.monotonic()
+        later = None
+        for key in list(self._pending):
+            entry = self._pending.get(key)
+            if entry is None:
+                continue  # forgotten while an earlier write was awaited
+            status, counts = entry
+            if key in self._refused and self._refused[key] == comparable(status):
+                del self._pending[key]
+                continue
+            due = self._last.get(key, 0) + self._interval
+            if self._changes_state(key, status):
+                due = now  # a new status or reason is news: only progress is throttled
+            if due > now:
+                later = min(later or due, due)
+                continue
+            del self._pending[key]
+            self._last[key] = now
+            try:
+                written = await asyncio.to_thread(self._write, key, status, counts)
+                if written is not None and key in self._last:  # not forgotten meanwhile
+                    self._written[key] = written
+            except StatusTooLarge as err:
+                log.error("status of %s not written: %s; not retried until it changes", key, err)
+                self._refused[key] = comparable(status)
+            except Exception as err:
+                log.warning("status of %s not written: %s; retrying", key, err)
+                if key in self._last:  # still wanted: not forgotten meanwhile
+                    self._pending.setdefault(key, (status, counts))
+                    later = min(later or now + 2, now + 2)
+        return later
+
+    def _changes_state(self, key: str, new: Mapping[str, Any]) -> bool:
         old = self._written.get(key)
         if old is None:
             return True
         return (old.get("status"), old.get("reason")) != (new.get("status"), new.get("reason"))
 
-    def _write(self, key: str, status: dict[str, Any], counts: Counts) -> None:
+    def _write(self, key: str, status: dict[str, Any], counts: Counts) -> dict[str, Any] | None:
+        """Runs in a thread; returns the status as written (cut to fit the object size
+        limit), None when the cache is gone."""
         ns, name = key.split("/", 1)
+        small = False  # the apiserver refused the status cut to the computed budget
         for _ in range(5):
             fresh = self._kube.get_cache(ns, name)
             if fresh is None:
-                return
+                return None
             before = fresh.get("status") or {}
-            if comparable(before) != comparable(status):
-                fresh["status"] = status
+            fitted = fit_status(status, 0 if small else status_room(fresh))
+            if comparable(before) != comparable(fitted):
+                fresh["status"] = fitted
                 try:
                     self._kube.replace_status(fresh)
                     self._metrics.status_writes.inc()
                 except client.ApiException as err:
                     if err.status == 409:
                         continue  # changed meanwhile: read again
+                    if _too_large(err):
+                        if small:
+                            message = (
+                                "status not written: the object is too large even with the "
+                                "smallest status (shorten the spec or split the cache)"
+                            )
+                            self._kube.event(fresh, "Warning", "StatusTooLarge", message)
+                            raise StatusTooLarge(str(err.reason)) from err
+                        small = True
+                        continue
                     raise
-            self._written[key] = status
-            for event in events_for(before, status, counts):
+            for event in events_for(before, fitted, counts):
                 self._kube.event(fresh, event.type, event.reason, event.message)
-            return
+            return fitted
         raise RuntimeError("status kept conflicting")
+
+
+class StatusTooLarge(Exception):
+    """The apiserver refused even the smallest status: retrying the same is pointless."""
+
+
+def _too_large(err: client.ApiException) -> bool:
+    """etcd's "request is too large" comes back as a 500; the apiserver's own limit as 413."""
+    text = f"{err.reason} {err.body}".lower()
+    return err.status == 413 or (err.status == 500 and "too large" in text)
 
 
 class Controller:
@@ -179,7 +230,6 @@ class Controller:
         self._kube = kube
         self._registry = registry
         self._config = config
-        self._loop: asyncio.AbstractEventLoop | None = None
         self.queue: Any = None
         self.status = StatusWriter(kube, config.status_interval, self.metrics)
         self._refreshing: dict[str, float] = {}
@@ -219,16 +269,9 @@ class Controller:
             label_selector=AGENT_LEASE_SELECTOR,
         )
 
-    # -- event handlers: they only enqueue (called from informer threads) -------------
-
-    def _threadsafe(self, fn: Any, *args: Any) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(fn, *args)
+    # -- event handlers: they only enqueue (run on the loop, through Informer's post) ---
 
     def _on_cache(self, key: str, old: Obj | None, new: Obj | None) -> None:
-        self._threadsafe(self._cache_changed, key, old, new)
-
-    def _cache_changed(self, key: str, old: Obj | None, new: Obj | None) -> None:
         """Our own status write coming back is no news: a cache over thousands of nodes
         would otherwise be replanned once more for every status write."""
         if old is not None and new is not None and _intent(old) == _intent(new):
@@ -244,16 +287,16 @@ class Controller:
         old_labels = (old or {}).get("metadata", {}).get("labels")
         new_labels = (new or {}).get("metadata", {}).get("labels")
         if new is None:
-            self._threadsafe(self._registry.forget_node, key)
+            self._registry.forget_node(key)
         if old is None or new is None or old_labels != new_labels:
-            self._threadsafe(self.enqueue_all)
+            self.enqueue_all()
 
     def _on_lease(self, key: str, old: Obj | None, new: Obj | None) -> None:
         agent = agent_from_lease(new) if new else None
         before = agent_from_lease(old) if old else None
         node = agent.node if agent else before.node if before else None
         if node:
-            self._threadsafe(self._registry.set_agent, node, agent)
+            self._registry.set_agent(node, agent)
 
     def node_changed(self, node: str) -> None:
         """The registry's callback: something changed on `node`."""
@@ -271,10 +314,10 @@ class Controller:
         """Serves until `stop`; sets `ready` once every informer has listed."""
         from .workqueue import WorkQueue
 
-        self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         self.queue = WorkQueue()
         for informer in (self.nodes, self.leases, self.caches):
-            informer.start()
+            informer.start(post=loop.call_soon_threadsafe)
         for informer in (self.nodes, self.leases, self.caches):
             # A missing CRD or RBAC keeps an informer from listing: wait, but stay stoppable.
             while not await asyncio.to_thread(informer.synced.wait, 1.0):

@@ -35,12 +35,20 @@ def metadata_only(obj: Obj) -> Obj:
     return {"metadata": {k: meta[k] for k in keep if k in meta}}
 
 
+Post = Callable[..., Any]  # post(fn, *args): run fn(*args) on the thread that owns `store`
+
+
 class Informer:
     """Keeps `store` equal to the server's objects and calls `handler` on each change.
 
     Relists when the watch expires (410) or fails; handlers must only enqueue work.
     Objects stay plain JSON dicts (`transform` may trim them): the client's model
     classes cost more CPU than everything else an informer does.
+
+    The list and watch run in a thread, but `store` is changed, and `handler` called,
+    only through `post` (the coordinator passes its event loop's call_soon_threadsafe):
+    readers on that loop never see the store change under them. The thread keeps its
+    own record of resourceVersions to tell what a relist changed.
     """
 
     def __init__(
@@ -58,7 +66,9 @@ class Informer:
         self._list = list_fn
         self._kwargs = list_kwargs
         self._handler = handler
-        self.store: dict[str, Obj] = {}
+        self.store: dict[str, Obj] = {}  # changed only by _apply, through _post
+        self._versions: dict[str, str] = {}  # the informer thread's own view
+        self._post: Post = _call
         self.synced = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"informer-{name}", daemon=True)
@@ -69,7 +79,10 @@ class Informer:
         ns = meta.get("namespace")
         return f"{ns}/{meta['name']}" if ns else str(meta["name"])
 
-    def start(self) -> None:
+    def start(self, post: Post | None = None) -> None:
+        """`post` runs store changes and handlers where the store's readers are."""
+        if post is not None:
+            self._post = post
         self._thread.start()
 
     def stop(self) -> None:
@@ -86,17 +99,33 @@ class Informer:
         items = [self._as_dict(o) for o in resp.get("items") or ()]
         fresh = {self.key(o): o for o in items}
         for key, obj in fresh.items():
-            old = self.store.get(key)
-            if old is None or old["metadata"].get("resourceVersion") != obj["metadata"].get(
-                "resourceVersion"
-            ):
-                self.store[key] = obj
-                self._handler(key, old, obj)
-        for key in set(self.store) - set(fresh):
-            old = self.store.pop(key)
-            self._handler(key, old, None)
-        self.synced.set()
+            if self._versions.get(key) != obj["metadata"].get("resourceVersion"):
+                self._emit(key, obj)
+        for key in set(self._versions) - set(fresh):
+            self._emit(key, None)
+        self._post(self.synced.set)  # after the changes above have been applied
         return str(resp["metadata"].get("resourceVersion", ""))
+
+    def _emit(self, key: str, obj: Obj | None) -> None:
+        """Informer thread: records the change, hands it to the store's owner."""
+        if self._stop.is_set():
+            return  # the owner may be gone (its loop closed)
+        if obj is None:
+            self._versions.pop(key, None)
+        else:
+            self._versions[key] = str(obj["metadata"].get("resourceVersion"))
+        self._post(self._apply, key, obj)
+
+    def _apply(self, key: str, obj: Obj | None) -> None:
+        """The store's owner: the one place the store changes."""
+        old = self.store.get(key)
+        if obj is None:
+            if old is None:
+                return
+            del self.store[key]
+        else:
+            self.store[key] = obj
+        self._handler(key, old, obj)
 
     def _run(self) -> None:
         delay = 1.0
@@ -124,14 +153,7 @@ class Informer:
                         if kind == "BOOKMARK":
                             continue
                         obj = self._as_dict(obj)
-                        key = self.key(obj)
-                        old = self.store.get(key)
-                        if kind == "DELETED":
-                            self.store.pop(key, None)
-                            self._handler(key, old, None)
-                        else:
-                            self.store[key] = obj
-                            self._handler(key, old, obj)
+                        self._emit(self.key(obj), None if kind == "DELETED" else obj)
                         if self._stop.is_set():
                             return
             except client.ApiException as err:
@@ -145,6 +167,10 @@ class Informer:
                 log.warning("%s watch broke (%s); relisting in %.0fs", self.name, err, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 30)
+
+
+def _call(fn: Callable[..., Any], *args: Any) -> None:
+    fn(*args)
 
 
 class KubeWriter:

@@ -7,7 +7,8 @@ cache over thousands of nodes still fits in one object.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import json
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,16 @@ from .plan import CacheView, Plan
 
 MAX_FAILED_NODES_PER_IMAGE = 20
 MAX_NODE_DETAILS = 50
+MAX_IMAGE_EVENTS = 10  # Events per change of state naming one failed image each
+# etcd refuses an object over 1.5 MiB (its default --max-request-bytes). The status's
+# detail a person reads (per-node rows, failures, image summaries) gets half of what is
+# left of that once the rest of the object and the status's essentials are counted
+# (the failures' keys are listed again in managedFields), between these two bounds.
+OBJECT_MAX_BYTES = 1_400_000
+DETAIL_MAX_BYTES = 256 * 1024
+DETAIL_MIN_BYTES = 8 * 1024
+DETAIL_FIELDS = ("nodes", "failures", "images")
+MAX_DETAIL_MESSAGE = 512  # characters of one failure's message once a status is trimmed
 
 PROCESSING_MESSAGES = {
     Reason.CREATE: Message.PULLING,
@@ -52,7 +63,9 @@ def operation(view: CacheView, previous: Mapping[str, Any]) -> str:
         and previous.get("reason") in PROCESSING_MESSAGES
     ):
         return str(previous["reason"])  # carry on (e.g. after a coordinator restart)
-    return Reason.UPDATE
+    # Nothing was edited: pulls retried after their backoff, a node that joined or came
+    # back. Re-pulling what the spec already asked for is what kube-fledged calls a refresh.
+    return Reason.REFRESH
 
 
 def _failures(tally: Tally) -> dict[str, list[dict[str, str]]]:
@@ -263,7 +276,17 @@ def events_for(
     if status == Status.SUCCEEDED:
         return [EventSpec("Normal", str(reason), f"{new['message']} ({new.get('ready', '')})")]
     events = [EventSpec("Warning", str(reason), str(new.get("message", "")))]
-    for image, failed in sorted((new.get("failures") or {}).items()):
+    shown = sorted((new.get("failures") or {}).items())[:MAX_IMAGE_EVENTS]
+    more = len(counts.failed) - len(shown)
+    if more > 0:
+        events.append(
+            EventSpec(
+                "Warning",
+                "ImagePullFailed",
+                f"{more} more images failed besides those in their own Events; see the status",
+            )
+        )
+    for image, failed in shown:
         first = failed[0]
         count = counts.failed.get(image, len(failed))
         events.append(
@@ -275,3 +298,85 @@ def events_for(
             )
         )
     return events
+
+
+def json_size(value: Any) -> int:
+    return len(json.dumps(value, separators=(",", ":")))
+
+
+def status_room(obj: Mapping[str, Any]) -> int:
+    """Bytes left for the status once the rest of `obj` is counted."""
+    return OBJECT_MAX_BYTES - json_size({k: v for k, v in obj.items() if k != "status"})
+
+
+def fit_status(status: dict[str, Any], room: int) -> dict[str, Any]:
+    """`status` cut down to fit in `room` bytes, saying what it left out under `omitted`.
+
+    What is acted on (state, reason, conditions, appliedLists, removing) is kept whole,
+    so a spec too large for its object still fails to write (and is reported so). The
+    detail a person reads is cut, the most expendable first: per-node rows, then each
+    image's failures after the first, then whole images' failures and summaries (kept
+    in order, so the first ones stay readable)."""
+    essentials = json_size({k: v for k, v in status.items() if k not in DETAIL_FIELDS})
+    detail = min(DETAIL_MAX_BYTES, (room - essentials) // 2)
+    budget = essentials + max(DETAIL_MIN_BYTES, detail)
+    if json_size(status) <= budget:
+        return status
+    out = dict(status)
+    omitted: dict[str, int] = {}
+    out["omitted"] = omitted
+    if "nodes" in out:
+        omitted["nodes"] = len(out.pop("nodes"))
+    failures: dict[str, list[dict[str, str]]] = out.get("failures") or {}
+    if failures and json_size(out) > budget:
+        cut = sum(len(entries) - 1 for entries in failures.values())
+        out["failures"] = failures = {
+            image: [_short(entries[0])] for image, entries in failures.items() if entries
+        }
+        if cut:
+            omitted["failureEntries"] = cut
+    summary: list[dict[str, Any]] = out.get("images") or []
+    if failures and json_size(out) > budget:
+        # Failures and image summaries share what is left, failures first but at most
+        # half of it while there are summaries to show.
+        rest = budget - json_size({**out, "failures": {}, "images": []})
+        share = rest // 2 if summary else rest
+        images = sorted(failures)
+        keep = _longest_fit(
+            len(images),
+            lambda n: {**out, "images": [], "failures": {i: failures[i] for i in images[:n]}},
+            budget - (rest - share),
+        )
+        if keep < len(images):
+            out["failures"] = {i: failures[i] for i in images[:keep]}
+            omitted["failedImages"] = len(images) - keep
+    if summary and json_size(out) > budget:
+        keep = _longest_fit(len(summary), lambda n: {**out, "images": summary[:n]}, budget)
+        out["images"] = summary[:keep]
+        omitted["images"] = len(summary) - keep
+    if json_size(out) > budget:  # a long message (many selectors or Secret errors)
+        out["message"] = _cut(str(out.get("message", "")))
+        out["conditions"] = [
+            {**c, "message": _cut(c.get("message", ""))} for c in out["conditions"]
+        ]
+    return out
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_DETAIL_MESSAGE else text[:MAX_DETAIL_MESSAGE] + "..."
+
+
+def _short(entry: Mapping[str, str]) -> dict[str, str]:
+    return {**entry, "message": _cut(entry.get("message", ""))}
+
+
+def _longest_fit(count: int, build: Callable[[int], Any], budget: int) -> int:
+    """The largest n in [0, count] whose build(n) fits in `budget` (binary search)."""
+    low, high = 0, count
+    while low < high:
+        mid = (low + high + 1) // 2
+        if json_size(build(mid)) <= budget:
+            low = mid
+        else:
+            high = mid - 1
+    return low

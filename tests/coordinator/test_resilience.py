@@ -4,6 +4,7 @@ keeps nodes from pulling one image all at once."""
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import time
 import urllib.error
@@ -21,8 +22,11 @@ from tests.conftest import unique
 from tests.coordinator.helpers import (
     apply,
     cache_manifest,
+    events,
     extra_node,
     get_cache,
+    kubectl,
+    node_images,
     stand_in,
     wait_for,
     wait_status,
@@ -289,3 +293,90 @@ def test_an_agent_killed_mid_pull_is_reported_and_its_successor_finishes_the_pul
             held = cri.status(ref)
         assert held is not None
         assert held.id == image.config_digest
+
+
+def _apply_all(testenv: TestEnv, manifests: list[dict[str, Any]]) -> None:
+    """Many caches in one kubectl call, as `kubectl apply -f dir/` would send them."""
+    kubectl(
+        testenv,
+        "apply",
+        "-f",
+        "-",
+        stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": manifests}),
+    )
+
+
+def test_deleting_many_caches_at_once_keeps_the_coordinator_and_releases_every_one(
+    testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
+) -> None:
+    """The reported defect: caches deleted while their status writes were under way
+    killed the status writer (KeyError), then the coordinator, leaving finalizers and
+    pins behind. 30 caches pulling slowly and 30 failing, then one mass delete."""
+    image = testenv.registry_client().push_image(unique("ic/mass"), "v1", size=2 << 20)
+    with RegistryProxy(testenv.registry.host, rate=1 << 20) as slow:
+        testenv.add_registry_host(slow.host)
+        ref = image.ref.replace(image.registry, slow.host)
+        caches = [cache_manifest(f"slow-{i}", namespace, [{"images": [ref]}]) for i in range(30)]
+        caches += [
+            cache_manifest(f"dead-{i}", namespace, [{"images": [f"127.0.0.1:1/ic/none-{i}:v1"]}])
+            for i in range(30)
+        ]
+        _apply_all(testenv, caches)
+
+        def all_have_a_status() -> bool:
+            items = client.CustomObjectsApi(testenv.api_client()).list_namespaced_custom_object(
+                "kubefledged.io", "v1alpha2", namespace, "imagecaches"
+            )["items"]  # type: ignore[index]
+            return len(items) == 60 and all(i.get("status") for i in items)
+
+        wait_for("every cache to have a status", all_have_a_status, timeout=60)
+        kubectl(testenv, "-n", namespace, "delete", "ic", "--all", "--wait=false")
+
+        def none_left() -> bool:
+            return not client.CustomObjectsApi(testenv.api_client()).list_namespaced_custom_object(
+                "kubefledged.io", "v1alpha2", namespace, "imagecaches"
+            )["items"]  # type: ignore[index]
+
+        wait_for("every cache to be released and gone", none_left, timeout=90)
+    assert coordinator.process.alive()
+    log = coordinator.process.log_path.read_text()
+    assert "died" not in log
+    assert "KeyError" not in log
+    for node in ("node-1", "node-2", "node-3"):
+        wait_for(
+            f"{node} to hold no pin of the deleted caches",
+            lambda node=node: node_images(testenv, node).get(ref) in (None, False),  # type: ignore[misc]
+            timeout=30,
+        )
+
+
+def test_a_status_too_large_for_the_object_is_cut_down_and_written_once(
+    testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
+) -> None:
+    """The reported defect: 2 lists of long references, all NotFound, made a ~2 MB
+    status the apiserver refused ("Request Entity Too Large") over and over while the
+    cache stayed Processing. Now the detail is cut to fit and says what it left out."""
+    host = testenv.registry.host
+    lists = [
+        {"images": [f"{host}/{'a' * 180}/l{n}-{i:03d}-{'b' * 40}:{'t' * 128}" for i in range(250)]}
+        for n in range(2)
+    ]
+    kubectl(
+        testenv, "create", "-f", "-", stdin=json.dumps(cache_manifest("huge", namespace, lists))
+    )
+    obj = wait_status(
+        testenv, namespace, "huge", "Failed", "ImagePullFailedForSomeImages", timeout=120
+    )
+    status = obj["status"]
+    assert status["ready"] == "0/1500"
+    assert len(status["appliedLists"][0]["images"]) == 250  # what is acted on stays whole
+    omitted = status["omitted"]
+    assert omitted["failedImages"] + len(status["failures"]) == 500
+    assert omitted["images"] + len(status["images"]) == 500
+    first = sorted(status["failures"])[0]
+    assert {f["reason"] for f in status["failures"][first]} == {"NotFound"}
+    assert len(json.dumps(obj)) < 1_500_000
+    log = coordinator.process.log_path.read_text()
+    assert log.count(f"status of {namespace}/huge not written") <= 1
+    warnings = [e for e in events(testenv, namespace, "huge") if e[1] == "ImagePullFailed"]
+    assert len(warnings) <= 11  # one per image for the first ten, then one summary

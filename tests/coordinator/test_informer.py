@@ -1,0 +1,88 @@
+"""The informer against the real apiserver: its store changes only on the thread that
+reads it, however fast the server's objects change."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+from kubernetes import client
+
+from coordinator.kube import Informer, Obj
+from tests.testenv import TestEnv
+
+CHURN = 150  # ConfigMaps created, updated and deleted while the store is read
+
+
+class WatchedStore(dict[str, Obj]):
+    """A store that records which threads change it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writers: set[int] = set()
+
+    def __setitem__(self, key: str, value: Obj) -> None:
+        self.writers.add(threading.get_ident())
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        self.writers.add(threading.get_ident())
+        super().__delitem__(key)
+
+    def pop(self, key: str, *default: Any) -> Any:
+        self.writers.add(threading.get_ident())
+        return super().pop(key, *default)
+
+
+def _churn(core: client.CoreV1Api, namespace: str) -> None:
+    for i in range(CHURN):
+        body = client.V1ConfigMap(metadata=client.V1ObjectMeta(name=f"cm-{i}"), data={"n": "0"})
+        core.create_namespaced_config_map(namespace, body)
+        if i % 3 == 0:
+            core.patch_namespaced_config_map(f"cm-{i}", namespace, {"data": {"n": "1"}})
+        if i % 2 == 0:
+            core.delete_namespaced_config_map(f"cm-{i}", namespace)
+
+
+async def test_the_store_changes_only_on_its_readers_loop_while_objects_churn(
+    testenv: TestEnv, namespace: str
+) -> None:
+    """The reported race: the event loop iterated a store (`_live_specs`, the pin sweep)
+    while the informer thread changed it ("dictionary changed size during iteration")."""
+    api = testenv.api_client()
+    core = client.CoreV1Api(api)
+    handled: set[int] = set()
+
+    def handler(key: str, old: Obj | None, new: Obj | None) -> None:
+        handled.add(threading.get_ident())
+
+    informer = Informer(
+        "configmaps", api, core.list_namespaced_config_map, handler, namespace=namespace
+    )
+    store = informer.store = WatchedStore()
+    informer.start(post=asyncio.get_running_loop().call_soon_threadsafe)
+    try:
+        assert await asyncio.to_thread(informer.synced.wait, 30)
+        writer = asyncio.create_task(asyncio.to_thread(_churn, core, namespace))
+        passes = 0
+        while not writer.done():
+            for _key, obj in store.items():  # as the coordinator's readers iterate
+                assert obj["metadata"]["name"]
+            passes += 1
+            await asyncio.sleep(0)
+        await writer
+        expected = {f"{namespace}/cm-{i}" for i in range(CHURN) if i % 2}
+        for _ in range(300):  # the last events may still be on their way
+            if {k for k in store if "/cm-" in k} == expected:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        informer.stop()
+    loop_thread = threading.get_ident()
+    assert passes > 0
+    assert {k for k in store if "/cm-" in k} == expected
+    assert store.writers == {loop_thread}
+    assert handled == {loop_thread}
+    updated = store[f"{namespace}/cm-3"]
+    assert updated["data"] == {"n": "1"}
