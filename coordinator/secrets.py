@@ -7,7 +7,6 @@ them. Credentials are never logged; errors name the secret, never its content.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -63,8 +62,10 @@ def parse_secret(name: str, secret_type: str, data: Mapping[str, str]) -> list[R
         raise SecretError(f"secret {name!r} of type {secret_type} has no data")
     try:
         doc = json.loads(base64.b64decode(raw, validate=True))
-    except (binascii.Error, ValueError) as err:
+    except ValueError as err:  # binascii.Error, UnicodeError and JSON errors alike
         raise SecretError(f"secret {name!r} does not hold valid docker config JSON") from err
+    if not isinstance(doc, dict):
+        raise SecretError(f"secret {name!r} does not hold a docker config JSON object")
     entries = doc.get("auths") if secret_type == DOCKERCONFIGJSON else doc
     if not isinstance(entries, dict):
         raise SecretError(f"secret {name!r} has no registry entries")
@@ -77,7 +78,7 @@ def parse_secret(name: str, secret_type: str, data: Mapping[str, str]) -> list[R
         if auth and not username:
             try:
                 username, _, password = base64.b64decode(auth).decode().partition(":")
-            except (binascii.Error, UnicodeDecodeError) as err:
+            except ValueError as err:  # not base64, not ASCII, not UTF-8 underneath
                 raise SecretError(
                     f"secret {name!r}: entry for {key!r} has a bad auth field"
                 ) from err

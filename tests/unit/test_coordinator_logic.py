@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import random
+from typing import Any
 
 import pytest
 
@@ -15,7 +17,13 @@ from coordinator.controller import agent_from_lease
 from coordinator.pairs import PairPhase, PairState
 from coordinator.plan import CacheView, Plan
 from coordinator.secrets import SecretError, credentials_for, parse_secret
-from coordinator.status import MAX_FAILED_NODES_PER_IMAGE, build_status, comparable, events_for
+from coordinator.status import (
+    MAX_FAILED_NODES_PER_IMAGE,
+    MAX_IMAGE_EVENTS,
+    build_status,
+    comparable,
+    events_for,
+)
 from coordinator.workqueue import WorkQueue
 
 NOW = "2026-11-24T00:00:00Z"
@@ -91,6 +99,13 @@ def test_success_failure_and_edit_reasons() -> None:
         NOW,
     )
     assert edited["reason"] == "ImageCacheUpdate"
+    retried = build_status(  # the same generation again: a retry after backoff, not an edit
+        view(),
+        plan_of(PairState("n1", "r.io/a:1", PairPhase.PENDING)),
+        {**some_nodes, "observedGeneration": 3},
+        NOW,
+    )
+    assert retried["reason"] == "ImageCacheRefresh"
 
 
 def test_failures_are_bounded_per_image() -> None:
@@ -117,6 +132,17 @@ def test_transition_events_are_sent_once_and_aggregate_per_image() -> None:
     assert "failed on 3 of 3 nodes" in events[1].message
     assert events_for(new, new, counts) == []
     assert comparable(new) == comparable({**new, "startTime": "other"})
+
+
+def test_a_cache_with_many_failed_images_sends_a_bounded_number_of_events() -> None:
+    pairs = [
+        PairState("n1", f"r.io/a{i:03d}:1", PairPhase.FAILED, "NotFound", "x") for i in range(40)
+    ]
+    plan = plan_of(*pairs)
+    new = build_status(view(), plan, {}, NOW)
+    events = events_for({"status": "Processing"}, new, plan.tally.counts())
+    assert len(events) == 1 + 1 + MAX_IMAGE_EVENTS
+    assert events[1].message.startswith("30 more images failed")
 
 
 def config_secret(
@@ -163,6 +189,36 @@ def test_pull_secrets_match_registries_as_the_kubelet_does() -> None:
             {".dockerconfigjson": "!!notbase64"},
             "valid docker config",
         ),
+        (  # the reported defect: a non-ASCII auth field made the reconcile fail
+            "kubernetes.io/dockerconfigjson",
+            config_secret({"reg.io": {"auth": "dXNlcjpwYXNz\u00e9"}}),
+            "bad auth field",
+        ),
+        (
+            "kubernetes.io/dockerconfigjson",
+            {".dockerconfigjson": "w6k="},  # base64 of a lone UTF-8 "é"
+            "valid docker config",
+        ),
+        (
+            "kubernetes.io/dockerconfigjson",
+            {".dockerconfigjson": "4pyT"},  # base64 of "✓"
+            "valid docker config",
+        ),
+        (
+            "kubernetes.io/dockerconfigjson",
+            {".dockerconfigjson": base64.b64encode(b"[1, 2]").decode()},
+            "JSON object",
+        ),
+        (
+            "kubernetes.io/dockerconfigjson",
+            {".dockerconfigjson": "c2VjcmV0\u00e9"},  # not ASCII at all
+            "valid docker config",
+        ),
+        (
+            "kubernetes.io/dockercfg",
+            config_secret({"reg.io": {"auth": "//79"}}, "kubernetes.io/dockercfg"),
+            "bad auth field",  # base64 of bytes that are not UTF-8
+        ),
     ],
 )
 def test_unusable_pull_secrets_say_why_without_their_content(
@@ -171,6 +227,43 @@ def test_unusable_pull_secrets_say_why_without_their_content(
     with pytest.raises(SecretError, match=complaint) as err:
         parse_secret("regcred", kind, data)
     assert "regcred" in str(err.value)
+
+
+def test_no_secret_content_makes_the_parser_fail_other_than_with_a_secret_error() -> None:
+    """Every field of a Secret is untrusted: random documents, values and encodings."""
+    rng = random.Random(7)
+    alphabet = 'aZ09+/=:é✓\x00\\"{}[] '
+
+    def junk(depth: int = 0) -> Any:
+        kind = rng.randrange(7 if depth < 3 else 4)
+        if kind == 0:
+            return "".join(rng.choice(alphabet) for _ in range(rng.randrange(12)))
+        if kind == 1:
+            return rng.choice([None, True, 0, -1.5, 10**30])
+        if kind == 2:
+            return base64.b64encode(rng.randbytes(rng.randrange(16))).decode()
+        if kind == 3:
+            return "user:" + "".join(rng.choice(alphabet) for _ in range(4))
+        if kind == 4:
+            return [junk(depth + 1) for _ in range(rng.randrange(3))]
+        keys = ["auths", "auth", "username", "password", "identitytoken", "reg.io", "é"]
+        return {rng.choice(keys): junk(depth + 1) for _ in range(rng.randrange(4))}
+
+    refusals = []
+    for _ in range(3000):
+        kind = rng.choice(["kubernetes.io/dockerconfigjson", "kubernetes.io/dockercfg"])
+        key = ".dockerconfigjson" if kind.endswith("json") else ".dockercfg"
+        doc = junk()
+        if rng.random() < 0.5:
+            doc = {"auths": {"reg.io": junk(1)}} if rng.random() < 0.5 else {"reg.io": junk(1)}
+        raw = json.dumps(doc, ensure_ascii=rng.random() < 0.5).encode()
+        value = base64.b64encode(raw).decode() if rng.random() < 0.9 else junk()
+        try:
+            parse_secret("fuzzed", kind, {key: str(value)})
+        except SecretError as err:
+            refusals.append(str(err))
+    assert refusals
+    assert all("fuzzed" in message for message in refusals)
 
 
 def test_the_spec_parser_reports_what_to_fix() -> None:
