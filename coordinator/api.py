@@ -101,6 +101,9 @@ def parse_list(raw: Mapping[str, Any], index: int) -> CacheList:
     selector = raw.get("nodeSelector") or {}
     if not isinstance(selector, dict):
         raise SpecError(f"cacheSpec[{index}].nodeSelector must be a map of labels")
+    for key, value in selector.items():
+        if not isinstance(value, str):  # null would otherwise read as "None"
+            raise SpecError(f"cacheSpec[{index}].nodeSelector[{key!r}] must be a label value")
     pin = raw.get("pin", True)
     return CacheList(
         images=tuple(images),
