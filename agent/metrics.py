@@ -30,6 +30,11 @@ class AgentMetrics:
             "Bytes of images pulled (as the runtime reports their size).",
             registry=self.registry,
         )
+        self.replaced = Counter(
+            "fledged_agent_replaced_images",
+            "Old content removed after a refresh moved its tag to new content.",
+            registry=self.registry,
+        )
         self.in_flight = Gauge(
             "fledged_agent_pulls_in_flight", "Runtime pulls running now.", registry=self.registry
         )

@@ -51,6 +51,7 @@ class PullOrder:
     credentials: tuple[Credentials, ...] = field(default=(), repr=False)
     deadline: float | None = None
     pin: bool = False
+    replace: bool = False  # with ALWAYS: retire the content the tag named before
 
 
 @dataclass(frozen=True)
@@ -235,21 +236,63 @@ class PullManager:
             if present is not None:
                 yield await self._finish(order, Phase.ALREADY_PRESENT, present, present.size)
                 return
+        before = await self._replaced_candidate(order)
         shared = self.inflight.get(key)
         if shared is None:
             shared = self.inflight[key] = _SharedPull(self, key, order)
         async for event in shared.events():
             event = replace(event, image=order.image)
             if event.phase == Phase.SUCCEEDED and event.record is not None:
+                if before is not None and before.id != event.record.id:
+                    await self._retire(before, order.image)
                 event = await self._finish(order, Phase.SUCCEEDED, event.record, event.bytes_total)
             yield event
+
+    async def _replaced_candidate(self, order: PullOrder) -> ImageRecord | None:
+        """What the tag names before a replacing pull (None: nothing to retire)."""
+        if not order.replace or order.policy != Policy.ALWAYS:
+            return None
+        try:
+            if not parse(order.image).is_mutable:
+                return None
+            return await self.runtime.status(order.image)
+        except (AgentError, InvalidReference):
+            return None  # the pull itself will say what is wrong
+
+    async def _retire(self, old: ImageRecord, image: str) -> None:
+        """The tag moved: the content it named goes, pin first, unless it is still used.
+
+        Best effort: the pull succeeded whatever happens here; what stays is listed."""
+        try:
+            now = await self.runtime.status(old.id)
+            if now is None:
+                return  # gone already (another order of the same pull retired it)
+            if now.repo_tags:
+                log.info("%s moved; its old content %s keeps tags %s", image, old.id, now.repo_tags)
+                return
+            if now.pin == PinState.PINNED and not now.pin_owned:
+                log.info("%s moved; its old content %s stays: pinned by another", image, old.id)
+                return
+            if await self.runtime.in_use(old.id):
+                if now.pin_owned:
+                    await self.runtime.set_pinned(old.id, False)
+                log.info("%s moved; its old content %s stays: a container uses it", image, old.id)
+                return
+            await self.runtime.remove(old.id)  # lifts our pin first
+            self.metrics.replaced.inc()
+            log.info("%s moved to new content; removed the old content %s", image, old.id)
+        except AgentError as err:
+            log.warning("%s moved; its old content %s not removed: %s", image, old.id, err)
 
     async def _finish(
         self, order: PullOrder, phase: Phase, record: ImageRecord, size: int
     ) -> PullEvent:
-        """The terminal event, after pinning when the order asks for it."""
+        """The terminal event, after pinning when the order asks for it. A pull rewrites
+        the tag's record without our pin labels while the image's other records keep
+        them: our pin is then put back on every record, so `ctr` shows what CRI says."""
         pin = record.pin
-        if order.pin and pin == PinState.UNPINNED:
+        relabel = phase == Phase.SUCCEEDED and record.pin_owned
+        if (order.pin and pin == PinState.UNPINNED) or relabel:
             try:
                 pin = await self.runtime.set_pinned(order.image, True)
             except AgentError as err:

@@ -82,6 +82,7 @@ def order_from_proto(pull: agent_pb2.ImagePull) -> PullOrder:
         ),
         deadline=pull.deadline.ToTimedelta().total_seconds() if pull.HasField("deadline") else None,
         pin=pull.pin,
+        replace=pull.replace,
     )
 
 

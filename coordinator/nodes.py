@@ -325,6 +325,7 @@ class NodeRegistry:
                         credentials=[_credentials(a) for a in credentials_for(item.image)],
                         deadline=deadline,
                         pin=item.pin,
+                        replace=item.replace,
                     )
             request_id = f"{cache_key}/{uuid.uuid4().hex[:8]}"
             request = agent_pb2.PullImagesRequest(

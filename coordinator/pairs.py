@@ -43,6 +43,7 @@ class PullItem:
     image: str
     always: bool
     pin: bool
+    replace: bool = False  # a refresh: the agent retires what the tag named before
 
 
 @dataclass(frozen=True, slots=True)

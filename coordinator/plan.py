@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 from common.reference import ImageRef, parse
 
 from .api import CacheList, CacheSpec, Reason
-from .model import PERMANENT_CATEGORIES, UNAUTHORIZED, NodeObservation, OrderPhase, stamp
+from .model import (
+    PERMANENT_CATEGORIES,
+    UNAUTHORIZED,
+    NodeImage,
+    NodeObservation,
+    OrderPhase,
+    stamp,
+)
 from .pairs import NodePlan, PairPhase, PairState, PullItem, Tally
 
 Selector = tuple[tuple[str, str], ...]
@@ -400,8 +407,17 @@ class _Planner:
             )
         self.ordered[key] += 1
         always = stale or (self.settings.always_pull and record is None)
-        pulls.append(PullItem(image, always=always, pin=pin and obs.pinning_supported))
+        replace = stale and present is not None and not self._held_for_others(node, ref, present)
+        pulls.append(
+            PullItem(image, always=always, pin=pin and obs.pinning_supported, replace=replace)
+        )
         return PairState(node, image, PairPhase.PENDING, message="pull ordered")
+
+    def _held_for_others(self, node: str, ref: ImageRef, present: NodeImage) -> bool:
+        """Whether another cache wants the content `ref` names now under another name
+        (its digest, another tag): a refresh that moves `ref` must then leave it."""
+        names = (present.tags - {ref.lookup_key}) | present.digests
+        return any(self.others(node, parse(name))[0] for name in sorted(names))
 
 
 def _release(

@@ -225,6 +225,15 @@ class CriRuntime:
             raise classify_rpc_error(err) from err
         return True
 
+    async def in_use(self, image_id: str) -> bool:
+        try:
+            resp = await self._runtime.ListContainers(
+                api_pb2.ListContainersRequest(), timeout=CALL_TIMEOUT
+            )
+        except grpc.RpcError as err:
+            raise classify_rpc_error(err) from err
+        return any(image_id in (c.image_ref, c.image_id, c.image.image) for c in resp.containers)
+
     async def set_pinned(self, ref: str, pinned: bool) -> PinState:
         """Labels every containerd record of the image (tags, digests, id).
 

@@ -260,6 +260,12 @@ class DockerRuntime:
             return False
         return True
 
+    async def in_use(self, image_id: str) -> bool:
+        containers = await self._call(
+            self._api.containers, all=True, filters={"ancestor": image_id}
+        )
+        return bool(containers)
+
     async def set_pinned(self, ref: str, pinned: bool) -> PinState:
         if await self.status(ref) is None:
             raise AgentError(Category.NOT_FOUND, f"{ref} is not on this node")

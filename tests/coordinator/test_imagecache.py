@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from common.reference import InvalidReference
+from common.reference import parse as parse_reference
 from tests.conftest import unique
 from tests.coordinator.helpers import (
     apply,
@@ -25,6 +27,7 @@ from tests.coordinator.helpers import (
 )
 from tests.testenv import AUTH_PASSWORD, AUTH_USER, TestEnv
 from tests.testenv.agents import AGENT_NAMESPACE, CoordinatorProcess
+from tests.testenv.images import PushedImage
 from tests.testenv.runtime import NodeRuntime
 
 ALL = ("node-1", "node-2", "node-3")
@@ -95,7 +98,13 @@ def test_a_kube_fledged_manifest_caches_its_images_on_the_selected_nodes(
         ([], "cacheSpec"),
         ([{"images": []}], "images"),
         ([{"images": ["127.0.0.1:5000/a:v1", "127.0.0.1:5000/a:v1"]}], "Duplicate value"),
-        ([{"images": ["Not A Reference"]}], "should match"),
+        (
+            [{"images": ["Not A Reference"]}],
+            "invalid image reference Not A Reference: expected [registry[:port]/]repository",
+        ),
+        ([{"images": ["r.io/a@sha256:" + "0" * 32]}], "a sha256 digest is 64 lowercase"),
+        ([{"images": ["r.io/a@sha256:" + "A" * 64]}], "a sha256 digest is 64 lowercase"),
+        ([{"images": ["r.io/" + "a" * 251 + ":v1"]}], "longer than 255 characters"),
     ],
 )
 def test_the_apiserver_rejects_invalid_caches_with_a_clear_message(
@@ -115,6 +124,68 @@ def test_the_apiserver_rejects_invalid_caches_with_a_clear_message(
     )
     assert result.returncode != 0
     assert complaint in result.stderr, result.stderr
+
+
+REFERENCES = [  # each refused by the apiserver exactly when the coordinator's parser refuses it
+    "nginx",
+    "nginx:1.27",
+    "Nginx:1.27",
+    "library/nginx@sha256:" + "a" * 64,
+    "r.io/a@sha256:" + "a" * 63,
+    "r.io/a@sha256:" + "a" * 64 + "0",
+    "r.io/a:v1@sha512:" + "b" * 128,
+    "r.io:5000/team/app:" + "t" * 128,
+    "r.io:5000/team/app:" + "t" * 129,
+    "r.io/" + "a" * 249,
+    "r.io/" + "a" * 251,
+    "a/" + "b" * 243,  # docker.io/a/... is 255
+    "a/" + "b" * 244,
+    "b" * 237,  # docker.io/library/... is 255
+    "b" * 238,
+    "localhost/" + "c" * 245,
+    "localhost/" + "c" * 246,
+    "r.io/a:",
+    "r.io//a",
+    "-r.io/a",
+]
+
+
+def test_the_apiserver_and_the_coordinator_refuse_the_same_references(
+    testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
+) -> None:
+    for index, ref in enumerate(REFERENCES):
+        manifest = cache_manifest(f"ref-{index}", namespace, [{"images": [ref]}])
+        result = kubectl(
+            testenv,
+            "create",
+            "--dry-run=server",
+            "-f",
+            "-",
+            stdin=json.dumps(manifest),
+            check=False,
+        )
+        try:
+            parse_reference(ref)
+            valid = True
+        except InvalidReference:
+            valid = False
+        assert (result.returncode == 0) == valid, (ref, result.stderr)
+        if not valid:
+            assert f"invalid image reference {ref}" in result.stderr
+
+
+def test_a_null_node_selector_value_is_refused_not_read_as_every_node(
+    testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
+) -> None:
+    """kubectl create and server-side apply send the null; the CRD keeps it (nullable)
+    so its rule can refuse it. (Client-side kubectl apply drops nulls before sending.)"""
+    manifest = cache_manifest(
+        "nullsel", namespace, [{"images": ["r.io/a:v1"], "nodeSelector": {"zone": None}}]
+    )
+    for args in (("create",), ("apply", "--server-side")):
+        result = kubectl(testenv, *args, "-f", "-", stdin=json.dumps(manifest), check=False)
+        assert result.returncode != 0, args
+        assert "a null value would select every node" in result.stderr
 
 
 def test_failures_are_reported_per_image_and_node_and_aggregated_in_events(
@@ -356,9 +427,36 @@ def test_a_pull_secret_created_after_the_cache_is_picked_up_without_a_refresh(
     )
     obj = wait_status(testenv, namespace, "latecred", "Succeeded", timeout=60)
     assert "pullSecretErrors" not in obj["status"]
+    reasons = {reason for _, reason, _ in events(testenv, namespace, "latecred")}
+    assert "ImageCacheUpdate" not in reasons  # nothing was edited: the retry is a refresh
+    assert "ImageCacheRefresh" in reasons
     assert "kubefledged.io/refresh-imagecache" not in (obj["metadata"].get("annotations") or {})
     for node in ALL:
         assert node_images(testenv, node).get(private.ref) is True
+
+
+def test_a_pull_secret_with_a_non_ascii_auth_field_is_reported_as_invalid(
+    testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
+) -> None:
+    """The reported defect: the reconcile failed on it (UnicodeEncodeError) and the
+    cache never had a status. Every field of a Secret is untrusted input."""
+    image = testenv.registry_client().push_image(unique("ic/badsecret"), "v1")
+    config = {"auths": {image.registry: {"auth": "dXNlcjpwYXNz\u00e9"}}}
+    core = client.CoreV1Api(testenv.api_client())
+    core.create_namespaced_secret(
+        namespace,
+        client.V1Secret(
+            metadata=client.V1ObjectMeta(name="accented"),
+            type="kubernetes.io/dockerconfigjson",
+            data={".dockerconfigjson": base64.b64encode(json.dumps(config).encode()).decode()},
+        ),
+    )
+    manifest = cache_manifest("accented", namespace, [{"images": [image.ref]}], ["accented"])
+    apply(testenv, manifest)
+    obj = wait_status(testenv, namespace, "accented", "Failed", "ImagePullSecretInvalid")
+    assert "secret 'accented'" in obj["status"]["message"]
+    assert "bad auth field" in obj["status"]["message"]
+    assert obj["status"]["ready"] == "3/3"  # the public image was pulled all the same
 
 
 def test_a_node_that_leaves_a_selector_has_its_pin_lifted(
@@ -513,3 +611,67 @@ def test_a_node_that_joins_later_gets_the_images_without_a_refresh(
         obj = wait_status(testenv, namespace, "joiner", "Succeeded")
         assert obj["status"]["ready"] == "1/1"
         wait_for("a channel to the new agent", one_channel_per_endpoint, timeout=15)
+
+
+def _records_of(testenv: TestEnv, node: str, repo: str) -> dict[str, dict[str, str]]:
+    """containerd's records on `node` of `repo`'s images, ids of those images included."""
+    with NodeRuntime(testenv.node(node).runtime_endpoint) as cri:
+        records = cri.records()
+        ids = {
+            img.id
+            for img in cri.list()
+            if any(repo in n for n in (*img.repo_tags, *img.repo_digests))
+        }
+    return {name: labels for name, labels in records.items() if repo in name or name in ids}
+
+
+def _refresh(testenv: TestEnv, namespace: str, name: str, digest: str) -> None:
+    kubectl(testenv, "-n", namespace, "annotate", "ic", name, "kubefledged.io/refresh-imagecache=")
+
+    def done() -> bool:
+        obj = get_cache(testenv, namespace, name) or {}
+        annotations = obj.get("metadata", {}).get("annotations") or {}
+        images = obj.get("status", {}).get("images") or [{}]
+        return (
+            "kubefledged.io/refresh-imagecache" not in annotations
+            and images[0].get("digest") == digest
+            and images[0].get("nodesReady") == 3
+        )
+
+    wait_for(f"refresh of {name} to {digest}", done, timeout=40)
+
+
+def _assert_held_once(testenv: TestEnv, node: str, repo: str, image: PushedImage) -> None:
+    records = _records_of(testenv, node, repo)
+    digests = {n for n in records if "@sha256:" in n}
+    assert digests == {f"{image.ref.rsplit(':', 1)[0]}@{image.digest}"}, records
+    assert len(records) == 3, records  # tag, digest reference, id
+    unpinned = [n for n, labels in records.items() if "io.cri-containerd.pinned" not in labels]
+    assert not unpinned, records
+
+
+def test_a_refresh_that_moves_a_tag_removes_what_it_replaced_and_purge_leaves_nothing(
+    testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
+) -> None:
+    """Checked through containerd's own records (tags, digest references, ids): after
+    each move exactly one version is held, pinned on every record; an unchanged refresh
+    keeps the pin on every record too; purge leaves no version behind."""
+    registry = testenv.registry_client()
+    repo = unique("ic/moved")
+    image = registry.push_image(repo, "v1", seed="0")
+    apply(testenv, cache_manifest("mover", namespace, [{"images": [image.ref]}]))
+    wait_status(testenv, namespace, "mover", "Succeeded")
+    _refresh(testenv, namespace, "mover", image.digest)  # same content
+    for move in range(1, 4):
+        for node in ALL:
+            _assert_held_once(testenv, node, repo, image)
+        image = registry.push_image(repo, "v1", seed=str(move))
+        _refresh(testenv, namespace, "mover", image.digest)
+    for node in ALL:
+        _assert_held_once(testenv, node, repo, image)
+    kubectl(testenv, "-n", namespace, "annotate", "ic", "mover", "kubefledged.io/purge-imagecache=")
+    wait_for(
+        "purge to leave nothing of the repository",
+        lambda: all(not _records_of(testenv, node, repo) for node in ALL),
+        timeout=40,
+    )

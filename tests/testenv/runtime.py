@@ -73,6 +73,14 @@ class NodeRuntime:
         )
         return self.ctr_images.Update(request, metadata=self.metadata, timeout=10).image
 
+    def records(self) -> dict[str, dict[str, str]]:
+        """containerd's own image records (what `ctr -n k8s.io images ls` shows): every
+        name, tags, digest references and ids alike, with its labels."""
+        resp = self.ctr_images.List(
+            images_pb2.ListImagesRequest(), metadata=self.metadata, timeout=10
+        )
+        return {image.name: dict(image.labels) for image in resp.images}
+
     def image_record(self, name: str) -> images_pb2.Image:
         return self.ctr_images.Get(
             images_pb2.GetImageRequest(name=name), metadata=self.metadata, timeout=10

@@ -54,6 +54,9 @@ class ScriptedRuntime:
     async def remove(self, ref: str) -> bool:
         return self.images.pop(ref, None) is not None
 
+    async def in_use(self, image_id: str) -> bool:
+        return False
+
     async def set_pinned(self, ref: str, pinned: bool) -> PinState:
         state = PinState.PINNED if pinned else PinState.UNPINNED
         self.images[ref] = ImageRecord(self.images[ref].id, (ref,), (), 100, state)

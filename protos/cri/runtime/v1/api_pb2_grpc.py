@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class RuntimeServiceStub:
-    """RuntimeService: only Version, to identify the runtime behind the socket.
+    """RuntimeService: Version, to identify the runtime behind the socket, and
+    ListContainers, to keep content a container uses when a refresh replaces it.
     """
 
     def __init__(self, channel):
@@ -40,13 +41,25 @@ class RuntimeServiceStub:
                 request_serializer=protos_dot_cri_dot_runtime_dot_v1_dot_api__pb2.VersionRequest.SerializeToString,
                 response_deserializer=protos_dot_cri_dot_runtime_dot_v1_dot_api__pb2.VersionResponse.FromString,
                 _registered_method=True)
+        self.ListContainers = channel.unary_unary(
+                '/runtime.v1.RuntimeService/ListContainers',
+                request_serializer=protos_dot_cri_dot_runtime_dot_v1_dot_api__pb2.ListContainersRequest.SerializeToString,
+                response_deserializer=protos_dot_cri_dot_runtime_dot_v1_dot_api__pb2.ListContainersResponse.FromString,
+                _registered_method=True)
 
 
 class RuntimeServiceServicer:
-    """RuntimeService: only Version, to identify the runtime behind the socket.
+    """RuntimeService: Version, to identify the runtime behind the socket, and
+    ListContainers, to keep content a container uses when a refresh replaces it.
     """
 
     def Version(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListContainers(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -60,6 +73,11 @@ def add_RuntimeServiceServicer_to_server(servicer, server):
                     request_deserializer=protos_dot_cri_dot_runtime_dot_v1_dot_api__pb2.VersionRequest.FromString,
                     response_serializer=protos_dot_cri_dot_runtime_dot_v1_dot_api__pb2.VersionResponse.SerializeToString,
             ),
+            'ListContainers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListContainers,
+                    request_deserializer=protos_dot_cri_dot_runtime_dot_v1_dot_api__pb2.ListContainersRequest.FromString,
+                    response_serializer=protos_dot_cri_dot_runtime_dot_v1_dot_api__pb2.ListContainersResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'runtime.v1.RuntimeService', rpc_method_handlers)
@@ -69,7 +87,8 @@ def add_RuntimeServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class RuntimeService:
-    """RuntimeService: only Version, to identify the runtime behind the socket.
+    """RuntimeService: Version, to identify the runtime behind the socket, and
+    ListContainers, to keep content a container uses when a refresh replaces it.
     """
 
     @staticmethod
@@ -89,6 +108,33 @@ class RuntimeService:
             '/runtime.v1.RuntimeService/Version',
             protos_dot_cri_dot_runtime_dot_v1_dot_api__pb2.VersionRequest.SerializeToString,
             protos_dot_cri_dot_runtime_dot_v1_dot_api__pb2.VersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListContainers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runtime.v1.RuntimeService/ListContainers',
+            protos_dot_cri_dot_runtime_dot_v1_dot_api__pb2.ListContainersRequest.SerializeToString,
+            protos_dot_cri_dot_runtime_dot_v1_dot_api__pb2.ListContainersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -33,23 +33,31 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class RuntimeServiceStub:
-    """RuntimeService: only Version, to identify the runtime behind the socket."""
+    """RuntimeService: Version, to identify the runtime behind the socket, and
+    ListContainers, to keep content a container uses when a refresh replaces it.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> RuntimeServiceAsyncStub: ...
     Version: _grpc.UnaryUnaryMultiCallable[_api_pb2.VersionRequest, _api_pb2.VersionResponse]
+    ListContainers: _grpc.UnaryUnaryMultiCallable[_api_pb2.ListContainersRequest, _api_pb2.ListContainersResponse]
 
 @_typing.type_check_only
 class RuntimeServiceAsyncStub(RuntimeServiceStub):
-    """RuntimeService: only Version, to identify the runtime behind the socket."""
+    """RuntimeService: Version, to identify the runtime behind the socket, and
+    ListContainers, to keep content a container uses when a refresh replaces it.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Version: _aio.UnaryUnaryMultiCallable[_api_pb2.VersionRequest, _api_pb2.VersionResponse]  # type: ignore[assignment]
+    ListContainers: _aio.UnaryUnaryMultiCallable[_api_pb2.ListContainersRequest, _api_pb2.ListContainersResponse]  # type: ignore[assignment]
 
 class RuntimeServiceServicer(metaclass=_abc_1.ABCMeta):
-    """RuntimeService: only Version, to identify the runtime behind the socket."""
+    """RuntimeService: Version, to identify the runtime behind the socket, and
+    ListContainers, to keep content a container uses when a refresh replaces it.
+    """
 
     @_abc_1.abstractmethod
     def Version(
@@ -57,6 +65,13 @@ class RuntimeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _api_pb2.VersionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_api_pb2.VersionResponse, _abc.Awaitable[_api_pb2.VersionResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListContainers(
+        self,
+        request: _api_pb2.ListContainersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_api_pb2.ListContainersResponse, _abc.Awaitable[_api_pb2.ListContainersResponse]]: ...
 
 def add_RuntimeServiceServicer_to_server(servicer: RuntimeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

@@ -197,10 +197,16 @@ class ImagePull(_message.Message):
     CREDENTIALS_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
     PIN_FIELD_NUMBER: _builtins.int
+    REPLACE_FIELD_NUMBER: _builtins.int
     image: _builtins.str
     """reference: name[:tag][@sha256:digest]"""
     policy: Global___PullPolicy.ValueType
     pin: _builtins.bool
+    replace: _builtins.bool
+    """With PULL_POLICY_ALWAYS on a tag (a refresh): when the pull moves the tag to new
+    content, the content it named before is unpinned and removed, unless a container
+    uses it, another tag still names it, or someone else pinned it.
+    """
     @_builtins.property
     def credentials(self) -> _containers.RepeatedCompositeFieldContainer[Global___RegistryCredentials]:
         """Candidates tried in order until one is accepted, as the kubelet does with the
@@ -219,10 +225,11 @@ class ImagePull(_message.Message):
         credentials: _abc.Iterable[Global___RegistryCredentials] | None = ...,
         deadline: _duration_pb2.Duration | None = ...,
         pin: _builtins.bool = ...,
+        replace: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["credentials", b"credentials", "deadline", b"deadline", "image", b"image", "pin", b"pin", "policy", b"policy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credentials", b"credentials", "deadline", b"deadline", "image", b"image", "pin", b"pin", "policy", b"policy", "replace", b"replace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
