@@ -135,6 +135,53 @@ def test_always_repulls_and_reports_the_new_digest_of_a_moved_tag(
     assert end.image_id == new.config_digest
 
 
+def _held_ids(agent: AgentProcess) -> set[str]:
+    listed = agent.call("ListImages", A.ListImagesRequest())
+    return {i.id for i in listed.images}  # type: ignore[attr-defined]
+
+
+def test_a_replacing_pull_retires_the_old_content_unless_still_named_or_used(
+    testenv: TestEnv, backend: Backend
+) -> None:
+    """A refresh's pull (Always + replace) that moves a tag removes what the tag named
+    before; content another tag still names, or (Docker) a container was made from, stays."""
+    registry = testenv.registry_client()
+    agent = backend.agent
+    refresh = {"policy": A.PULL_POLICY_ALWAYS, "replace": True, "pin": True}
+    repo = unique("agent/retire")
+    old = registry.push_image(repo, "v1", seed="0")
+    assert final(agent.pull(order(old.ref, pin=True)), old.ref).pin == backend.pinned
+    new = registry.push_image(repo, "v1", seed="1")
+    end = final(agent.pull(order(new.ref, **refresh)), new.ref)
+    assert end.phase == A.PHASE_SUCCEEDED
+    assert end.pin == backend.pinned
+    held = _held_ids(agent)
+    assert new.config_digest in held
+    assert old.config_digest not in held  # gone, its digest reference with it
+    assert agent.metric("fledged_agent_replaced_images_total") >= 1
+
+    kept = registry.push_image(repo, "keep", seed="1")  # another tag for the same content
+    assert final(agent.pull(order(kept.ref)), kept.ref).phase == A.PHASE_SUCCEEDED
+    newer = registry.push_image(repo, "v1", seed="2")
+    assert final(agent.pull(order(newer.ref, **refresh)), newer.ref).phase == A.PHASE_SUCCEEDED
+    assert {newer.config_digest, kept.config_digest} <= _held_ids(agent)
+
+    if backend.kind == "docker":  # a container made from the content keeps it
+        assert testenv.dockerd is not None
+        docker_client = testenv.dockerd.client()
+        try:
+            container = docker_client.containers.create(newer.ref, command=["/none"])
+            try:
+                newest = registry.push_image(repo, "v1", seed="3")
+                again = final(agent.pull(order(newest.ref, **refresh)), newest.ref)
+                assert again.phase == A.PHASE_SUCCEEDED
+                assert {newest.config_digest, newer.config_digest} <= _held_ids(agent)
+            finally:
+                container.remove()
+        finally:
+            docker_client.close()
+
+
 def test_missing_image_fails_as_not_found(testenv: TestEnv, backend: Backend) -> None:
     ref = f"{testenv.registry.host}/{unique('agent/missing')}:v1"
     end = final(backend.agent.pull(order(ref)), ref)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from .paths import binary
 from .procs import ManagedProcess, unix_socket_ready
@@ -36,12 +37,16 @@ class Dockerd:
         self.process.start()
         self.process.wait_until(self._pings, timeout=60, what="dockerd /_ping")
 
+    def client(self) -> Any:
+        """A Docker SDK client of this daemon (the caller closes it)."""
+        import docker
+
+        return docker.DockerClient(base_url=self.endpoint, timeout=30)
+
     def _pings(self) -> bool:
         if not unix_socket_ready(self.socket):
             return False
-        import docker
-
-        client = docker.DockerClient(base_url=self.endpoint, timeout=5)
+        client = self.client()
         try:
             return bool(client.ping())
         finally:
