@@ -149,9 +149,9 @@ def test_a_replacing_pull_retires_the_old_content_unless_still_named_or_used(
     agent = backend.agent
     refresh = {"policy": A.PULL_POLICY_ALWAYS, "replace": True, "pin": True}
     repo = unique("agent/retire")
-    old = registry.push_image(repo, "v1", seed="0")
+    old = registry.push_image(repo, "v1", seed=f"{repo}-0")  # content no other test has
     assert final(agent.pull(order(old.ref, pin=True)), old.ref).pin == backend.pinned
-    new = registry.push_image(repo, "v1", seed="1")
+    new = registry.push_image(repo, "v1", seed=f"{repo}-1")
     end = final(agent.pull(order(new.ref, **refresh)), new.ref)
     assert end.phase == A.PHASE_SUCCEEDED
     assert end.pin == backend.pinned
@@ -160,9 +160,9 @@ def test_a_replacing_pull_retires_the_old_content_unless_still_named_or_used(
     assert old.config_digest not in held  # gone, its digest reference with it
     assert agent.metric("fledged_agent_replaced_images_total") >= 1
 
-    kept = registry.push_image(repo, "keep", seed="1")  # another tag for the same content
+    kept = registry.push_image(repo, "keep", seed=f"{repo}-1")  # another tag for the same content
     assert final(agent.pull(order(kept.ref)), kept.ref).phase == A.PHASE_SUCCEEDED
-    newer = registry.push_image(repo, "v1", seed="2")
+    newer = registry.push_image(repo, "v1", seed=f"{repo}-2")
     assert final(agent.pull(order(newer.ref, **refresh)), newer.ref).phase == A.PHASE_SUCCEEDED
     assert {newer.config_digest, kept.config_digest} <= _held_ids(agent)
 
@@ -172,7 +172,7 @@ def test_a_replacing_pull_retires_the_old_content_unless_still_named_or_used(
         try:
             container = docker_client.containers.create(newer.ref, command=["/none"])
             try:
-                newest = registry.push_image(repo, "v1", seed="3")
+                newest = registry.push_image(repo, "v1", seed=f"{repo}-3")
                 again = final(agent.pull(order(newest.ref, **refresh)), newest.ref)
                 assert again.phase == A.PHASE_SUCCEEDED
                 assert {newest.config_digest, newer.config_digest} <= _held_ids(agent)

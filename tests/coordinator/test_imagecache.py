@@ -658,14 +658,14 @@ def test_a_refresh_that_moves_a_tag_removes_what_it_replaced_and_purge_leaves_no
     keeps the pin on every record too; purge leaves no version behind."""
     registry = testenv.registry_client()
     repo = unique("ic/moved")
-    image = registry.push_image(repo, "v1", seed="0")
+    image = registry.push_image(repo, "v1", seed=f"{repo}-0")  # content no other test has
     apply(testenv, cache_manifest("mover", namespace, [{"images": [image.ref]}]))
     wait_status(testenv, namespace, "mover", "Succeeded")
     _refresh(testenv, namespace, "mover", image.digest)  # same content
     for move in range(1, 4):
         for node in ALL:
             _assert_held_once(testenv, node, repo, image)
-        image = registry.push_image(repo, "v1", seed=str(move))
+        image = registry.push_image(repo, "v1", seed=f"{repo}-{move}")
         _refresh(testenv, namespace, "mover", image.digest)
     for node in ALL:
         _assert_held_once(testenv, node, repo, image)
