@@ -44,7 +44,8 @@ NODE_LEASE_LABEL = "kubefledged.io/node"
 ENDPOINT_ANNOTATION = "kubefledged.io/agent-endpoint"
 TLS_ANNOTATION = "kubefledged.io/agent-tls"
 STATUS_MIN_INTERVAL = 1.0  # seconds between two status writes of one cache
-NODE_CHANGE_BATCH = 0.25  # seconds node answers are gathered before a cache is replanned
+NODE_CHANGE_BATCH = 0.25  # seconds at most node answers gather before a cache is replanned
+PLAN_SHARE = 20  # a cheap cache waits this many times its reconcile's cost before a replan
 SLOW_RECONCILE = 0.2  # seconds of planning and sending worth a log line
 COSTLY_RECONCILE = 0.02  # seconds: past this, a cache is replanned at most once a status interval
 PIN_SWEEP_EVERY = 10.0  # seconds between sweeps for pins no cache wants any more
@@ -63,13 +64,14 @@ class ControllerConfig:
 
 def replan_delay(cost: float, status_interval: float) -> float:
     """How long node answers gather before a cache is replanned, so a burst from many
-    nodes makes one reconcile rather than one each. A reconcile replans the nodes that
-    changed, so a cache over thousands of nodes costs more: it waits at least twice its
-    cost, and a whole status interval once it is costly (its status cannot be written
-    more often anyway). Planning then keeps to a small share of the coordinator's time."""
-    delay = max(NODE_CHANGE_BATCH, 2 * cost)
+    nodes makes one reconcile rather than one each, keeping planning to a small share
+    of the coordinator's time: a cheap reconcile (a small cache) waits PLAN_SHARE times
+    its cost, up to NODE_CHANGE_BATCH; a costly one (thousands of nodes) a whole status
+    interval, as its status cannot be written more often anyway. The last answer to a
+    cache's orders does not wait at all (Controller.orders_answered)."""
+    delay = min(NODE_CHANGE_BATCH, PLAN_SHARE * cost)
     if cost > COSTLY_RECONCILE:
-        delay = max(delay, status_interval)
+        delay = max(delay, status_interval, 2 * cost)
     return delay
 
 
@@ -154,6 +156,13 @@ class StatusWriter:
                 written = await asyncio.to_thread(self._write, key, status, counts)
                 if written is not None and key in self._last:  # not forgotten meanwhile
                     self._written[key] = written
+                    log.debug(
+                        "status of %s written: %s %s %s",
+                        key,
+                        written.get("status"),
+                        written.get("reason"),
+                        written.get("ready"),
+                    )
             except StatusTooLarge as err:
                 log.error("status of %s not written: %s; not retried until it changes", key, err)
                 self._refused[key] = comparable(status)
@@ -281,6 +290,7 @@ class Controller:
             written = self.status.last_written(key)
             if written is not None and status == comparable(written):
                 return
+        log.debug("cache %s changed: queued", key)
         self.queue.add(key)
 
     def _on_node(self, key: str, old: Obj | None, new: Obj | None) -> None:
@@ -303,6 +313,12 @@ class Controller:
         for key in list(self.caches.store):
             cost = self._reconcile_seconds.get(key, 0.0)
             self.queue.add_after(key, replan_delay(cost, self._config.status_interval))
+
+    def orders_answered(self, key: str) -> None:
+        """The registry's callback: every pull order `key` sent has its answer. The
+        outcome goes to the status now, not after a batching delay."""
+        if key in self.caches.store:
+            self.queue.add(key)
 
     def enqueue_all(self) -> None:
         for key in list(self.caches.store):
@@ -510,6 +526,7 @@ class Controller:
         return auths, errors, ",".join(versions)
 
     async def reconcile(self, key: str) -> None:
+        log.debug("reconciling %s", key)
         obj = self.caches.store.get(key)
         if obj is None:
             self.status.forget(key)
@@ -522,17 +539,6 @@ class Controller:
         namespace, name = meta["namespace"], meta["name"]
         deleting = bool(meta.get("deletionTimestamp"))
         finalizers = list(meta.get("finalizers") or [])
-        if not deleting and api.FINALIZER not in finalizers:
-            await asyncio.to_thread(
-                self._kube.patch_metadata,
-                namespace,
-                name,
-                {
-                    "finalizers": [*finalizers, api.FINALIZER],
-                    "resourceVersion": meta["resourceVersion"],
-                },
-            )
-            finalizers.append(api.FINALIZER)  # carry on; the update event requeues us anyway
         if deleting and api.FINALIZER not in finalizers:
             return
         annotations = meta.get("annotations") or {}
@@ -606,6 +612,18 @@ class Controller:
             return
         status = build_status(view, plan, previous, now_iso(), spec_error, secret_errors)
         self.status.offer(key, status, plan.tally.counts())
+        if not deleting and api.FINALIZER not in finalizers:
+            # After the first orders and status: its round trip is not on their way. Pins they set
+            # before it lands are lifted by the pin sweep if the cache goes meanwhile.
+            await asyncio.to_thread(
+                self._kube.patch_metadata,
+                namespace,
+                name,
+                {
+                    "finalizers": [*finalizers, api.FINALIZER],
+                    "resourceVersion": meta["resourceVersion"],
+                },
+            )
         await self._finish_operations(key, obj, view, plan)
         retry = plan.next_retry
         if retry is not None:

@@ -98,7 +98,13 @@ async def run(cfg: CoordinatorConfig) -> int:
         if controller is not None:
             controller.node_changed(node)
 
-    registry = NodeRegistry(pool, node_changed, cfg.image_pull_deadline)
+    def orders_answered(key: str) -> None:
+        if controller is not None:
+            controller.orders_answered(key)
+
+    registry = NodeRegistry(
+        pool, node_changed, cfg.image_pull_deadline, on_answered=orders_answered
+    )
     controller = Controller(
         api,
         KubeWriter(api),

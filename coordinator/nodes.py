@@ -127,9 +127,12 @@ class NodeRegistry:
         on_change: Callable[[str], None],
         pull_deadline: float,
         resync_every: float = 120.0,
+        on_answered: Callable[[str], None] | None = None,
     ) -> None:
         self._pool = pool
         self._on_change = on_change
+        self._on_answered = on_answered
+        self._open_orders: Counter[str] = Counter()  # cache key -> pull orders unanswered
         self._deadline = pull_deadline
         self._resync_every = resync_every
         self.observations: dict[str, NodeObservation] = {}
@@ -331,13 +334,36 @@ class NodeRegistry:
             request = agent_pb2.PullImagesRequest(
                 request_id=request_id, progress=progress, images=[orders[item] for item in items]
             )
+            log.debug("pull batch %s to %s: %d image(s)", request_id, node, len(items))
+            open_keys = set(keys)
+            self._open_orders[cache_key] += len(open_keys)
             self._spawn(
-                self._pull(node, obs.agent, request.SerializeToString(), set(keys)),
+                self._pull(node, obs.agent, request.SerializeToString(), open_keys, cache_key),
                 f"pull {node} {request_id}",
             )
 
-    async def _pull(self, node: str, agent: AgentInfo, request: bytes, open_keys: set[str]) -> None:
-        """`request`: the serialized PullImagesRequest for `open_keys`."""
+    async def _pull(
+        self, node: str, agent: AgentInfo, request: bytes, open_keys: set[str], cache_key: str
+    ) -> None:
+        """`request`: the serialized PullImagesRequest for `open_keys`, ordered by the
+        cache `cache_key`."""
+        try:
+            await self._stream_pull(node, agent, request, open_keys, cache_key)
+        finally:
+            self._answered(cache_key, len(open_keys))  # left unanswered: count them off too
+
+    def _answered(self, cache_key: str, count: int) -> None:
+        if not count:
+            return
+        self._open_orders[cache_key] -= count
+        if self._open_orders[cache_key] <= 0:
+            del self._open_orders[cache_key]
+            if self._on_answered is not None:
+                self._on_answered(cache_key)
+
+    async def _stream_pull(
+        self, node: str, agent: AgentInfo, request: bytes, open_keys: set[str], cache_key: str
+    ) -> None:
         obs = self.observation(node)
         client = self._pool.get(agent.endpoint)
         overall = self._deadline * len(open_keys) + 60  # the agent enforces each pull's deadline
@@ -350,8 +376,16 @@ class NodeRegistry:
                     agent_pb2.PHASE_ALREADY_PRESENT,
                     agent_pb2.PHASE_FAILED,
                 ):
-                    open_keys.discard(key)
+                    log.debug(
+                        "node %s answered %s: %s",
+                        node,
+                        event.image,
+                        agent_pb2.Phase.Name(event.phase),
+                    )
                     self._notify(node)
+                    if key in open_keys:
+                        open_keys.discard(key)
+                        self._answered(cache_key, 1)
                 else:
                     self._notify(node, progress_only=True)
         except grpc.RpcError as err:

@@ -15,6 +15,7 @@ from kubernetes import client
 
 from protos.cri.runtime.v1 import api_pb2
 from tests.conftest import unique
+from tests.coordinator.helpers import wait_for
 from tests.testenv import AUTH_PASSWORD, AUTH_USER, TestEnv
 from tests.testenv.kube import client_for
 from tests.testenv.paths import binary
@@ -171,16 +172,17 @@ def test_pinned_label_set_through_containerd_is_reported_by_cri(testenv: TestEnv
         assert status is not None
         assert not status.pinned
 
+        def pinned() -> bool:
+            status = node.status(image.ref)
+            assert status is not None
+            return status.pinned
+
+        # CRI learns of a label change from containerd's image events, a moment later.
         record = node.set_label(image.ref, PINNED_LABEL, "pinned")
         assert record.labels[PINNED_LABEL] == "pinned"
-        status = node.status(image.ref)
-        assert status is not None
-        assert status.pinned
-
+        wait_for("CRI to report the pin", pinned, timeout=10, interval=0.05)
         node.set_label(image.ref, PINNED_LABEL, None)
-        status = node.status(image.ref)
-        assert status is not None
-        assert not status.pinned
+        wait_for("CRI to report the pin gone", lambda: not pinned(), timeout=10, interval=0.05)
         node.remove(image.ref)
 
 
