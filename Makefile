@@ -8,7 +8,11 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export GOTOOLCHAIN := local
 
-.PHONY: venv protos testenv test test-unit lint demo clean manifests image-check
+.PHONY: prereqs venv protos testenv test test-unit lint demo clean manifests image-check
+
+# Debian packages the tests and the demo need (installed when missing; we are root).
+prereqs:
+	bash tools/prereqs.sh
 
 venv: $(STAMP)
 
@@ -21,10 +25,10 @@ $(STAMP): pyproject.toml
 protos: $(STAMP)
 	$(PY) protos/generate.py
 
-testenv:
+testenv: prereqs
 	bash tools/build-testenv.sh
 
-test: $(STAMP) testenv
+test: prereqs $(STAMP) testenv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
@@ -39,7 +43,7 @@ lint: $(STAMP)
 image-check:
 	bash tools/check-image.sh
 
-demo: $(STAMP) testenv
+demo: prereqs $(STAMP) testenv
 	$(PY) -m tests.testenv.demo
 
 clean:

@@ -29,7 +29,16 @@ def write_hosts_toml(certs_d: Path, registry_hosts: Iterable[str]) -> None:
 class Containerd:
     """A containerd with the CRI plugin; `endpoint` is what an agent is given."""
 
-    def __init__(self, workdir: Path, name: str, registry_hosts: Iterable[str]) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        name: str,
+        registry_hosts: Iterable[str],
+        extra_config: str = "",
+        env: dict[str, str] | None = None,
+    ) -> None:
+        """`extra_config`: TOML appended to the config (a kubelet node's CRI runtime
+        settings); `env`: the daemon's environment (its shim on PATH)."""
         self.name = name
         self.dir = workdir / name
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -74,12 +83,13 @@ class Containerd:
             '[[plugins."io.containerd.transfer.v1.local".unpack_config]]\n'
             f'  platform = "linux/{host_arch()}"\n'
             '  snapshotter = "native"\n'
-            '  differ = "walking"\n'
+            '  differ = "walking"\n' + extra_config
         )
         self.process = ManagedProcess(
             f"containerd-{name}",
             [binary("containerd"), "--config", config],
             workdir / "logs" / f"containerd-{name}.log",
+            env=env,
         )
 
     def start(self) -> None:

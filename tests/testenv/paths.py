@@ -10,7 +10,18 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 BIN_DIR = Path(os.environ.get("FLEDGED_TESTENV_BIN", REPO_ROOT / ".testenv" / "bin"))
 
 # Built from pinned Go modules by tools/build-testenv.sh (`make testenv`).
-BUILT = ("etcd", "kube-apiserver", "kubectl", "containerd", "ctr", "helm")
+BUILT = (
+    "etcd",
+    "kube-apiserver",
+    "kubectl",
+    "kubelet",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "containerd",
+    "containerd-shim-runc-v2",
+    "ctr",
+    "helm",
+)
 # From Debian's packages (.ci/run installs them).
 SYSTEM = {"docker-registry": "docker-registry", "dockerd": "docker.io", "htpasswd": "apache2-utils"}
 
@@ -28,5 +39,5 @@ def binary(name: str) -> Path:
     found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin")
     if not found:
         pkg = SYSTEM.get(name, name)
-        raise MissingBinary(f"{name} not found: install Debian's {pkg} (see .ci/run)")
+        raise MissingBinary(f"{name} not found: install Debian's {pkg} (`make prereqs`)")
     return Path(found)
