@@ -49,6 +49,8 @@ PLAN_SHARE = 20  # a cheap cache waits this many times its reconcile's cost befo
 SLOW_RECONCILE = 0.2  # seconds of planning and sending worth a log line
 COSTLY_RECONCILE = 0.02  # seconds: past this, a cache is replanned at most once a status interval
 PIN_SWEEP_EVERY = 10.0  # seconds between sweeps for pins no cache wants any more
+FIRST_LISTINGS_WAIT = 15.0  # seconds at most the agents' first listings hold back workers
+TAKEOVER_GRACE = 45.0  # seconds a new coordinator waits for agents it has not seen yet
 
 
 @dataclass(frozen=True)
@@ -245,6 +247,7 @@ class Controller:
         self._reconcile_seconds: dict[str, float] = {}
         self._specs: dict[str, tuple[str, api.CacheSpec | None, str]] = {}
         self._memos: dict[str, PlanMemo] = {}
+        self._started = time.monotonic()
         custom = client.CustomObjectsApi(api_client)
         if config.watch_namespace:
             list_caches: Any = custom.list_namespaced_custom_object
@@ -339,14 +342,17 @@ class Controller:
             while not await asyncio.to_thread(informer.synced.wait, 1.0):
                 if stop.is_set():
                     return
-        if ready is not None:
-            ready.set()
         log.info(
             "informers synced: %d caches, %d nodes, %d agent leases",
             len(self.caches.store),
             len(self.nodes.store),
             len(self.leases.store),
         )
+        unlisted = await self._registry.first_listings(FIRST_LISTINGS_WAIT)
+        if unlisted:
+            log.warning("%d agent(s) not listed yet; reconciling without them", unlisted)
+        if ready is not None:
+            ready.set()
         tasks = [
             asyncio.create_task(self._worker(i), name=f"worker-{i}")
             for i in range(self._config.workers)
@@ -610,8 +616,12 @@ class Controller:
                     },
                 )
             return
-        status = build_status(view, plan, previous, now_iso(), spec_error, secret_errors)
-        self.status.offer(key, status, plan.tally.counts())
+        hold = self._takeover_hold(key, obj, plan)
+        if hold:
+            self.queue.add_after(key, hold)  # the predecessor's status stands meanwhile
+        else:
+            status = build_status(view, plan, previous, now_iso(), spec_error, secret_errors)
+            self.status.offer(key, status, plan.tally.counts())
         if not deleting and api.FINALIZER not in finalizers:
             # After the first orders and status: its round trip is not on their way. Pins they set
             # before it lands are lifted by the pin sweep if the cache goes meanwhile.
@@ -631,6 +641,15 @@ class Controller:
         if credentials and (secret_errors or plan.tally.failed):
             # No Secret is watched: look again for one created or fixed meanwhile.
             self.queue.add_after(key, SECRET_TTL)
+
+    def _takeover_hold(self, key: str, obj: Obj, plan: Plan) -> float:
+        """Seconds to leave the status a predecessor wrote as it is: on a takeover, until
+        every node the cache selects has shown an agent, or a grace period has passed.
+        A coordinator restarting beside an agent (an upgrade rolls both) would otherwise
+        report as unavailable nodes whose agent is only restarting."""
+        if not plan.tally.unknown or not obj.get("status") or self.status.last_written(key):
+            return 0.0
+        return max(0.0, TAKEOVER_GRACE - (time.monotonic() - self._started))
 
     async def _finish_operations(self, key: str, obj: Obj, view: CacheView, plan: Plan) -> None:
         meta = obj["metadata"]

@@ -139,6 +139,10 @@ class NodeObservation:
 
     agent: AgentInfo | None = None
     inventory: Inventory | None = None  # None until the agent has been listed
+    # The last listing by any agent process: what the node held when last seen. Counts
+    # as present while no agent can be asked (a restart, a DaemonSet rolling update):
+    # a cache does not flap for an agent pod's restart. Nothing is ordered from it.
+    last_seen: Inventory | None = None
     pinning_supported: bool = True
     pulls: dict[str, PullRecord] = field(default_factory=dict)
     pins_in_flight: set[str] = field(default_factory=set)
@@ -146,6 +150,17 @@ class NodeObservation:
     removal_errors: dict[str, str] = field(default_factory=dict)
     version: int = field(default_factory=stamp)
     key_versions: dict[str, int] = field(default_factory=dict)  # canonical or lookup key
+
+    def unlist(self) -> None:
+        """The agent went or another process took over: list the node again before
+        acting; until then its last listing is what it holds."""
+        if self.inventory is not None:
+            self.last_seen = self.inventory
+        self.inventory = None
+
+    def held(self) -> Inventory | None:
+        """What the node holds as far as known: the current listing, or the last."""
+        return self.inventory if self.inventory is not None else self.last_seen
 
     def touch(self, *keys: str) -> None:
         """Records a change of the images under `keys`, or of anything when none given."""

@@ -12,6 +12,7 @@ import functools
 import logging
 import time
 import uuid
+import weakref
 from collections import Counter
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
@@ -140,13 +141,27 @@ class NodeRegistry:
         self._last_notify: dict[str, float] = {}
         self._listings = asyncio.Semaphore(LISTINGS_AT_ONCE)
         self._users: Counter[str] = Counter()  # endpoint -> nodes whose agent is there
+        self._listing: weakref.WeakSet[asyncio.Task[object]] = weakref.WeakSet()
 
     # -- bookkeeping -----------------------------------------------------------------
 
-    def _spawn(self, coro: Coroutine[Any, Any, object], name: str) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, object], name: str) -> asyncio.Task[object]:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._finished)
+        return task
+
+    def _list(self, node: str) -> None:
+        self._listing.add(self._spawn(self.sync(node), f"sync {node}"))
+
+    async def first_listings(self, seconds: float) -> int:
+        """Waits, at most `seconds`, for the listings under way (a coordinator that
+        takes over lists every agent first): its first reconciles then report what the
+        nodes hold, not that it has yet to look. Returns how many are still going."""
+        pending = {t for t in self._listing if not t.done()}
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=seconds)
+        return len(pending)
 
     def _finished(self, task: asyncio.Task[object]) -> None:
         self._tasks.discard(task)
@@ -191,7 +206,7 @@ class NodeRegistry:
         obs.touch()
         new_process = agent is not None and (old is None or not same_process(old, agent))
         if agent is None or new_process:
-            obs.inventory = None  # list again before acting
+            obs.unlist()
         if new_process:
             # Orders lost with the previous agent go to this one now, not after a backoff.
             lost = [
@@ -210,7 +225,7 @@ class NodeRegistry:
                     len(lost),
                 )
         if agent is not None and (new_process or obs.inventory is None):
-            self._spawn(self.sync(node), f"sync {node}")
+            self._list(node)
         self._notify(node)
 
     def forget_node(self, node: str) -> None:
@@ -247,7 +262,7 @@ class NodeRegistry:
         ]
 
     def resync(self, node: str) -> None:
-        self._spawn(self.sync(node), f"sync {node}")
+        self._list(node)
 
     async def sync(self, node: str, abilities: bool = True) -> bool:
         """Lists the node's images through its agent; with `abilities`, asks what its

@@ -73,6 +73,7 @@ class NodePlan:
     open: int = 0  # pairs not yet done
     queued: bool = False
     retry_at: float | None = None
+    unknown: bool = False  # the node never listed yet: what it holds is not known
 
     @classmethod
     def of(
@@ -81,6 +82,7 @@ class NodePlan:
         pulls: Iterable[PullItem] = (),
         pins: Iterable[tuple[str, bool]] = (),
         valid_until: float = math.inf,
+        unknown: bool = False,
     ) -> NodePlan:
         states = tuple(pairs)
         ready = open_ = 0
@@ -97,7 +99,9 @@ class NodePlan:
                 retry_at = p.retry_at
         if retry_at is not None:
             valid_until = min(valid_until, retry_at)
-        return cls(states, tuple(pulls), tuple(pins), valid_until, ready, open_, queued, retry_at)
+        return cls(
+            states, tuple(pulls), tuple(pins), valid_until, ready, open_, queued, retry_at, unknown
+        )
 
     @property
     def has_orders(self) -> bool:
@@ -151,6 +155,7 @@ class Tally:
         self.pairs = 0
         self.ready = 0
         self.open = 0
+        self.unknown = 0  # nodes no agent of which was seen yet
 
     def put(self, node: str, plan: NodePlan | None) -> None:
         """Replaces the node's share (None: the node no longer has pairs here)."""
@@ -183,6 +188,7 @@ class Tally:
         self.pairs += sign * len(plan.pairs)
         self.ready += sign * plan.ready
         self.open += sign * plan.open
+        self.unknown += sign * plan.unknown
         if plan.ready < len(plan.pairs):
             if sign > 0:
                 self.behind[node] = plan

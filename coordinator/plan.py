@@ -329,14 +329,23 @@ class _Planner:
                 else "the agent's Lease expired: the agent is gone or cannot reach the API server"
             )
             return NodePlan.of(
-                PairState(node, image, PairPhase.AGENT_UNAVAILABLE, Reason.AGENT_UNAVAILABLE, why)
-                for image, _, _ in want
+                (
+                    _as_last_seen(node, image, ref, obs)
+                    or PairState(
+                        node, image, PairPhase.AGENT_UNAVAILABLE, Reason.AGENT_UNAVAILABLE, why
+                    )
+                    for image, ref, _ in want
+                ),
+                unknown=obs is None or obs.held() is None,
             )
         if obs.inventory is None:
             return NodePlan.of(
                 (
-                    PairState(node, image, PairPhase.PENDING, message="listing the node's images")
-                    for image, _, _ in want
+                    _as_last_seen(node, image, ref, obs)
+                    or PairState(
+                        node, image, PairPhase.PENDING, message="listing the node's images"
+                    )
+                    for image, ref, _ in want
                 ),
                 valid_until=obs.agent.expires,
             )
@@ -366,7 +375,14 @@ class _Planner:
         since = self.view.refresh_since
         refreshed = since is not None and record is not None and record.finished >= since
         stale = since is not None and ref.is_mutable and not refreshed
-        if present is not None and not stale:
+        # --image-pull-policy=Always: pulled once at this coordinator's first sync of the
+        # image on the node, present or not, so the registry checks the credentials; a
+        # refusal then stands (and is retried as a pull) though the image is there.
+        first_sync = self.settings.always_pull and record is None
+        refused = (
+            self.settings.always_pull and record is not None and record.phase is OrderPhase.FAILED
+        )
+        if present is not None and not stale and not first_sync and not refused:
             if obs.pinning_supported and key not in obs.pins_in_flight:
                 if pin and not present.pinned:
                     pins.append((image, True))  # re-pin what lost its pin
@@ -406,7 +422,7 @@ class _Planner:
                 message=f"waiting for a wave slot (max {wave} nodes at once)",
             )
         self.ordered[key] += 1
-        always = stale or (self.settings.always_pull and record is None)
+        always = stale or first_sync or refused
         replace = stale and present is not None and not self._held_for_others(node, ref, present)
         pulls.append(
             PullItem(image, always=always, pin=pin and obs.pinning_supported, replace=replace)
@@ -418,6 +434,18 @@ class _Planner:
         (its digest, another tag): a refresh that moves `ref` must then leave it."""
         names = (present.tags - {ref.lookup_key}) | present.digests
         return any(self.others(node, parse(name))[0] for name in sorted(names))
+
+
+def _as_last_seen(
+    node: str, image: str, ref: ImageRef, obs: NodeObservation | None
+) -> PairState | None:
+    """Ready if the node held the image when last listed (no agent can tell more now)."""
+    held = obs.held() if obs is not None else None
+    present = held.lookup(ref) if held is not None else None
+    if present is None:
+        return None
+    digest = present.digest_by_name.get(ref.name, "")
+    return PairState(node, image, PairPhase.READY, "", "", 0, 0, digest, present.pinned)
 
 
 def _release(

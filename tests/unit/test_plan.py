@@ -179,6 +179,60 @@ def test_a_refresh_repulls_mutable_tags_with_always_but_not_digests() -> None:
     assert done.refresh_done
 
 
+def test_an_agent_restart_keeps_what_the_node_held_ready_and_orders_nothing() -> None:
+    """A DaemonSet rolling update: the old agent's Lease goes, a new process comes and
+    lists the node. Meanwhile what the node held at its last listing stays Ready; what
+    it lacked waits (AgentUnavailable, then Pending), and nothing is ordered."""
+    obs = node(image(A, pinned=True, owned=True))
+    cache = view(everything_list(A, B, zone="b"))
+    obs.unlist()
+    agent, obs.agent = obs.agent, None  # the Lease deleted by the agent on its way out
+    assert agent is not None
+    gone = plan_cache(cache, NODES, {"n3": obs}, nobody, {}, Settings(), NOW)
+    assert {p.image: p.phase for p in gone.pairs} == {
+        A: PairPhase.READY,
+        B: PairPhase.AGENT_UNAVAILABLE,
+    }
+    assert gone.tally.ready == 1
+    assert gone.tally.unknown == 0  # its agent was seen: the node is known, only away
+    never = plan_cache(cache, NODES, {}, nobody, {}, Settings(), NOW)
+    assert never.tally.unknown == 1  # no agent ever: a new coordinator may wait for one
+    obs.agent = replace(agent, acquired="new")  # the new process, not listed yet
+    listing = plan_cache(cache, NODES, {"n3": obs}, nobody, {}, Settings(), NOW)
+    assert {p.image: p.phase for p in listing.pairs} == {A: PairPhase.READY, B: PairPhase.PENDING}
+    assert not listing.has_orders
+    obs.inventory = Inventory([image(A, pinned=True, owned=True)], NOW)  # listed
+    listed = plan_cache(cache, NODES, {"n3": obs}, nobody, {}, Settings(), NOW)
+    assert [i.image for i in listed.pulls["n3"]] == [B]
+
+
+def test_pull_policy_always_pulls_a_present_image_once_at_first_sync() -> None:
+    """As kube-fledged's Jobs with imagePullPolicy Always: the registry is asked (and
+    checks the credentials) even for an image the node holds; once per node."""
+    present = node(image(A, pinned=True, owned=True))
+    always = Settings(always_pull=True)
+    plan = plan_cache(
+        view(everything_list(A, zone="b")), NODES, {"n3": present}, nobody, {}, always, NOW
+    )
+    assert [(i.image, i.always) for i in plan.pulls["n3"]] == [(A, True)]
+    default = plan_cache(
+        view(everything_list(A, zone="b")), NODES, {"n3": present}, nobody, {}, Settings(), NOW
+    )
+    assert not default.pulls["n3"]
+    present.pulls[A] = PullRecord(OrderPhase.DONE, NOW - 1, NOW)
+    again = plan_cache(
+        view(everything_list(A, zone="b")), NODES, {"n3": present}, nobody, {}, always, NOW
+    )
+    assert not again.pulls["n3"]
+    assert again.settled
+    # Refused by the registry: a failure, though the node holds the image.
+    present.pulls[A] = PullRecord(OrderPhase.FAILED, NOW - 1, NOW, category="Unauthorized")
+    refused = plan_cache(
+        view(everything_list(A, zone="b")), NODES, {"n3": present}, nobody, {}, always, NOW
+    )
+    assert [(p.phase, p.reason) for p in refused.pairs] == [(PairPhase.FAILED, "Unauthorized")]
+
+
 def test_images_that_left_the_spec_are_removed_except_where_another_cache_wants_them() -> None:
     obs = {
         "n1": node(image(A, True, True), image(B, True, True)),
