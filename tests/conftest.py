@@ -3,32 +3,67 @@ run, a fresh namespace per test, and every component's log attached to a failure
 
 from __future__ import annotations
 
+import contextlib
 import re
+import signal
 import time
 import uuid
 from collections.abc import Generator, Iterator
+from typing import Protocol
 
 import pytest
 from kubernetes import client
 
+from tests.realnodes.gc_cluster import GC_CLUSTER
 from tests.testenv import MissingBinary, TestEnv
 from tests.testenv.agents import AgentProcess, CoordinatorProcess
 
-ENV_FIXTURES = {"testenv", "namespace", "kube", "agents", "coordinator"}
+# Fixtures of real components; the last two are clusters of their own (tests/realnodes).
+ENV_FIXTURES = {"testenv", "namespace", "kube", "agents", "coordinator", "user", "gc_node"}
+GC_FIXTURE = "gc_node"  # its test runs last: see tests/realnodes/gc_cluster.py
 # node-1 and node-2 are "edge" nodes in zone a; node-3 is in zone b.
 NODE_LABELS = {
     "node-1": {"fledged.test/zone": "a", "fledged.test/tier": "edge"},
     "node-2": {"fledged.test/zone": "a", "fledged.test/tier": "edge"},
     "node-3": {"fledged.test/zone": "b"},
 }
-_env: TestEnv | None = None
+_reported: list[tuple[str, LogSource]] = []  # whose logs a failing test shows
+
+
+class LogSource(Protocol):
+    def log_report(self) -> str: ...
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A SIGTERM (a CI timeout, `kill`) ends the run as Ctrl-C does, so fixture teardown
+    still stops every process and puts the host back (kubelet nodes change it)."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that use the real environment carry the `env` marker (`-m 'not env'` skips them)."""
+    """Tests that use the real environment carry the `env` marker (`-m 'not env'` skips
+    them); the image GC test goes last."""
     for item in items:
         if ENV_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.env)
+    items.sort(key=lambda item: GC_FIXTURE in getattr(item, "fixturenames", ()))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The GC node starts now, when its test is to run: its kubelet's first GC pass is
+    five minutes away, and the other tests run meanwhile."""
+    if session.config.option.collectonly:
+        return
+    if any(GC_FIXTURE in getattr(item, "fixturenames", ()) for item in session.items):
+        GC_CLUSTER.begin()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    GC_CLUSTER.stop()  # done already unless the run was cut short
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -37,23 +72,34 @@ def pytest_runtest_makereport(
 ) -> Generator[None, pytest.TestReport, None]:
     outcome = yield
     report: pytest.TestReport = outcome.get_result()
-    if report.failed and _env is not None:
-        report.sections.append(("test environment logs (tails)", _env.log_report()))
+    if report.failed:
+        for title, source in _reported:
+            report.sections.append((f"{title}: logs (tails)", source.log_report()))
+
+
+@contextlib.contextmanager
+def reported(title: str, source: LogSource) -> Iterator[None]:
+    """While in it, a failing test shows the tails of `source`'s logs too (kubelet
+    nodes, an environment of a module's own)."""
+    entry = (title, source)
+    _reported.append(entry)
+    try:
+        yield
+    finally:
+        _reported.remove(entry)
 
 
 @pytest.fixture(scope="session")
 def testenv(request: pytest.FixtureRequest) -> Iterator[TestEnv]:
     """The real cluster. A missing component fails the test; it is never skipped."""
-    global _env
     try:
         env = TestEnv(nodes=3, node_label_sets=NODE_LABELS)
     except MissingBinary as err:
         pytest.fail(f"test environment incomplete: {err}", pytrace=False)
-    _env = env
-    env.start()
-    yield env
-    env.stop()
-    _env = None
+    with reported("test environment", env):
+        env.start()
+        yield env
+        env.stop()
     if request.session.testsfailed == 0:
         env.cleanup()
     else:

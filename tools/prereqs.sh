@@ -2,11 +2,11 @@
 # The Debian packages `make test`, `make demo` and .ci/run need, installed when missing:
 # the registry, the Docker daemon (with runc), htpasswd for the authenticated registry,
 # what builds the Go tools and the suite's static pause binary, CNI plugins, iptables
-# and iproute2 for the kubelet nodes. Fails within seconds, with the command to run,
-# when it cannot install them.
+# and iproute2 for the kubelet nodes, debootstrap for the project image's base. Fails
+# within seconds, with the command to run, when it cannot install them.
 set -euo pipefail
 packages=(docker.io docker-registry apache2-utils runc make gcc libc6-dev git
-  containernetworking-plugins iptables iproute2)
+  containernetworking-plugins iptables iproute2 debootstrap)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

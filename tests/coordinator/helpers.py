@@ -23,14 +23,14 @@ GROUP, VERSION, PLURAL = "kubefledged.io", "v1alpha2", "imagecaches"
 
 
 def kubectl(
-    env: TestEnv, *args: str, stdin: str | None = None, check: bool = True
+    env: TestEnv, *args: str, stdin: str | None = None, check: bool = True, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         [str(binary("kubectl")), f"--kubeconfig={env.kubeconfig}", *args],
         input=stdin,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"kubectl {' '.join(args)} failed: {result.stderr}")

@@ -22,10 +22,11 @@ from tests.coordinator.helpers import (
     get_cache,
     kubectl,
     node_images,
+    stand_in,
     wait_for,
     wait_status,
 )
-from tests.testenv import AUTH_PASSWORD, AUTH_USER, TestEnv
+from tests.testenv import AUTH_PASSWORD, AUTH_USER, TestEnv, pull_secret
 from tests.testenv.agents import AGENT_NAMESPACE, CoordinatorProcess
 from tests.testenv.images import PushedImage
 from tests.testenv.runtime import NodeRuntime
@@ -366,24 +367,13 @@ def test_the_refresh_annotation_repulls_a_moved_tag_and_reports_the_new_digest(
     wait_for("refresh to report the new digest", refreshed, timeout=40)
 
 
-def _pull_secret(namespace: str, name: str, host: str, password: str) -> client.V1Secret:
-    config = {
-        "auths": {host: {"auth": base64.b64encode(f"{AUTH_USER}:{password}".encode()).decode()}}
-    }
-    return client.V1Secret(
-        metadata=client.V1ObjectMeta(name=name, namespace=namespace),
-        type="kubernetes.io/dockerconfigjson",
-        data={".dockerconfigjson": base64.b64encode(json.dumps(config).encode()).decode()},
-    )
-
-
 def test_pull_secrets_authenticate_and_a_missing_one_is_a_clear_failure(
     testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
 ) -> None:
     private = testenv.registry_client(authenticated=True).push_image(unique("ic/private"), "v1")
     core = client.CoreV1Api(testenv.api_client())
     core.create_namespaced_secret(
-        namespace, _pull_secret(namespace, "regcred", private.registry, AUTH_PASSWORD)
+        namespace, pull_secret(namespace, "regcred", private.registry, AUTH_PASSWORD)
     )
     apply(
         testenv,
@@ -423,7 +413,7 @@ def test_a_pull_secret_created_after_the_cache_is_picked_up_without_a_refresh(
     assert {f["reason"] for f in obj["status"]["failures"][private.ref]} == {"Unauthorized"}
     core = client.CoreV1Api(testenv.api_client())
     core.create_namespaced_secret(
-        namespace, _pull_secret(namespace, "latecred", private.registry, AUTH_PASSWORD)
+        namespace, pull_secret(namespace, "latecred", private.registry, AUTH_PASSWORD)
     )
     obj = wait_status(testenv, namespace, "latecred", "Succeeded", timeout=60)
     assert "pullSecretErrors" not in obj["status"]
@@ -498,7 +488,7 @@ def test_a_wrong_password_fails_as_unauthorized_everywhere_and_leaks_nowhere(
     wrong = "not-the-password-" + unique("x")
     core = client.CoreV1Api(testenv.api_client())
     core.create_namespaced_secret(
-        namespace, _pull_secret(namespace, "badcred", private.registry, wrong)
+        namespace, pull_secret(namespace, "badcred", private.registry, wrong)
     )
     apply(
         testenv,
@@ -520,6 +510,40 @@ def test_a_wrong_password_fails_as_unauthorized_everywhere_and_leaks_nowhere(
     for secret in (wrong, base64.b64encode(f"{AUTH_USER}:{wrong}".encode()).decode()):
         assert secret not in shown
         assert secret not in logs
+
+
+def test_a_wrong_password_for_an_image_already_present_is_caught_only_by_pulling_always(
+    testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
+) -> None:
+    """What a cache says of a private image already on its nodes, with a wrong password:
+    by default (IfNotPresent) it is present, so Succeeded: the status reports presence,
+    not authorization (the README's security section says why). With
+    --image-pull-policy=Always a coordinator pulls every image once per node at its
+    first sync, present or not, so the registry checks the credentials."""
+    private = testenv.registry_client(authenticated=True).push_image(unique("ic/present"), "v1")
+    core = client.CoreV1Api(testenv.api_client())
+    core.create_namespaced_secret(namespace, pull_secret(namespace, "good", private.registry))
+    core.create_namespaced_secret(
+        namespace, pull_secret(namespace, "bad", private.registry, "wrong-" + unique("pw"))
+    )
+    lists = [{"images": [private.ref]}]
+    apply(testenv, cache_manifest("owner", namespace, lists, secrets=["good"]))
+    wait_status(testenv, namespace, "owner", "Succeeded")
+    apply(testenv, cache_manifest("trusting", namespace, lists, secrets=["bad"]))
+    obj = wait_status(testenv, namespace, "trusting", "Succeeded")
+    assert obj["status"]["ready"] == "3/3"
+    for name in ("owner", "trusting"):  # unpinned, the image stays on the nodes
+        kubectl(testenv, "-n", namespace, "delete", "imagecache", name)
+    for node in ALL:
+        assert node_images(testenv, node).get(private.ref) is False
+    with stand_in(testenv, coordinator, ("--image-pull-policy=Always",), "coordinator-always"):
+        apply(testenv, cache_manifest("checking", namespace, lists, secrets=["bad"]))
+        obj = wait_status(testenv, namespace, "checking", "Failed", "ImagePullFailedForSomeImages")
+        failures = obj["status"]["failures"][private.ref]
+        assert {f["reason"] for f in failures} == {"Unauthorized"}
+        assert sorted(f["node"] for f in failures) == list(ALL)
+        for node in ALL:  # still there: a refused pull removes nothing
+            assert private.ref in node_images(testenv, node)
 
 
 def test_editing_adds_images_and_a_new_selector_moves_them(

@@ -1,5 +1,6 @@
-"""A kubelet node changes the host (sysctls, cgroups, mounts, bridges, network
-namespaces, shims that outlive containerd): stopping it puts everything back."""
+"""A kubelet node changes the host (sysctls, cgroups, bridges, directories, shims that
+outlive containerd; its mounts stay in its own mount namespace): stopping it puts
+everything back."""
 
 from __future__ import annotations
 
@@ -48,8 +49,15 @@ def test_a_kubelet_node_that_ran_a_pod_leaves_the_host_as_it_found_it(
         )
         during = before.differences(HostSnapshot.take())
         assert any(d.startswith("cgroup added") for d in during), during
-        assert any(d.startswith("mount added") for d in during), during
         assert any(d.startswith("link added") for d in during), during  # the CNI bridge
+        if before.sysctls["net/ipv4/ip_forward"] == "0":  # the bridge plugin turns it on
+            assert "sysctl net/ipv4/ip_forward: 0 -> 1" in during, during
+        # The node's mounts (its runtime paths, the pod's volumes and network namespace)
+        # live in its own mount namespace: the host's mount table does not change.
+        assert not [d for d in during if d.startswith("mount added")], during
+        inside = node.node_mounts()
+        assert {"/run/containerd", "/var/lib/containerd"} <= set(inside), inside
+        assert any(str(node.dir / "root" / "pods") in m for m in inside), inside
     finally:
         cluster.stop(core)  # the pod is left running on purpose: teardown must cope
     assert before.differences(HostSnapshot.take()) == []

@@ -8,38 +8,9 @@ from kubernetes import client
 from tests.conftest import unique
 from tests.coordinator.helpers import apply, cache_manifest, kubectl, wait_for, wait_status
 from tests.realnodes.conftest import KUBELET_LABEL, RealNodes
+from tests.realnodes.pods import node_image_names, pod_events, pod_on, running
 from tests.testenv import TestEnv
 from tests.testenv.workload import PAUSE_C, push_program_image, static_binary
-
-
-def _pod(name: str, node: str, image: str) -> client.V1Pod:
-    return client.V1Pod(
-        metadata=client.V1ObjectMeta(name=name),
-        spec=client.V1PodSpec(
-            node_name=node,
-            containers=[
-                client.V1Container(name="c", image=image, image_pull_policy="IfNotPresent")
-            ],
-            termination_grace_period_seconds=1,
-        ),
-    )
-
-
-def _running(core: client.CoreV1Api, namespace: str, name: str) -> bool:
-    status = core.read_namespaced_pod(name, namespace).status
-    return status is not None and status.phase == "Running"
-
-
-def _node_images(core: client.CoreV1Api, name: str) -> list[client.V1ContainerImage]:
-    status = core.read_node(name).status
-    return list((status.images if status else None) or [])
-
-
-def _events(core: client.CoreV1Api, namespace: str, name: str) -> list[tuple[str, str]]:
-    items = core.list_namespaced_event(
-        namespace, field_selector=f"involvedObject.name={name}"
-    ).items
-    return [(e.reason or "", e.message or "") for e in items]
 
 
 def test_kubelet_nodes_are_ready_and_run_a_pod_whose_logs_kubectl_reads(
@@ -57,8 +28,8 @@ def test_kubelet_nodes_are_ready_and_run_a_pod_whose_logs_kubectl_reads(
         assert meta is not None
         assert (meta.labels or {}).get(KUBELET_LABEL) == "true"
     node = real_nodes.nodes[0]
-    core.create_namespaced_pod(namespace, _pod("hello", node.name, real_nodes.pause.ref))
-    wait_for("the pod to run", lambda: _running(core, namespace, "hello"), timeout=60)
+    core.create_namespaced_pod(namespace, pod_on("hello", node.name, real_nodes.pause.ref))
+    wait_for("the pod to run", lambda: running(core, namespace, "hello"), timeout=60)
     logs = wait_for(
         "the pod's log",
         lambda: kubectl(testenv, "-n", namespace, "logs", "hello", check=False).stdout,
@@ -93,23 +64,17 @@ def test_a_pod_starts_without_a_pull_from_an_image_an_imagecache_put_on_its_node
     access_log = testenv.registry.process.log_path
     asked_before = access_log.read_text().count(f"/v2/{repo}/manifests/")
     for i, node in enumerate(real_nodes.nodes):
-        core.create_namespaced_pod(namespace, _pod(f"app-{i}", node.name, image.ref))
+        core.create_namespaced_pod(namespace, pod_on(f"app-{i}", node.name, image.ref))
     for i, node in enumerate(real_nodes.nodes):
-        wait_for(f"app-{i} to run", lambda i=i: _running(core, namespace, f"app-{i}"), timeout=60)  # type: ignore[misc]
-        events = _events(core, namespace, f"app-{i}")
+        wait_for(f"app-{i} to run", lambda i=i: running(core, namespace, f"app-{i}"), timeout=60)  # type: ignore[misc]
+        events = pod_events(core, namespace, f"app-{i}")
         assert ("Pulled", f'Container image "{image.ref}" already present on machine') in [
             (r, m.split(" and ")[0]) for r, m in events
         ], events
         assert not [e for e in events if e[0] == "Pulling"], events
-        names = wait_for(
+        wait_for(
             f"{node.name}'s status to list the image",
-            lambda n=node: [  # type: ignore[misc]
-                name
-                for img in _node_images(core, n.name)
-                for name in img.names or []
-                if repo in name
-            ],
+            lambda n=node: image.ref in node_image_names(core, n.name),  # type: ignore[misc]
             timeout=30,
         )
-        assert names
     assert access_log.read_text().count(f"/v2/{repo}/manifests/") == asked_before

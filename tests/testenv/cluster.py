@@ -7,6 +7,8 @@ registry config), then the apiserver, containerd instances and dockerd in parall
 
 from __future__ import annotations
 
+import base64
+import json
 import shutil
 import subprocess
 import tempfile
@@ -23,7 +25,7 @@ from .kube import ApiServer, Etcd, Identity, client_for
 from .nodes import SimNode, node_labels, register_node
 from .paths import REPO_ROOT, binary
 from .pki import CertificateAuthority
-from .procs import ManagedProcess
+from .procs import ManagedProcess, log_report
 from .registry import Registry
 
 AGENT_USER = "fledged-agent"
@@ -42,13 +44,17 @@ class TestEnv:
         node_label_sets: dict[str, dict[str, str]] | None = None,
         with_docker: bool = True,
         workdir: Path | None = None,
+        agent_namespace: bool = True,
     ) -> None:
+        """`agent_namespace`: create the agents' namespace (off where an install, as
+        users run it, makes it)."""
         # Short paths: unix socket paths must stay under 108 bytes.
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="fledged-", dir="/tmp"))
         self.logs = self.workdir / "logs"
         self._node_count = nodes
         self._node_label_sets = node_label_sets or {}
         self._with_docker = with_docker
+        self._agent_namespace = agent_namespace
         self.ca = CertificateAuthority(self.workdir / "pki")
         self.etcd = Etcd(self.workdir)
         self.registry = Registry(self.workdir, "registry")
@@ -95,9 +101,10 @@ class TestEnv:
         core = client.CoreV1Api(self.api_client())
         for node in self.nodes:
             register_node(core, node.name, node.labels)
-        core.create_namespace(
-            client.V1Namespace(metadata=client.V1ObjectMeta(name=AGENT_NAMESPACE))
-        )
+        if self._agent_namespace:
+            core.create_namespace(
+                client.V1Namespace(metadata=client.V1ObjectMeta(name=AGENT_NAMESPACE))
+            )
 
     def _run_start(self, process: ManagedProcess, start: object) -> None:
         self._started.append(process)
@@ -233,8 +240,20 @@ class TestEnv:
         return list(self._started)
 
     def log_report(self, lines: int = 30) -> str:
-        parts = [f"--- {p.name} ({p.log_path}) ---\n{p.log_tail(lines)}" for p in self._started]
-        return "\n".join(parts)
+        return log_report(self._started, lines)
+
+
+def pull_secret(
+    namespace: str, name: str, host: str, password: str = AUTH_PASSWORD
+) -> client.V1Secret:
+    """A kubernetes.io/dockerconfigjson Secret with the authenticated registry's user."""
+    auth = base64.b64encode(f"{AUTH_USER}:{password}".encode()).decode()
+    config = {"auths": {host: {"auth": auth}}}
+    return client.V1Secret(
+        metadata=client.V1ObjectMeta(name=name, namespace=namespace),
+        type="kubernetes.io/dockerconfigjson",
+        data={".dockerconfigjson": base64.b64encode(json.dumps(config).encode()).decode()},
+    )
 
 
 def ensure_agent_rbac(api: client.ApiClient, user: str) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import grpc
@@ -36,13 +36,16 @@ class Containerd:
         registry_hosts: Iterable[str],
         extra_config: str = "",
         env: dict[str, str] | None = None,
+        socket: Path | None = None,
     ) -> None:
         """`extra_config`: TOML appended to the config (a kubelet node's CRI runtime
-        settings); `env`: the daemon's environment (its shim on PATH)."""
+        settings); `env`: the daemon's environment (its shim on PATH); `socket`: where
+        it listens (default: in its own directory)."""
         self.name = name
         self.dir = workdir / name
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.socket = self.dir / "containerd.sock"
+        self.socket = socket or self.dir / "containerd.sock"
+        self.socket.parent.mkdir(parents=True, exist_ok=True)
         self.endpoint = f"unix://{self.socket}"
         self.root = self.dir / "root"
         self.certs_d = certs_d = self.dir / "certs.d"
@@ -91,6 +94,10 @@ class Containerd:
             workdir / "logs" / f"containerd-{name}.log",
             env=env,
         )
+
+    def run_under(self, prefix: Sequence[str]) -> None:
+        """Runs the daemon under `prefix` (a kubelet node's own mount namespace)."""
+        self.process.argv = [*prefix, *self.process.argv]
 
     def start(self) -> None:
         self.process.start()

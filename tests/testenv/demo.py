@@ -11,8 +11,6 @@ up for trying edits, refresh and purge by hand until Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import base64
-import json
 import signal
 import subprocess
 import sys
@@ -27,7 +25,7 @@ from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
 from common.reference import parse
-from tests.testenv import AUTH_PASSWORD, AUTH_USER, TestEnv
+from tests.testenv import TestEnv, pull_secret
 from tests.testenv.paths import REPO_ROOT, binary
 from tests.testenv.proxy import RegistryProxy
 from tests.testenv.runtime import NodeRuntime
@@ -53,16 +51,6 @@ def adapt_sample(
             local.append(moved[image])
         cache_list["images"] = local
     return sample, moved
-
-
-def pull_secret(name: str, host: str) -> client.V1Secret:
-    auth = base64.b64encode(f"{AUTH_USER}:{AUTH_PASSWORD}".encode()).decode()
-    config = {"auths": {host: {"auth": auth}}}
-    return client.V1Secret(
-        metadata=client.V1ObjectMeta(name=name, namespace=NAMESPACE),
-        type="kubernetes.io/dockerconfigjson",
-        data={".dockerconfigjson": base64.b64encode(json.dumps(config).encode()).decode()},
-    )
 
 
 def render(status: dict[str, Any]) -> Group:
@@ -159,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"pushed {original} as {local} ({size >> 20} MiB, {layers} layers)")
         core = client.CoreV1Api(env.api_client())
         core.create_namespaced_secret(
-            NAMESPACE, pull_secret(sample["spec"]["imagePullSecrets"][0]["name"], private.host)
+            NAMESPACE,
+            pull_secret(NAMESPACE, sample["spec"]["imagePullSecrets"][0]["name"], private.host),
         )
         kubectl = [str(binary("kubectl")), f"--kubeconfig={env.kubeconfig}"]
         subprocess.run(

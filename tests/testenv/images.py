@@ -14,6 +14,7 @@ import json
 import platform
 import random
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urljoin
 
@@ -23,6 +24,7 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"  # uncompressed
 
 
 def host_arch() -> str:
@@ -109,19 +111,23 @@ def make_image(total_size: int, layers: int, seed: str, arch: str) -> tuple[Blob
             sort_keys=True,
         ).encode(),
     )
-    manifest = Blob(
+    layers_only = [blob for blob, _ in built]
+    return oci_manifest(config, layers_only), config, layers_only
+
+
+def oci_manifest(config: Blob, layers: Sequence[Blob]) -> Blob:
+    return Blob(
         OCI_MANIFEST,
         json.dumps(
             {
                 "schemaVersion": 2,
                 "mediaType": OCI_MANIFEST,
                 "config": config.descriptor(),
-                "layers": [blob.descriptor() for blob, _ in built],
+                "layers": [blob.descriptor() for blob in layers],
             },
             sort_keys=True,
         ).encode(),
     )
-    return manifest, config, [blob for blob, _ in built]
 
 
 class RegistryClient:
@@ -159,6 +165,25 @@ class RegistryClient:
         )
         resp.raise_for_status()
         return manifest.digest
+
+    def push_layers(
+        self, repository: str, tag: str, config: Blob, layers: Sequence[Blob]
+    ) -> PushedImage:
+        """Pushes `layers`, `config` and a manifest of them under `tag`."""
+        manifest = oci_manifest(config, layers)
+        for blob in [*layers, config]:
+            self.push_blob(repository, blob)
+        digest = self.put_manifest(repository, tag, manifest)
+        return PushedImage(
+            registry=self.host,
+            repository=repository,
+            tag=tag,
+            digest=digest,
+            config_digest=config.digest,
+            layer_sizes=tuple(b.size for b in layers),
+            layer_digests=tuple(b.digest for b in layers),
+            content_size=manifest.size + config.size + sum(b.size for b in layers),
+        )
 
     def push_image(
         self,

@@ -18,6 +18,9 @@ from .pki import CertFiles, CertificateAuthority, signing_keypair
 from .procs import ManagedProcess, free_port
 
 SERVICE_CIDR = "10.0.0.0/24"
+# Where pods of kubelet nodes reach the apiserver (a relay on a host-only address while
+# kubelet nodes run: pods cannot reach loopback); named in the serving certificate.
+POD_API_ADDRESS = "10.244.0.1"
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ class ApiServer:
                 "kubernetes.default.svc",
                 "kubernetes.default.svc.cluster.local",
             ),
-            ips=("127.0.0.1", "10.0.0.1"),
+            ips=("127.0.0.1", "10.0.0.1", POD_API_ADDRESS),
             server=True,
         )
         self.sa_keys = signing_keypair(self.workdir, "service-account")

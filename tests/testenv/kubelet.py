@@ -2,6 +2,11 @@
 kube-scheduler for the control plane, and per node a containerd that runs containers
 (runc through containerd-shim-runc-v2, CNI bridge) with a kubelet in front of it.
 
+Each node's containerd and kubelet share a mount namespace of their own, in which the
+runtime's usual paths (/run/containerd, /var/lib/containerd) are that node's
+directories, as on a machine of its own: a DaemonSet's hostPath of the socket, the
+chart's default, reaches each node's own containerd.
+
 Everything host-wide a kubelet touches is recorded before it starts and put back when
 it stops (`HostState`): sysctls, iptables chains, directories, mounts, cgroups, bridges,
 network namespaces and the containerd shims, which outlive their containerd.
@@ -16,7 +21,9 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,11 +31,21 @@ import yaml
 from kubernetes import client
 
 from .containerd import Containerd
-from .kube import ApiServer
+from .kube import POD_API_ADDRESS, ApiServer
 from .paths import BIN_DIR, binary
-from .procs import ManagedProcess, free_port
+from .procs import ManagedProcess, free_port, log_report
+from .proxy import RegistryProxy
 
-SYSCTLS = ("vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops")
+# The kubelet sets the first three; the CNI bridge plugin (isGateway) turns forwarding on.
+SYSCTLS = (
+    "vm/overcommit_memory",
+    "kernel/panic",
+    "kernel/panic_on_oops",
+    "net/ipv4/ip_forward",
+    "net/ipv6/conf/all/forwarding",
+)
+# Where a node's runtime keeps its socket and its images (the chart's containerd preset).
+NODE_PATHS = ("/run/containerd", "/var/lib/containerd")
 HOST_DIRS = (
     "/var/log/containers",
     "/var/log/pods",
@@ -36,9 +53,13 @@ HOST_DIRS = (
     "/var/lib/cni",
     "/run/netns",
     "/var/lib/kubelet",
+    *NODE_PATHS,  # the mount points of the nodes' own directories
 )
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 SHIM = "containerd-shim-runc-v2"
+# Kubelet clusters may start in threads (one runs beside the suite): one at a time
+# records, changes or restores the host, so none takes another's changes for its own.
+HOST_LOCK = threading.RLock()
 
 
 def _iptables_chains() -> set[str]:
@@ -174,6 +195,18 @@ class HostState:
                 shutil.rmtree(d, ignore_errors=True)
 
 
+def own_mounts(binds: Mapping[str, Path]) -> list[str]:
+    """An argv prefix: the command runs in a new private mount namespace in which each
+    host path (a key) shows its directory (the value). Nothing mounted there, by the
+    command or its children, is seen on the host; it all goes with the last process."""
+    script = " && ".join(f'mount --bind "${i + 1}" {target}' for i, target in enumerate(binds))
+    script += f' && shift {len(binds)} && exec "$@"'
+    return [
+        "unshare", "--mount", "--propagation", "private", "--",
+        "sh", "-c", script, "node-mounts", *(str(v) for v in binds.values()),
+    ]  # fmt: skip
+
+
 def _remove_cgroup(path: Path) -> None:
     """Kills what still runs in the group (a pod's processes outlive a stopped kubelet),
     then rmdir bottom-up: cgroupfs removes only a group with no tasks and no children."""
@@ -214,7 +247,7 @@ class ControlPlaneExtras:
                 "--bind-address=127.0.0.1",
                 f"--secure-port={free_port()}",
                 f"--cert-dir={workdir / 'kcm-certs'}",
-                "--controllers=*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-service-lb-controller",
+                "--controllers=*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller",
                 "--v=1",
             ],
             logs / "kube-controller-manager.log",
@@ -234,6 +267,9 @@ class ControlPlaneExtras:
             ],
             logs / "kube-scheduler.log",
         )
+
+    def processes(self) -> list[ManagedProcess]:
+        return [self.controller_manager, self.scheduler]
 
     def start(self) -> None:
         self.controller_manager.start()
@@ -260,6 +296,7 @@ class KubeletNode:
         kubelet_config: dict[str, object] | None = None,
     ) -> None:
         self.index = index
+        self.labels = dict(labels or {})
         self.address = f"127.0.0.{index + 1}"
         self.name = self.address
         self.dir = workdir / f"kubelet-{index}"
@@ -282,6 +319,9 @@ class KubeletNode:
                             "ipam": {
                                 "type": "host-local",
                                 "ranges": [[{"subnet": f"10.244.{100 + index}.0/24"}]],
+                                # Through the bridge: the host, other nodes' pods, the
+                                # apiserver's relay (POD_API_ADDRESS).
+                                "routes": [{"dst": "0.0.0.0/0"}],
                                 "dataDir": str(self.dir / "ipam"),
                             },
                         }
@@ -307,7 +347,15 @@ class KubeletNode:
             registry_hosts,
             extra_config=extra,
             env={**os.environ, "PATH": path},
+            socket=self.dir / "run-containerd" / "containerd.sock",
         )
+        # Seen from the node's mount namespace, its socket and store at the usual paths.
+        self.binds = dict(
+            zip(NODE_PATHS, (self.containerd.socket.parent, self.containerd.root), strict=True)
+        )
+        for source in self.binds.values():
+            source.mkdir(parents=True, exist_ok=True)
+        self.containerd.run_under(own_mounts(self.binds))
         identity = apiserver.identity(f"system:node:{self.name}", ("system:masters",))
         self.port = free_port()
         self.healthz_port = free_port()
@@ -362,6 +410,7 @@ class KubeletNode:
         ]
         if labels:
             argv.append("--node-labels=" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())))
+        self._kubelet_argv = [str(a) for a in argv]
         self.kubelet = ManagedProcess(
             f"kubelet-{index}", argv, workdir / "logs" / f"kubelet-{index}.log"
         )
@@ -379,8 +428,23 @@ class KubeletNode:
 
     def start(self) -> None:
         self._make_cgroup()
+        for target in self.binds:
+            Path(target).mkdir(parents=True, exist_ok=True)  # a mount point; removed at restore
         self.containerd.start()
+        # The kubelet joins containerd's mount namespace: the volumes it mounts for a
+        # pod must be where runc, started by containerd, looks for them.
+        self.kubelet.argv = [
+            "nsenter",
+            f"--mount=/proc/{self.containerd.process.pid}/ns/mnt",
+            "--",
+            *self._kubelet_argv,
+        ]
         self.kubelet.start()
+
+    def node_mounts(self) -> list[str]:
+        """Mount points in the node's own mount namespace (not on the host)."""
+        with open(f"/proc/{self.containerd.process.pid}/mountinfo") as f:
+            return [line.split()[4] for line in f]
 
     def ready(self, core: client.CoreV1Api) -> bool:
         try:
@@ -399,16 +463,70 @@ class KubeletCluster:
     """The kubelet nodes of a test session with their control plane, and the host as
     they found it; `stop` leaves nothing behind (processes, mounts, cgroups, links)."""
 
-    def __init__(self, workdir: Path, nodes: list[KubeletNode], extras: ControlPlaneExtras) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        nodes: list[KubeletNode],
+        extras: ControlPlaneExtras,
+        apiserver: ApiServer | None = None,
+    ) -> None:
+        """With `apiserver`, pods reach it at `api_host`:`api_port` (a relay on a
+        host-only address: an apiserver on loopback is out of a pod's reach)."""
         self.workdir = workdir
         self.nodes = nodes
         self.extras = extras
-        self.host = HostState()
+        self.host: HostState | None = None  # recorded when it starts
+        self.api_link = f"fl{os.getpid() % 10000}api"
+        self.api_relay = (
+            RegistryProxy(f"127.0.0.1:{apiserver.port}", listen_host=POD_API_ADDRESS)
+            if apiserver
+            else None
+        )
+        self._relay_started = False
+
+    def processes(self) -> list[ManagedProcess]:
+        """Every process of the nodes and their control plane (for log reports)."""
+        own = [p for n in self.nodes for p in (n.containerd.process, n.kubelet)]
+        return [*self.extras.processes(), *own]
+
+    def log_report(self, lines: int = 30) -> str:
+        """The processes' logs, then every container's (what `kubectl logs` shows)."""
+        parts = [log_report(self.processes(), lines)]
+        for node in self.nodes:
+            for path in sorted((node.dir / "pod-logs").glob("*/*/*.log")):
+                tail = "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+                parts.append(f"--- container log {path} ---\n{tail}")
+        return "\n".join(parts)
+
+    @property
+    def api_host(self) -> str:
+        return POD_API_ADDRESS
+
+    @property
+    def api_port(self) -> int:
+        assert self.api_relay is not None, "made without the apiserver"
+        return self.api_relay.port
+
+    def _start_api_relay(self) -> None:
+        """A bridge with no ports holds the address: no dummy links on every host."""
+        assert self.api_relay is not None
+        for cmd in (
+            ["ip", "link", "add", self.api_link, "type", "bridge"],
+            ["ip", "addr", "add", f"{POD_API_ADDRESS}/32", "dev", self.api_link],
+            ["ip", "link", "set", self.api_link, "up"],
+        ):
+            subprocess.run(cmd, check=True, capture_output=True)
+        self.api_relay.start()
+        self._relay_started = True
 
     def start(self, core: client.CoreV1Api, timeout: float = 120) -> None:
-        self.extras.start()
-        for node in self.nodes:
-            node.start()
+        with HOST_LOCK:
+            self.host = HostState()
+            if self.api_relay is not None:
+                self._start_api_relay()
+            self.extras.start()
+            for node in self.nodes:
+                node.start()
         deadline = time.monotonic() + timeout
         for node in self.nodes:
             node.kubelet.wait_until(
@@ -421,11 +539,15 @@ class KubeletCluster:
         for node in self.nodes:
             node.stop()
         self.extras.stop()
-        self.host.restore(
-            self.workdir,
-            [n.cgroup for n in self.nodes],
-            [n.containerd.socket for n in self.nodes],
-        )
+        if self.api_relay is not None and self._relay_started:
+            self.api_relay.stop()
+        if self.host is not None:
+            with HOST_LOCK:
+                self.host.restore(
+                    self.workdir,
+                    [n.cgroup for n in self.nodes],
+                    [n.containerd.socket for n in self.nodes],
+                )
         if core is not None:
             for node in self.nodes:
                 with contextlib.suppress(client.ApiException):

@@ -115,6 +115,11 @@ class ManagedProcess:
         )
 
 
+def log_report(processes: Sequence[ManagedProcess], lines: int = 30) -> str:
+    """The tail of each process's log, under its name and path."""
+    return "\n".join(f"--- {p.name} ({p.log_path}) ---\n{p.log_tail(lines)}" for p in processes)
+
+
 def free_port() -> int:
     """A loopback TCP port that is free now (the kernel picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -13,15 +13,23 @@ from .procs import free_port
 
 
 class RegistryProxy:
-    """Forwards 127.0.0.1:<port> to `upstream` (host:port) in a background thread."""
+    """Forwards <listen_host>:<port> to `upstream` (host:port) in a background thread.
+    Also serves as a plain TCP relay (the apiserver for pods of kubelet nodes)."""
 
-    def __init__(self, upstream: str, rate: float | None = None, stall: bool = False) -> None:
+    def __init__(
+        self,
+        upstream: str,
+        rate: float | None = None,
+        stall: bool = False,
+        listen_host: str = "127.0.0.1",
+    ) -> None:
         self.upstream_host, upstream_port = upstream.rsplit(":", 1)
         self.upstream_port = int(upstream_port)
         self.rate = rate  # bytes per second towards the client, None for unlimited
         self.stall = stall  # accept connections and never answer
         self.port = free_port()
-        self.host = f"127.0.0.1:{self.port}"
+        self.listen_host = listen_host
+        self.host = f"{listen_host}:{self.port}"
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._serve, name=f"proxy-{self.port}", daemon=True)
@@ -48,7 +56,7 @@ class RegistryProxy:
     def _serve(self) -> None:
         asyncio.set_event_loop(self._loop)
         self._server = self._loop.run_until_complete(
-            asyncio.start_server(self._handle, "127.0.0.1", self.port)
+            asyncio.start_server(self._handle, self.listen_host, self.port)
         )
         self._ready.set()
         try:

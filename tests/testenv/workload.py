@@ -15,7 +15,6 @@ from pathlib import Path
 from .images import (
     OCI_CONFIG,
     OCI_LAYER,
-    OCI_MANIFEST,
     Blob,
     PushedImage,
     RegistryClient,
@@ -93,29 +92,4 @@ def push_program_image(
             sort_keys=True,
         ).encode(),
     )
-    manifest = Blob(
-        OCI_MANIFEST,
-        json.dumps(
-            {
-                "schemaVersion": 2,
-                "mediaType": OCI_MANIFEST,
-                "config": config.descriptor(),
-                "layers": [blob.descriptor() for blob, _ in layers],
-            },
-            sort_keys=True,
-        ).encode(),
-    )
-    for blob in [*(b for b, _ in layers), config]:
-        registry.push_blob(repository, blob)
-    digest = registry.put_manifest(repository, tag, manifest)
-    blobs = [b for b, _ in layers]
-    return PushedImage(
-        registry=registry.host,
-        repository=repository,
-        tag=tag,
-        digest=digest,
-        config_digest=config.digest,
-        layer_sizes=tuple(b.size for b in blobs),
-        layer_digests=tuple(b.digest for b in blobs),
-        content_size=manifest.size + config.size + sum(b.size for b in blobs),
-    )
+    return registry.push_layers(repository, tag, config, [b for b, _ in layers])
