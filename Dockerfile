@@ -3,18 +3,26 @@
 # socket, with every capability dropped).
 #
 # BASE must hold Python 3.11+ with venv; the default is the official slim image.
-# tools/check-image.sh builds this file on a Debian-made base to prove it works here.
+# tools/build-image.sh builds it here on a Debian-made base; tests/realnodes/test_install.py
+# runs it on real kubelet nodes.
 ARG BASE=python:3.11-slim-bookworm
 
-FROM ${BASE} AS build
+# The dependencies in a stage of their own: a change of the sources alone reuses it
+# (they are read from pyproject.toml, the one place they are listed).
+FROM ${BASE} AS deps
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
+RUN python3 -m venv /venv \
+ && python3 -c "import tomllib; print('\\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > requirements.txt \
+ && /venv/bin/pip install --no-cache-dir -r requirements.txt
+
+FROM deps AS build
+COPY README.md ./
 COPY agent agent
 COPY common common
 COPY coordinator coordinator
 COPY protos protos
-RUN python3 -m venv /venv \
- && /venv/bin/pip install --no-cache-dir . \
+RUN /venv/bin/pip install --no-cache-dir --no-deps . \
  && find /venv -name '__pycache__' -prune -exec rm -rf {} +
 
 FROM ${BASE}

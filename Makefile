@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export GOTOOLCHAIN := local
 
-.PHONY: prereqs venv protos testenv test test-unit lint demo clean manifests image-check
+.PHONY: prereqs venv protos testenv test test-unit lint demo clean manifests image
 
 # Debian packages the tests and the demo need (installed when missing; we are root).
 prereqs:
@@ -39,9 +39,10 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 
-# Builds the Dockerfile with a real dockerd on a Debian-made base (slow; not in `test`).
-image-check:
-	bash tools/check-image.sh
+# The project's image from the Dockerfile, on a Debian-made base, saved under
+# ~/.cache/kube-fledged/image/ (the install tests build it too, and push it).
+image: prereqs
+	bash tools/build-image.sh
 
 demo: prereqs $(STAMP) testenv
 	$(PY) -m tests.testenv.demo
@@ -53,4 +54,5 @@ clean:
 # same objects; a test fails when it is stale.
 manifests: testenv
 	.testenv/bin/helm template kube-fledged deploy/chart/kube-fledged --namespace kube-fledged \
+	  --set createNamespace=true \
 	  | sed '/^# Source:/d' > deploy/base/kube-fledged.yaml

@@ -5,6 +5,7 @@ has exactly the rights it needs, and the DaemonSet probes a port the agent serve
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +53,30 @@ def objects(text: str) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(text) if d]
 
 
+@pytest.fixture(scope="module")
+def installed(testenv: TestEnv) -> Iterator[None]:
+    """The suite's cluster, for tests that apply the manifests there. What they apply
+    stays for the later RBAC questions, but not the workloads: once kubelet nodes join
+    (tests/realnodes) they would run, without the images or Secrets they need."""
+    yield
+    deleted = kubectl(
+        testenv,
+        "-n",
+        "kube-fledged",
+        "delete",
+        "daemonset,deployment",
+        "-l",
+        "app.kubernetes.io/name=kube-fledged",
+        "--ignore-not-found",
+    )
+    assert deleted.returncode == 0, deleted.stderr
+
+
 def test_the_kustomize_base_is_the_rendered_chart() -> None:
     rendered = "\n".join(
-        line for line in helm_template().splitlines() if not line.startswith("# Source:")
+        line
+        for line in helm_template("createNamespace=true").splitlines()
+        if not line.startswith("# Source:")
     )
     committed = (REPO_ROOT / "deploy" / "base" / "kube-fledged.yaml").read_text()
     assert objects(rendered) == objects(committed), "deploy/base is stale: run `make manifests`"
@@ -78,6 +100,7 @@ def test_each_runtime_overlay_matches_the_charts_preset(testenv: TestEnv, runtim
     )
 
 
+@pytest.mark.usefixtures("installed")
 def test_kustomize_and_helm_install_cleanly_on_a_real_apiserver(testenv: TestEnv) -> None:
     kustomized = kubectl(testenv, "apply", "-k", str(REPO_ROOT / "deploy"), "--dry-run=server")
     assert kustomized.returncode == 0, kustomized.stderr
@@ -126,6 +149,7 @@ def can_i(env: TestEnv, who: str, *args: str) -> bool:
         (AGENT, ("list", "imagecaches.kubefledged.io", "--all-namespaces"), False),
     ],
 )
+@pytest.mark.usefixtures("installed")
 def test_each_role_has_what_it_needs_and_nothing_more(
     testenv: TestEnv, who: str, question: tuple[str, ...], allowed: bool
 ) -> None:
@@ -134,6 +158,7 @@ def test_each_role_has_what_it_needs_and_nothing_more(
     assert can_i(testenv, who, *question) is allowed
 
 
+@pytest.mark.usefixtures("installed")
 def test_a_coordinator_serving_one_namespace_reads_secrets_only_there(testenv: TestEnv) -> None:
     assert kubectl(testenv, "create", "namespace", "team-only").returncode in (0, 1)
     chart = helm_template("coordinator.watchNamespace=team-only")

@@ -23,3 +23,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $fs := .Values.agent.imageFilesystem | default $preset.fs -}}
 {{- dict "socket" $socket "kind" $preset.kind "fs" $fs | toJson -}}
 {{- end -}}
+
+{{/* The apiserver's address for clusters where the `kubernetes` Service does not route
+     (no kube-proxy yet, or its replacement not ready): overrides what the kubelet injects. */}}
+{{- define "fledged.apiServerEnv" -}}
+{{- if .Values.k8sServiceHost -}}
+- {name: KUBERNETES_SERVICE_HOST, value: {{ .Values.k8sServiceHost | quote }}}
+- {name: KUBERNETES_SERVICE_PORT, value: {{ .Values.k8sServicePort | default "443" | quote }}}
+{{- end }}
+{{- end -}}
