@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import docker
@@ -17,6 +19,7 @@ from protos.cri.runtime.v1 import api_pb2
 from tests.conftest import unique
 from tests.coordinator.helpers import wait_for
 from tests.testenv import AUTH_PASSWORD, AUTH_USER, TestEnv
+from tests.testenv.dockerd import Dockerd
 from tests.testenv.kube import client_for
 from tests.testenv.paths import binary
 from tests.testenv.runtime import PINNED_LABEL, NodeRuntime
@@ -141,6 +144,24 @@ def test_dockerd_pulls_the_same_image_through_the_docker_sdk(testenv: TestEnv) -
             sdk.images.get(image.ref)
     finally:
         sdk.close()
+
+
+@pytest.mark.env
+def test_a_dockerd_of_the_suite_leaves_the_hosts_forwarding_as_it_found_it() -> None:
+    """dockerd turns net.ipv4.ip_forward on at start unless told not to; the suite's
+    (and the image build's) must not change the host."""
+    knob = Path("/proc/sys/net/ipv4/ip_forward")
+    found = knob.read_text()
+    knob.write_text("0")
+    workdir = Path(tempfile.mkdtemp(prefix="fl-", dir="/tmp"))  # socket paths stay short
+    dockerd = Dockerd(workdir, [])
+    try:
+        dockerd.start()
+        assert knob.read_text().strip() == "0"
+    finally:
+        dockerd.process.stop()
+        knob.write_text(found)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_authenticated_registry_refuses_anonymous_pulls_and_accepts_credentials(

@@ -42,6 +42,7 @@ sock=$work/docker.sock
 echo "{}" >"$work/daemon.json"
 dockerd --data-root "$cache/docker" --exec-root "$work/exec" --pidfile "$work/docker.pid" \
   -H "unix://$sock" --storage-driver overlay2 --iptables=false --ip6tables=false --bridge=none \
+  --ip-forward=false \
   --config-file "$work/daemon.json" >"$work/dockerd.log" 2>&1 &
 cleanup() {
   local pid

@@ -29,6 +29,7 @@ class Dockerd:
             "--iptables=false",
             "--ip6tables=false",
             "--bridge=none",
+            "--ip-forward=false",  # its default turns the host's forwarding on for good
         ]
         argv += [f"--insecure-registry={host}" for host in insecure_registries]
         self.process = ManagedProcess("dockerd", argv, workdir / "logs" / "dockerd.log")
