@@ -348,6 +348,7 @@ class _Planner:
                     for image, ref, _ in want
                 ),
                 valid_until=obs.agent.expires,
+                unknown=obs.held() is None,
             )
         pulls: list[PullItem] = []
         pins: list[tuple[str, bool]] = []

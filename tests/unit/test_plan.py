@@ -197,6 +197,9 @@ def test_an_agent_restart_keeps_what_the_node_held_ready_and_orders_nothing() ->
     assert gone.tally.unknown == 0  # its agent was seen: the node is known, only away
     never = plan_cache(cache, NODES, {}, nobody, {}, Settings(), NOW)
     assert never.tally.unknown == 1  # no agent ever: a new coordinator may wait for one
+    fresh = NodeObservation(agent=agent, pinning_supported=True)  # alive, never listed
+    first = plan_cache(cache, NODES, {"n3": fresh}, nobody, {}, Settings(), NOW)
+    assert first.tally.unknown == 1
     obs.agent = replace(agent, acquired="new")  # the new process, not listed yet
     listing = plan_cache(cache, NODES, {"n3": obs}, nobody, {}, Settings(), NOW)
     assert {p.image: p.phase for p in listing.pairs} == {A: PairPhase.READY, B: PairPhase.PENDING}
