@@ -21,6 +21,7 @@ from tests.coordinator.helpers import wait_for
 from tests.testenv import AUTH_PASSWORD, AUTH_USER, TestEnv
 from tests.testenv.dockerd import Dockerd
 from tests.testenv.kube import client_for
+from tests.testenv.kubelet import mounts_under
 from tests.testenv.paths import binary
 from tests.testenv.runtime import PINNED_LABEL, NodeRuntime
 
@@ -161,6 +162,8 @@ def test_a_dockerd_of_the_suite_leaves_the_hosts_forwarding_as_it_found_it() -> 
     finally:
         dockerd.process.stop()
         knob.write_text(found)
+        for point in sorted(mounts_under(workdir), key=len, reverse=True):
+            subprocess.run(["umount", "-l", point], check=False)  # a daemon that died early
         shutil.rmtree(workdir, ignore_errors=True)
 
 

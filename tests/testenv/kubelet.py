@@ -82,7 +82,8 @@ def _links() -> set[str]:
     return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if ":" in line}
 
 
-def _mounts_under(prefix: str) -> list[str]:
+def mounts_under(prefix: str | Path) -> list[str]:
+    prefix = str(prefix)
     with open("/proc/self/mountinfo") as f:
         points = [line.split()[4] for line in f]
     return [p for p in points if p == prefix or p.startswith(prefix.rstrip("/") + "/")]
@@ -171,7 +172,7 @@ class HostState:
             for pid in _processes(f"-address {socket}"):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(os.getpgid(pid), signal.SIGKILL)
-        for point in sorted(_mounts_under(str(workdir)), key=len, reverse=True):
+        for point in sorted(mounts_under(str(workdir)), key=len, reverse=True):
             subprocess.run(["umount", "-l", point], check=False, capture_output=True)
         for name in cgroup_names:
             for top in _cgroup_dirs(name):
@@ -190,7 +191,7 @@ class HostState:
             subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
         for d, there in self.before.dirs.items():
             if not there and Path(d).exists():
-                for point in sorted(_mounts_under(d), key=len, reverse=True):
+                for point in sorted(mounts_under(d), key=len, reverse=True):
                     subprocess.run(["umount", "-l", point], check=False, capture_output=True)
                 shutil.rmtree(d, ignore_errors=True)
 
