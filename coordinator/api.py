@@ -17,6 +17,8 @@ API_VERSION = f"{GROUP}/{VERSION}"
 FINALIZER = "kubefledged.io/unpin-images"
 REFRESH_ANNOTATION = "kubefledged.io/refresh-imagecache"
 PURGE_ANNOTATION = "kubefledged.io/purge-imagecache"
+# On a Node whose startup taint node readiness gating removed: why and when.
+GATE_RELEASED_ANNOTATION = "kubefledged.io/gate-released"
 
 
 class Status:

@@ -36,6 +36,9 @@ class CoordinatorConfig:
     agent_tls_auto: bool
     workers: int
     watch_namespace: str | None
+    node_gate_taint: str
+    node_gate_deadline: float
+    node_gate_deadline_text: str
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a("--workers", type=int, default=4, help="caches reconciled in parallel")
     a("--watch-namespace", default=None, help="only serve ImageCaches in this namespace")
+    a(
+        "--node-gate-taint",
+        default="",
+        help="node readiness gating: remove this taint (key) from a node once it holds every "
+        "image the caches select for it; empty: off",
+    )
+    a(
+        "--node-gate-deadline",
+        default="10m",
+        help="remove the gating taint anyway this long after the Node was created",
+    )
     return p
 
 
@@ -110,6 +124,7 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
     try:
         deadline = parse_duration(ns.image_pull_deadline_duration)
         refresh = parse_duration(ns.image_cache_refresh_frequency)
+        gate_deadline = parse_duration(ns.node_gate_deadline)
     except ValueError as err:
         parser.error(str(err))
     return CoordinatorConfig(
@@ -135,4 +150,7 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         agent_tls_auto=ns.agent_tls_auto,
         workers=ns.workers,
         watch_namespace=ns.watch_namespace,
+        node_gate_taint=ns.node_gate_taint,
+        node_gate_deadline=gate_deadline,
+        node_gate_deadline_text=ns.node_gate_deadline,
     )

@@ -22,6 +22,8 @@ from kubernetes import client
 from common.reference import ImageRef, InvalidReference, parse
 
 from . import api
+from .gate import Wanted
+from .gating import NodeGate
 from .kube import SECRET_TTL, Informer, KubeWriter, Obj, metadata_only, now_iso
 from .metrics import CoordinatorMetrics
 from .model import AgentInfo
@@ -62,6 +64,9 @@ class ControllerConfig:
     status_interval: float = STATUS_MIN_INTERVAL
     watch_namespace: str | None = None
     byte_progress_max_nodes: int = 1000
+    gate_taint: str = ""  # node readiness gating's taint key; empty: off
+    gate_deadline: float = 600.0
+    gate_deadline_text: str = "10m"
 
 
 def replan_delay(cost: float, status_interval: float) -> float:
@@ -248,6 +253,20 @@ class Controller:
         self._specs: dict[str, tuple[str, api.CacheSpec | None, str]] = {}
         self._memos: dict[str, PlanMemo] = {}
         self._started = time.monotonic()
+        self.gate_queue: Any = None
+        self.gate = (
+            NodeGate(
+                kube,
+                config.gate_taint,
+                config.gate_deadline,
+                config.gate_deadline_text,
+                self._wanted_on,
+                registry.observations.get,
+                lambda key: self.caches.store.get(key),
+            )
+            if config.gate_taint
+            else None
+        )
         custom = client.CustomObjectsApi(api_client)
         if config.watch_namespace:
             list_caches: Any = custom.list_namespaced_custom_object
@@ -295,13 +314,20 @@ class Controller:
                 return
         log.debug("cache %s changed: queued", key)
         self.queue.add(key)
+        self._recheck_gate()
 
     def _on_node(self, key: str, old: Obj | None, new: Obj | None) -> None:
         old_labels = (old or {}).get("metadata", {}).get("labels")
         new_labels = (new or {}).get("metadata", {}).get("labels")
         if new is None:
             self._registry.forget_node(key)
-        if old is None or new is None or old_labels != new_labels:
+        changed = old is None or new is None or old_labels != new_labels
+        if self.gate is not None:
+            if self.gate.saw_node(key, new):
+                self.gate_queue.add(key)
+            # The caches count the nodes behind the gate and released from it.
+            changed = changed or _gate_facts(old) != _gate_facts(new)
+        if changed:
             self.enqueue_all()
 
     def _on_lease(self, key: str, old: Obj | None, new: Obj | None) -> None:
@@ -313,6 +339,8 @@ class Controller:
 
     def node_changed(self, node: str) -> None:
         """The registry's callback: something changed on `node`."""
+        if self.gate is not None and node in self.gate.gated:
+            self.gate_queue.add(node)
         for key in list(self.caches.store):
             cost = self._reconcile_seconds.get(key, 0.0)
             self.queue.add_after(key, replan_delay(cost, self._config.status_interval))
@@ -322,6 +350,48 @@ class Controller:
         outcome goes to the status now, not after a batching delay."""
         if key in self.caches.store:
             self.queue.add(key)
+
+    def _recheck_gate(self) -> None:
+        """What a cache wants changed: every node behind the gate may be done (or not)."""
+        if self.gate is not None:
+            for node in self.gate.gated:
+                self.gate_queue.add(node)
+
+    def _wanted_on(self, node: str) -> list[Wanted]:
+        """Every image the live caches select for `node`, pinned if any of them pins it."""
+        labels = (self.nodes.store.get(node) or {}).get("metadata", {}).get("labels") or {}
+        found: dict[str, tuple[bool, list[str]]] = {}
+        for (key, _), spec in self._live_specs():
+            for cache_list in spec.lists:
+                if cache_list.matches(labels):
+                    for image in cache_list.images:
+                        pin, caches = found.get(image, (False, []))
+                        found[image] = (pin or cache_list.pin, [*caches, key])
+        return [
+            Wanted(image, parse(image), pin, tuple(sorted(set(caches))))
+            for image, (pin, caches) in sorted(found.items())
+        ]
+
+    async def _gate_worker(self) -> None:
+        """Releases gated nodes one at a time, as their decisions come due."""
+        assert self.gate is not None
+        while True:
+            node = await self.gate_queue.get()
+            if node is None:
+                return
+            try:
+                decision = self.gate.check(node, time.time())
+                if decision is not None and decision.release:
+                    await self.gate.release(node, decision)
+                    self.enqueue_all()  # the caches' gate counts
+                elif decision is not None:
+                    self.gate_queue.add_after(node, max(1.0, decision.wait))
+                self.gate_queue.forget(node)
+            except Exception:
+                log.exception("gate check of node %s failed; requeued", node)
+                self.gate_queue.add_rate_limited(node)
+            finally:
+                self.gate_queue.done(node)
 
     def enqueue_all(self) -> None:
         for key in list(self.caches.store):
@@ -335,6 +405,7 @@ class Controller:
 
         loop = asyncio.get_running_loop()
         self.queue = WorkQueue()
+        self.gate_queue = WorkQueue()
         for informer in (self.nodes, self.leases, self.caches):
             informer.start(post=loop.call_soon_threadsafe)
         for informer in (self.nodes, self.leases, self.caches):
@@ -359,6 +430,8 @@ class Controller:
         ]
         tasks.append(asyncio.create_task(self.status.run(), name="status-writer"))
         tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        if self.gate is not None:
+            tasks.append(asyncio.create_task(self._gate_worker(), name="node-gate"))
         self.enqueue_all()
         waiter = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -366,6 +439,7 @@ class Controller:
             if task is not waiter and task.exception() is not None:
                 log.error("controller task %s died", task.get_name(), exc_info=task.exception())
         self.queue.shutdown()
+        self.gate_queue.shutdown()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -407,6 +481,8 @@ class Controller:
                 sum(obs.inventory is not None for obs in self._registry.observations.values())
             )
             self.metrics.agent_channels.set(self._registry.channels)
+            if self.gate is not None:
+                self.metrics.gated_nodes.set(len(self.gate.gated))
             for node, obs in self._registry.observations.items():
                 state = obs.agent is not None and obs.agent.alive(now)
                 if alive.get(node) != state:
@@ -621,6 +697,9 @@ class Controller:
             self.queue.add_after(key, hold)  # the predecessor's status stands meanwhile
         else:
             status = build_status(view, plan, previous, now_iso(), spec_error, secret_errors)
+            if self.gate is not None:
+                gated, released = self.gate.counts(plan.tally.nodes, self.nodes.store)
+                status["nodesGated"], status["nodesReleased"] = gated, released
             self.status.offer(key, status, plan.tally.counts())
         if not deleting and api.FINALIZER not in finalizers:
             # After the first orders and status: its round trip is not on their way. Pins they set
@@ -692,6 +771,13 @@ class Controller:
             if images:
                 self.metrics.orders.labels("remove").inc(len(images))
                 self._registry.submit_removals(node, images)
+
+
+def _gate_facts(obj: Obj | None) -> tuple[Any, ...]:
+    """What of a Node node readiness gating reads: its taints and our release note."""
+    meta = (obj or {}).get("metadata") or {}
+    released = (meta.get("annotations") or {}).get(api.GATE_RELEASED_ANNOTATION)
+    return ((obj or {}).get("spec") or {}).get("taints"), released
 
 
 def _intent(obj: Obj) -> tuple[Any, ...]:

@@ -14,7 +14,7 @@ from typing import Any, cast
 
 from kubernetes import client, watch
 
-from .api import GROUP, PLURAL, VERSION
+from .api import GATE_RELEASED_ANNOTATION, GROUP, PLURAL, VERSION
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +29,26 @@ def now_iso() -> str:
 
 def metadata_only(obj: Obj) -> Obj:
     """What the coordinator reads of a Node: a real one carries kilobytes of status
-    (its image list among them) that 5,000 of would keep in memory for nothing."""
+    (its image list among them) that 5,000 of would keep in memory for nothing. Its
+    taints, creation time and our gate's annotation serve node readiness gating."""
     meta = obj.get("metadata") or {}
-    keep = ("name", "namespace", "uid", "resourceVersion", "labels", "deletionTimestamp")
-    return {"metadata": {k: meta[k] for k in keep if k in meta}}
+    keep = (
+        "name",
+        "namespace",
+        "uid",
+        "resourceVersion",
+        "labels",
+        "deletionTimestamp",
+        "creationTimestamp",
+    )
+    out: Obj = {"metadata": {k: meta[k] for k in keep if k in meta}}
+    released = (meta.get("annotations") or {}).get(GATE_RELEASED_ANNOTATION)
+    if released is not None:
+        out["metadata"]["annotations"] = {GATE_RELEASED_ANNOTATION: released}
+    taints = (obj.get("spec") or {}).get("taints")
+    if taints:
+        out["spec"] = {"taints": taints}
+    return out
 
 
 Post = Callable[..., Any]  # post(fn, *args): run fn(*args) on the thread that owns `store`
@@ -224,18 +240,50 @@ class KubeWriter:
         self._secrets[key] = (now, secret)
         return secret
 
+    def release_node(self, name: str, taint: str, annotation: tuple[str, str]) -> Obj | None:
+        """Removes every taint with key `taint` from the Node (no other), annotating it
+        in the same write. Conditional on the version read, so a taint another client
+        adds meanwhile is never dropped: on a conflict, read again. Returns the Node as
+        it was (for its Events), None if it is gone or the taint was gone already."""
+        for _ in range(5):
+            try:
+                node = self._core.read_node(name)
+            except client.ApiException as err:
+                if err.status == 404:
+                    return None
+                raise
+            raw = cast(Obj, self._core.api_client.sanitize_for_serialization(node))
+            taints = (raw.get("spec") or {}).get("taints") or []
+            kept = [t for t in taints if t.get("key") != taint]
+            if len(kept) == len(taints):
+                return None
+            body = {
+                "metadata": {
+                    "resourceVersion": raw["metadata"]["resourceVersion"],
+                    "annotations": dict([annotation]),
+                },
+                "spec": {"taints": kept},
+            }
+            try:
+                self._core.patch_node(name, body)
+                return {"apiVersion": "v1", "kind": "Node", **raw}
+            except client.ApiException as err:
+                if err.status != 409:
+                    raise
+        raise RuntimeError(f"node {name} kept changing")
+
     def event(self, obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        """`obj`'s own namespace, or default for cluster-scoped objects (a Node's)."""
         meta = obj["metadata"]
+        namespace = meta.get("namespace") or "default"
         stamp = datetime.now(UTC)
         body = client.CoreV1Event(
-            metadata=client.V1ObjectMeta(
-                generate_name=f"{meta['name']}.", namespace=meta["namespace"]
-            ),
+            metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=namespace),
             involved_object=client.V1ObjectReference(
                 api_version=obj.get("apiVersion"),
                 kind=obj.get("kind"),
                 name=meta["name"],
-                namespace=meta["namespace"],
+                namespace=meta.get("namespace"),
                 uid=meta.get("uid"),
                 resource_version=meta.get("resourceVersion"),
             ),
@@ -250,6 +298,6 @@ class KubeWriter:
             reporting_instance=self._host,
         )
         try:
-            self._core.create_namespaced_event(meta["namespace"], body)
+            self._core.create_namespaced_event(namespace, body)
         except client.ApiException as err:  # Events are best effort
             log.warning("could not record event %s on %s: %s", reason, meta["name"], err.reason)

@@ -116,6 +116,9 @@ async def run(cfg: CoordinatorConfig) -> int:
             workers=cfg.workers,
             watch_namespace=cfg.watch_namespace,
             byte_progress_max_nodes=cfg.byte_progress_max_nodes,
+            gate_taint=cfg.node_gate_taint,
+            gate_deadline=cfg.node_gate_deadline,
+            gate_deadline_text=cfg.node_gate_deadline_text,
         ),
         metrics,
     )

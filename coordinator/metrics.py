@@ -45,6 +45,11 @@ class CoordinatorMetrics:
             "gRPC channels open to agent endpoints.",
             registry=self.registry,
         )
+        self.gated_nodes = Gauge(
+            "fledged_coordinator_gated_nodes",
+            "Nodes waiting behind node readiness gating's taint for their cached images.",
+            registry=self.registry,
+        )
         self.is_leader = Gauge(
             "fledged_coordinator_is_leader",
             "1 while this replica leads (or runs without leader election).",

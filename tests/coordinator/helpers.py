@@ -116,7 +116,12 @@ def wait_status(
 
 def node_images(env: TestEnv, node: str) -> dict[str, bool]:
     """repo tag -> pinned, as the node's containerd reports through CRI."""
-    with NodeRuntime(env.node(node).runtime_endpoint) as cri:
+    return runtime_images(env.node(node).runtime_endpoint)
+
+
+def runtime_images(endpoint: str) -> dict[str, bool]:
+    """repo tag -> pinned, as the containerd at `endpoint` reports through CRI."""
+    with NodeRuntime(endpoint) as cri:
         return {tag: img.pinned for img in cri.list() for tag in img.repo_tags}
 
 
@@ -160,11 +165,17 @@ class ExtraNode:
 
 
 @contextlib.contextmanager
-def extra_node(env: TestEnv, name: str, labels: dict[str, str]) -> Iterator[ExtraNode]:
-    containerd = Containerd(env.workdir, name, [env.registry.host])
+def extra_node(
+    env: TestEnv,
+    name: str,
+    labels: dict[str, str],
+    taints: list[dict[str, str]] | None = None,
+    registry_hosts: tuple[str, ...] = (),
+) -> Iterator[ExtraNode]:
+    containerd = Containerd(env.workdir, name, [env.registry.host, *registry_hosts])
     containerd.start()
     core = client.CoreV1Api(env.api_client())
-    register_node(core, name, node_labels(name, labels))
+    register_node(core, name, node_labels(name, labels), taints)
     node = ExtraNode(
         name,
         containerd,

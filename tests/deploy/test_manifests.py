@@ -141,6 +141,7 @@ def can_i(env: TestEnv, who: str, *args: str) -> bool:
         (COORDINATOR, ("watch", "leases.coordination.k8s.io", "-n", "kube-fledged"), True),
         (COORDINATOR, ("create", "leases.coordination.k8s.io", "-n", "team-a"), False),
         (COORDINATOR, ("delete", "nodes"), False),
+        (COORDINATOR, ("patch", "nodes"), False),  # only with node gating on
         (COORDINATOR, ("create", "pods", "-n", "kube-fledged"), False),
         (AGENT, ("update", "leases.coordination.k8s.io", "-n", "kube-fledged"), True),
         (AGENT, ("get", "leases.coordination.k8s.io", "-n", "default"), False),
@@ -156,6 +157,38 @@ def test_each_role_has_what_it_needs_and_nothing_more(
     applied = kubectl(testenv, "apply", "-k", str(REPO_ROOT / "deploy"))
     assert applied.returncode == 0, applied.stderr
     assert can_i(testenv, who, *question) is allowed
+
+
+@pytest.mark.usefixtures("installed")
+@pytest.mark.parametrize(
+    "manifests",
+    [
+        lambda: helm_template("coordinator.nodeGate.taint=kubefledged.io/caching"),
+        lambda: (
+            run(
+                binary("kubectl"), "kustomize", REPO_ROOT / "deploy" / "overlays" / "node-gate"
+            ).stdout
+        ),
+    ],
+    ids=["helm", "kustomize"],
+)
+def test_node_gating_lets_the_coordinator_patch_nodes_and_passes_its_flags(
+    testenv: TestEnv, manifests: Any
+) -> None:
+    rendered = manifests()
+    deployment = next(d for d in objects(rendered) if d["kind"] == "Deployment")
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--node-gate-taint=kubefledged.io/caching" in args
+    assert "--node-gate-deadline=10m" in args
+    applied = kubectl(testenv, "apply", "-f", "-", stdin=rendered)
+    assert applied.returncode == 0, applied.stderr
+    try:
+        assert can_i(testenv, COORDINATOR, "patch", "nodes")
+        assert not can_i(testenv, COORDINATOR, "delete", "nodes")
+    finally:  # back to the install the other tests expect
+        restored = kubectl(testenv, "apply", "-f", "-", stdin=helm_template())
+        assert restored.returncode == 0, restored.stderr
+        assert not can_i(testenv, COORDINATOR, "patch", "nodes")
 
 
 @pytest.mark.usefixtures("installed")

@@ -39,7 +39,9 @@ def pause_image(testenv: TestEnv) -> PushedImage:
 
 @contextlib.contextmanager
 def kubelet_nodes(
-    testenv: TestEnv, specs: dict[int, tuple[dict[str, str], dict[str, object]]]
+    testenv: TestEnv,
+    specs: dict[int, tuple[dict[str, str], dict[str, object]]],
+    registry_hosts: tuple[str, ...] = (),
 ) -> Iterator[RealNodes]:
     """Kubelet nodes in the suite's cluster, index -> (labels, kubelet settings), each
     with its own containerd and a kube-fledged agent (a host process here, as the
@@ -50,7 +52,7 @@ def kubelet_nodes(
             testenv.workdir,
             index,
             testenv.apiserver,
-            [testenv.registry.host, testenv.auth_registry.host],
+            [testenv.registry.host, testenv.auth_registry.host, *registry_hosts],
             pause.ref,
             labels=labels,
             kubelet_config=config,

@@ -34,10 +34,25 @@ def node_labels(name: str, extra: dict[str, str] | None = None) -> dict[str, str
     }
 
 
-def register_node(core: client.CoreV1Api, name: str, labels: dict[str, str]) -> None:
-    """Creates (or relabels) the Node and marks it Ready, as a kubelet would."""
+def register_node(
+    core: client.CoreV1Api,
+    name: str,
+    labels: dict[str, str],
+    taints: list[dict[str, str]] | None = None,
+) -> None:
+    """Creates (or relabels) the Node and marks it Ready, as a kubelet would; with
+    `taints`, as a kubelet given --register-with-taints registers it."""
     try:
-        core.create_node(client.V1Node(metadata=client.V1ObjectMeta(name=name, labels=labels)))
+        core.create_node(
+            client.V1Node(
+                metadata=client.V1ObjectMeta(name=name, labels=labels),
+                spec=client.V1NodeSpec(
+                    taints=[client.V1Taint(key=t["key"], effect=t["effect"]) for t in taints]
+                )
+                if taints
+                else None,
+            )
+        )
     except client.ApiException as err:
         if err.status != 409:
             raise

@@ -1,0 +1,85 @@
+"""Node readiness gating's decisions, as plain functions."""
+
+from __future__ import annotations
+
+from common.reference import parse
+from coordinator.gate import Verdict, Wanted, decide, has_taint, message, without_taint
+from coordinator.model import Inventory, NodeImage, OrderPhase, PullRecord
+
+NOW = 1_000_000.0
+A = "reg.io/app/a:v1"
+B = "reg.io/app/b:v1"
+DEADLINE = 600.0
+
+
+def held(*images: tuple[str, bool]) -> Inventory:
+    return Inventory(
+        [
+            NodeImage(f"sha256:{ref}", frozenset({ref}), frozenset(), pinned, pinned, 1)
+            for ref, pinned in images
+        ],
+        NOW,
+    )
+
+
+def want(image: str, pin: bool = True) -> Wanted:
+    return Wanted(image, parse(image), pin, ("ns/c",))
+
+
+def test_a_node_is_released_once_every_selected_image_is_there_pinned_where_asked() -> None:
+    wanted = [want(A), want(B, pin=False)]
+    unpinned = decide(wanted, held((A, False), (B, False)), True, {}, NOW - 60, NOW, DEADLINE)
+    assert unpinned.verdict is Verdict.HOLD
+    assert unpinned.missing == (A,)  # there, but not pinned yet
+    assert unpinned.wait == DEADLINE - 60
+    done = decide(wanted, held((A, True), (B, False)), True, {}, NOW - 60, NOW, DEADLINE)
+    assert done.verdict is Verdict.READY
+    assert done.release
+    # A runtime that cannot pin (CRI-O, Docker): present is enough.
+    assert decide(wanted, held((A, False), (B, False)), False, {}, NOW, NOW, DEADLINE).release
+
+
+def test_a_node_waits_for_its_listing_unless_nothing_selects_it() -> None:
+    assert decide([want(A)], None, True, {}, NOW, NOW, DEADLINE).verdict is Verdict.HOLD
+    assert decide([], None, True, {}, NOW, NOW, DEADLINE).verdict is Verdict.READY
+
+
+def test_the_deadline_releases_a_node_whose_images_do_not_come() -> None:
+    unavailable = {A: PullRecord(OrderPhase.FAILED, NOW - 5, NOW, category="RegistryUnavailable")}
+    before = decide([want(A)], held(), True, unavailable, NOW - 599, NOW, DEADLINE)
+    assert before.verdict is Verdict.HOLD
+    assert before.wait == 1
+    after = decide([want(A)], held(), True, unavailable, NOW - 600, NOW, DEADLINE)
+    assert after.verdict is Verdict.DEADLINE
+    assert after.missing == (A,)
+    assert after.failed == ()
+    assert "after 10m" in message(after, "10m")
+    assert A in message(after, "10m")
+    unlisted = decide([want(A)], None, True, {}, NOW - 601, NOW, DEADLINE)
+    assert unlisted.verdict is Verdict.DEADLINE
+
+
+def test_images_that_failed_for_good_do_not_hold_a_node() -> None:
+    gone = {
+        A: PullRecord(OrderPhase.FAILED, NOW - 5, NOW, category="NotFound"),
+        B: PullRecord(OrderPhase.FAILED, NOW - 5, NOW, category="RegistryUnavailable"),
+    }
+    only_gone = decide([want(A)], held(), True, gone, NOW, NOW, DEADLINE)
+    assert only_gone.verdict is Verdict.FAILED
+    assert only_gone.failed == (A,)
+    assert "will not arrive" in message(only_gone, "10m")
+    # One that may still come holds the node (until the deadline).
+    both = decide([want(A), want(B)], held(), True, gone, NOW, NOW, DEADLINE)
+    assert both.verdict is Verdict.HOLD
+    assert both.failed == (A,)
+
+
+def test_only_the_configured_taint_key_is_removed() -> None:
+    taints = [
+        {"key": "kubefledged.io/caching", "effect": "NoSchedule"},
+        {"key": "kubefledged.io/caching", "effect": "NoExecute"},
+        {"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"},
+    ]
+    assert has_taint(taints, "kubefledged.io/caching")
+    assert without_taint(taints, "kubefledged.io/caching") == [taints[2]]
+    assert not has_taint(taints[2:], "kubefledged.io/caching")
