@@ -174,6 +174,17 @@ class RegistryClient:
         for blob in [*layers, config]:
             self.push_blob(repository, blob)
         digest = self.put_manifest(repository, tag, manifest)
+        return self._pushed(repository, tag, digest, manifest, config, layers)
+
+    def _pushed(
+        self,
+        repository: str,
+        tag: str,
+        digest: str,
+        manifest: Blob,
+        config: Blob,
+        layers: Sequence[Blob],
+    ) -> PushedImage:
         return PushedImage(
             registry=self.host,
             repository=repository,
@@ -232,13 +243,4 @@ class RegistryClient:
                 ).encode(),
             )
         digest = self.put_manifest(repository, tag, top)
-        return PushedImage(
-            registry=self.host,
-            repository=repository,
-            tag=tag,
-            digest=digest,
-            config_digest=config.digest,
-            layer_sizes=tuple(b.size for b in blobs),
-            layer_digests=tuple(b.digest for b in blobs),
-            content_size=manifest.size + config.size + sum(b.size for b in blobs),
-        )
+        return self._pushed(repository, tag, digest, manifest, config, blobs)
