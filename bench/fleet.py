@@ -1,15 +1,19 @@
 """A simulated fleet of agents for the coordinator's scale benchmark.
 
-Many gRPC servers on distinct loopback addresses (127.0.x.y), each serving a share of
-the simulated nodes; a call's `x-fledged-node` header says which node it is for, as
-the coordinator sends it to real agents. Pulls take a set time and obey the same
-per-node concurrency cap as the real agent. The coordinator under test is the real
-one; only the runtime behind the agents is simulated.
+One gRPC endpoint per simulated node, as real agents have one each: the coordinator
+opens one channel (one connection) per node, 5,000 of them for 5,000 nodes. The
+endpoints are spread over a number of gRPC servers on distinct loopback addresses
+(127.0.x.y), each server listening on the ports of its share of the nodes; a call's
+`x-fledged-node` header says which node it is for, as the coordinator sends it to real
+agents. Pulls take a set time and obey the same per-node concurrency cap as the real
+agent. The coordinator under test is the real one; only the runtime behind the agents
+is simulated.
 
 Each server accepts new calls one at a time on the simulator's single event loop, so
 with too few of them the simulator, not the coordinator, delays a fleet-wide order:
 20 servers for 5,000 nodes held the last orders back by several seconds; the scale
-benchmark uses 250 (20 nodes per server, 250 connections from the coordinator).
+benchmark uses 250. (Before, 250 servers also meant 250 connections: 20 nodes shared
+each endpoint, which understated what 5,000 real agents cost the coordinator.)
 """
 
 from __future__ import annotations
@@ -179,11 +183,14 @@ class FakeAgent(agent_pb2_grpc.AgentServicer):
 
 
 class Fleet:
-    """`servers` gRPC servers in a thread of their own, sharing one FakeAgent."""
+    """`servers` gRPC servers in a thread of their own, sharing one FakeAgent, with
+    `endpoints` listening ports over them (one per simulated node)."""
 
-    def __init__(self, servers: int, pull_seconds: float) -> None:
+    def __init__(self, servers: int, pull_seconds: float, endpoints: int) -> None:
         self.agent = FakeAgent(pull_seconds)
+        servers = max(1, min(servers, endpoints))
         self.addresses = [f"127.0.{1 + i // 250}.{1 + i % 250}" for i in range(servers)]
+        self.size = endpoints
         self.endpoints: list[str] = []
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -196,7 +203,8 @@ class Fleet:
         return self
 
     def endpoint_for(self, index: int) -> str:
-        return self.endpoints[index % len(self.endpoints)]
+        """Node `index`'s own endpoint."""
+        return self.endpoints[index]
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -204,12 +212,17 @@ class Fleet:
 
     async def _serve(self) -> None:
         servers = []
-        for address in self.addresses:
+        by_server: list[list[str]] = [[] for _ in self.addresses]
+        for i in range(self.size):  # node i on server i % servers: neighbours spread out
+            by_server[i % len(self.addresses)].append(self.addresses[i % len(self.addresses)])
+        ports: list[list[str]] = []
+        for address, share in zip(self.addresses, by_server, strict=True):
             server = grpc.aio.server(options=[("grpc.max_concurrent_streams", 10_000)])
             agent_pb2_grpc.add_AgentServicer_to_server(self.agent, server)
-            port = server.add_insecure_port(f"{address}:0")
+            ports.append([f"{address}:{server.add_insecure_port(f'{address}:0')}" for _ in share])
             await server.start()
             servers.append(server)
-            self.endpoints.append(f"{address}:{port}")
+        self.endpoints = [ports[i % len(ports)][i // len(ports)] for i in range(self.size)]
+        assert len(set(self.endpoints)) == self.size
         self._ready.set()
         await asyncio.Event().wait()
