@@ -43,7 +43,7 @@ from .workqueue import WorkQueue
 log = logging.getLogger(__name__)
 
 STATUS_MIN_INTERVAL = 1.0  # seconds between two status writes of one cache
-NODE_CHANGE_BATCH = 0.25  # seconds at most node answers gather before a replan
+NODE_CHANGE_BATCH = 0.25  # seconds at most node results gather before a cache is projected
 PLAN_SHARE = 20  # a cheap cache waits this many times its reconcile's cost before a replan
 COSTLY_RECONCILE = 0.02  # seconds: past this, a cache is replanned at most once a status interval
 FIRST_LISTINGS_WAIT = 15.0  # seconds at most the agents' first listings hold back workers
@@ -121,6 +121,7 @@ class CacheState:
     spec: tuple[str, api.CacheSpec | None, str] = ("", None, "")  # version, spec, error
     cost: float = 0.0  # seconds its last reconcile took on the event loop
     answered: bool = False  # its last pull order was answered: project at once
+    done: bool = False  # no pair open when last projected: more of that is no news
 
 
 class Controller:
@@ -141,6 +142,7 @@ class Controller:
         self.status = StatusWriter(kube, config.status_interval, self.metrics)
         self.desired = Desired(config.settings.wave)
         self._caches: dict[str, CacheState] = {}
+        self._results: dict[str, NodeResult] = {}  # every node's last plan
         self._refreshing: dict[str, float] = {}
         self._started = time.monotonic()
         registry.slots.wake = self._wake
@@ -205,13 +207,10 @@ class Controller:
         if node:
             self._registry.set_agent(node, agent)
 
-    def node_changed(self, node: str, urgent: bool = True) -> None:
-        """The registry's callback: something changed on `node`. Answers that close no
-        cache's orders gather a little before the node is planned again."""
-        if urgent:
-            self.queue.add((NODE, node))
-        else:
-            self.queue.add_after((NODE, node), NODE_CHANGE_BATCH)
+    def node_changed(self, node: str, delay: float = 0.0) -> None:
+        """The registry's callback: something changed on `node`; answers that close no
+        cache's orders gather for `delay` seconds before the node is planned again."""
+        self.queue.add_after((NODE, node), delay)
 
     def orders_answered(self, key: str) -> None:
         """The registry's callback: every pull order serving cache `key` has its answer.
@@ -351,12 +350,14 @@ class Controller:
         if obj is None:
             self._registry.forget_node(node)
             self._registry.slots.wait(node, {})
+            self._results.pop(node, None)
             return
         desired = self.desired.node(node)
         now = time.time()
-        result = plan_node(
-            node, desired, self._registry.observations.get(node), self._config.settings, now
-        )
+        observation = self._registry.observations.get(node)
+        previous = self._results.get(node)
+        result = plan_node(node, desired, observation, self._config.settings, now, previous)
+        self._results[node] = result
         self._dispatch(node, desired, result)
         self._registry.slots.wait(node, result.queued)
         for cache, share in desired.shares:
@@ -364,10 +365,9 @@ class Controller:
             if state is not None:
                 state.projection.put(node, share, result)
                 self._project(cache, state)
-        if result.valid_until < float("inf") and result.valid_until > now:
-            retry = min((p.retry_at for p in result.pairs.values() if p.retry_at), default=None)
-            if retry is not None:
-                self.queue.add_after((NODE, node), max(0.5, retry - now))
+        retry = result.next_retry
+        if retry is not None:
+            self.queue.add_after((NODE, node), max(0.5, retry - now))
 
     def _apply(self, changes: list[ShareChange], planning: str | None = None) -> None:
         """Shares changed: the nodes concerned are planned again, and the caches'
@@ -387,8 +387,10 @@ class Controller:
         projection = state.projection
         if projection.pending:
             return
-        if state.answered or projection.tally.open == 0:
-            state.answered = False
+        done = projection.tally.open == 0
+        news = state.answered or (done and not state.done)
+        state.answered, state.done = False, done
+        if news:
             self.queue.add((CACHE, key))
         else:
             self.queue.add_after(
@@ -514,7 +516,6 @@ class Controller:
         if deleting and api.FINALIZER not in finalizers:
             self._forget(key)  # going without us: its pins are nobody's now
             return
-        started = time.monotonic()
         view, state, spec_error, secret_errors = await self._share(key, obj)
         projection = state.projection
         if deleting:
@@ -531,9 +532,10 @@ class Controller:
                 )
             return
         if not projection.pending:
+            started = time.monotonic()
             self._write_status(key, obj, view, state, spec_error, secret_errors)
-        # What paces status projection: the work on the event loop, not the API's waits.
-        state.cost = time.monotonic() - started
+            # What paces status projection: the work on the event loop, not the API's waits.
+            state.cost = time.monotonic() - started
         if api.FINALIZER not in finalizers:
             # After the shares and the first orders: its round trip is not on their way.
             # Pins set before it lands are lifted by the nodes' pin rule if the cache goes.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from .images import ImageKey, key_or_none, lookup_name
@@ -133,9 +133,10 @@ AGENT_UNAVAILABLE = "AgentUnavailable"
 PERMANENT_CATEGORIES = frozenset({"NotFound", UNAUTHORIZED, "InvalidReference"})
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class PullRecord:
-    """The latest pull order of one image on one node."""
+    """The latest pull order of one image on one node. Immutable: a change is a new
+    record, so the planner can tell an unchanged one by identity."""
 
     phase: OrderPhase
     started: float
@@ -223,12 +224,6 @@ class NodeObservation:
         if old is not None and old.in_flight and (record is None or not record.in_flight):
             self.slots.ended(key)
 
-    def _finish(self, key: ImageKey, record: PullRecord, phase: OrderPhase) -> None:
-        was = record.in_flight
-        record.phase = phase
-        if was and not record.in_flight:
-            self.slots.ended(key)
-
     # -- the agent -------------------------------------------------------------------
 
     def set_agent(self, agent: AgentInfo | None, now: float) -> tuple[bool, int]:
@@ -304,10 +299,7 @@ class NodeObservation:
 
     def _pull_record(self, key: ImageKey, now: float) -> PullRecord:
         record = self.pulls.get(key)
-        if record is None:
-            record = PullRecord(OrderPhase.SENT, started=now)
-            self._record(key, record)
-        return record
+        return record if record is not None else PullRecord(OrderPhase.SENT, started=now)
 
     def pull_progress(
         self, key: ImageKey, pulling: bool, done: int, total: int, now: float
@@ -315,20 +307,25 @@ class NodeObservation:
         """WAITING (queued on the agent) or PULLING with bytes so far."""
         record = self._pull_record(key, now)
         if pulling:
-            record.phase = OrderPhase.PULLING
-            record.bytes_done, record.bytes_total = done, total
+            record = replace(record, phase=OrderPhase.PULLING, bytes_done=done, bytes_total=total)
         else:
-            record.phase = OrderPhase.WAITING
+            record = replace(record, phase=OrderPhase.WAITING)
+        self._record(key, record)
         self._changed()
 
     def pull_succeeded(self, key: ImageKey, pulled: Pulled, now: float) -> None:
-        record = self._pull_record(key, now)
-        record.finished = now
-        record.failures = 0
-        record.category = record.message = ""
-        record.digest = pulled.digest
-        record.bytes_done, record.bytes_total = pulled.bytes_done, pulled.bytes_total
-        self._finish(key, record, OrderPhase.DONE)
+        record = replace(
+            self._pull_record(key, now),
+            phase=OrderPhase.DONE,
+            finished=now,
+            failures=0,
+            category="",
+            message="",
+            digest=pulled.digest,
+            bytes_done=pulled.bytes_done,
+            bytes_total=pulled.bytes_total,
+        )
+        self._record(key, record)
         if self.inventory is not None:
             old = next((i for i in self.inventory.images if i.image_id == pulled.image_id), None)
             tags, digests, owned = pulled.tags, pulled.digests, pulled.pinned
@@ -345,11 +342,7 @@ class NodeObservation:
 
     def pull_failed(self, key: ImageKey, category: str, message: str, now: float) -> None:
         record = self._pull_record(key, now)
-        record.finished = now
-        record.failures += 1
-        record.category = category
-        record.message = message
-        self._finish(key, record, OrderPhase.FAILED)
+        self._record(key, _failed(record, category, message, now))
         self._changed()
 
     def pulls_lost(self, keys: Iterable[ImageKey], message: str, now: float) -> None:
@@ -357,11 +350,7 @@ class NodeObservation:
         for key in keys:
             record = self.pulls.get(key)
             if record is not None and record.in_flight:
-                record.finished = now
-                record.failures += 1
-                record.category = AGENT_UNAVAILABLE
-                record.message = message
-                self._finish(key, record, OrderPhase.FAILED)
+                self._record(key, _failed(record, AGENT_UNAVAILABLE, message, now))
         self._changed()
 
     # -- pins and removals -------------------------------------------------------------
@@ -386,3 +375,14 @@ class NodeObservation:
             self._record(key, None)
         self.removal_errors.update(errors)
         self._changed()
+
+
+def _failed(record: PullRecord, category: str, message: str, now: float) -> PullRecord:
+    return replace(
+        record,
+        phase=OrderPhase.FAILED,
+        finished=now,
+        failures=record.failures + 1,
+        category=category,
+        message=message,
+    )

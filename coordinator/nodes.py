@@ -2,9 +2,9 @@
 `NodeObservation`.
 
 Owns one observation per node and every task that talks to an agent. Answers and pull
-events change the observation through its methods, then `on_change(node, urgent)`
-tells the controller the node is worth planning again; nothing here decides what to
-order.
+events change the observation through its methods, then `on_change(node, delay)`
+tells the controller the node is worth planning again, at once or after answers have
+gathered for `delay` seconds; nothing here decides what to order.
 """
 
 from __future__ import annotations
@@ -48,6 +48,10 @@ OUTCOMES = frozenset(
 LISTINGS_AT_ONCE = 64  # a restart over 5,000 nodes lists them a few dozen at a time
 CHANNEL_CLOSE_GRACE = 30.0  # seconds calls on a channel no agent uses any more may finish
 PROGRESS_NOTIFY_EVERY = 1.0  # seconds: progress reaches status at most this often per node
+ANSWERS_GATHER = 0.25  # seconds answers that leave orders open gather before a replan
+# ... and when only outcomes are asked for (a cache over --byte-progress-max-nodes): its
+# status is written at most once a second anyway, and a node's answers come every pull
+OUTCOMES_GATHER = 5.0
 CredentialsFor = Callable[[str], Sequence[RegistryAuth]]  # image -> what may log in for it
 
 
@@ -98,14 +102,14 @@ class NodeRegistry:
     def __init__(
         self,
         pool: AgentPool,
-        on_change: Callable[[str, bool], None],
+        on_change: Callable[[str, float], None],
         pull_deadline: float,
         resync_every: float = 120.0,
         on_answered: Callable[[str], None] | None = None,
         slots: WaveSlots | None = None,
     ) -> None:
         self._pool = pool
-        self._on_change = on_change  # (node, urgent)
+        self._on_change = on_change  # (node, seconds to gather more first)
         self._on_answered = on_answered
         self._open_orders: Counter[str] = Counter()  # cache key -> pull orders unanswered
         self._deadline = pull_deadline
@@ -153,12 +157,12 @@ class NodeRegistry:
             obs = self.observations[node] = NodeObservation(slots=self.slots)
         return obs
 
-    def _notify(self, node: str, progress_only: bool = False, urgent: bool = True) -> None:
+    def _notify(self, node: str, progress_only: bool = False, delay: float = 0.0) -> None:
         now = time.monotonic()
         if progress_only and now - self._last_notify.get(node, 0) < PROGRESS_NOTIFY_EVERY:
             return
         self._last_notify[node] = now
-        self._on_change(node, urgent)
+        self._on_change(node, delay)
 
     # -- agents ----------------------------------------------------------------------
 
@@ -296,21 +300,11 @@ class NodeRegistry:
             waiting = {key: item.caches for key, item in zip(keys, items, strict=True)}
             for item in items:
                 self._open_orders.update(item.caches)
+            gather = ANSWERS_GATHER if detailed else OUTCOMES_GATHER
             self._spawn(
-                self._pull(node, obs.agent, request.SerializeToString(), waiting),
+                self._stream_pull(node, obs.agent, request.SerializeToString(), waiting, gather),
                 f"pull {node} {request_id}",
             )
-
-    async def _pull(
-        self, node: str, agent: AgentInfo, request: bytes, waiting: dict[ImageKey, tuple[str, ...]]
-    ) -> None:
-        """`request`: the serialized PullImagesRequest for the images of `waiting`, each
-        with the caches waiting for its answer."""
-        try:
-            await self._stream_pull(node, agent, request, waiting)
-        finally:
-            for caches in waiting.values():  # left unanswered: count them off too
-                self._answered(caches)
 
     def _answered(self, caches: tuple[str, ...]) -> bool:
         """Counts one answer off for each of `caches`; True if it was the last of one."""
@@ -325,8 +319,16 @@ class NodeRegistry:
         return last
 
     async def _stream_pull(
-        self, node: str, agent: AgentInfo, request: bytes, waiting: dict[ImageKey, tuple[str, ...]]
+        self,
+        node: str,
+        agent: AgentInfo,
+        request: bytes,
+        waiting: dict[ImageKey, tuple[str, ...]],
+        gather: float,
     ) -> None:
+        """`request`: the serialized PullImagesRequest for the images of `waiting`, each
+        with the caches waiting for its answer; `gather`: how long answers that close
+        nothing gather before the node is planned again."""
         obs = self.observation(node)
         client = self._pool.get(agent.endpoint)
         overall = self._deadline * len(waiting) + 60  # the agent enforces each pull's deadline
@@ -343,9 +345,9 @@ class NodeRegistry:
                     )
                     caches = waiting.pop(key, None)
                     last = caches is not None and self._answered(caches)
-                    self._notify(node, urgent=last or not waiting)
+                    self._notify(node, delay=0.0 if last or not waiting else gather)
                 else:
-                    self._notify(node, progress_only=True, urgent=False)
+                    self._notify(node, progress_only=True, delay=ANSWERS_GATHER)
         except grpc.RpcError as err:
             detail = err.details() if hasattr(err, "details") else err
             message = f"lost the agent at {agent.endpoint}: {detail}"
@@ -353,6 +355,10 @@ class NodeRegistry:
             obs.pulls_lost(waiting, message, time.time())
             self._notify(node)
             return
+        finally:
+            for caches in waiting.values():  # left unanswered: count them off too
+                self._answered(caches)
+            waiting.clear()
         await self.sync(node, abilities=False)  # the batch changed the node: list it again
 
     @staticmethod

@@ -11,14 +11,21 @@ pins: a node that left a selector, a deleted cache, a list switched to `pin: fal
 
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
 from .api import Reason
 from .desired import Desire, NodeDesired
 from .images import ImageKey, lookup_name, ref_of
-from .model import PERMANENT_CATEGORIES, UNAUTHORIZED, Inventory, NodeObservation, OrderPhase
+from .model import (
+    PERMANENT_CATEGORIES,
+    UNAUTHORIZED,
+    Inventory,
+    NodeImage,
+    NodeObservation,
+    OrderPhase,
+)
 from .pairs import PairPhase, PairState, PullItem
 
 
@@ -55,12 +62,19 @@ class NodeResult:
     removals: list[ImageKey] = field(default_factory=list)
     queued: dict[ImageKey, int] = field(default_factory=dict)  # waiting for a wave slot
     pinning: set[ImageKey] = field(default_factory=set)  # wanted images being re-pinned
-    valid_until: float = math.inf  # when time alone (a Lease, a retry) changes the answer
+    # What each pair was made from (desire, pull record, image held: all immutable):
+    # the next plan reuses a pair whose inputs are the same objects.
+    basis: dict[ImageKey, tuple[object, ...]] = field(default_factory=dict, repr=False)
     unknown: bool = False  # no agent was ever seen here: what it holds is not known
 
     @property
-    def has_orders(self) -> bool:
-        return bool(self.pulls or self.pins or self.removals)
+    def next_retry(self) -> float | None:
+        """When time alone changes the answer: the first failed pull's retry."""
+        return min((p.retry_at for p in self.pairs.values() if p.retry_at), default=None)
+
+
+# Pairs that depend on nothing but their inputs (not on the clock or the wave slots).
+REUSABLE = frozenset({PairPhase.READY, PairPhase.PULLING, PairPhase.WAITING})
 
 
 def plan_node(
@@ -69,7 +83,10 @@ def plan_node(
     obs: NodeObservation | None,
     settings: Settings,
     now: float,
+    previous: NodeResult | None = None,
 ) -> NodeResult:
+    """`previous`: the node's last result, whose pairs are kept where their inputs are
+    the same objects (a node over 20 images with one answer in replans one pair)."""
     result = NodeResult(node)
     if obs is None or not obs.alive(now):
         why = (
@@ -82,22 +99,36 @@ def plan_node(
             result, desired, obs, PairPhase.AGENT_UNAVAILABLE, Reason.AGENT_UNAVAILABLE, why
         )
         return result
-    assert obs.agent is not None
-    result.valid_until = obs.agent.expires
     if obs.inventory is None:
         _unreachable(result, desired, obs, PairPhase.PENDING, "", "listing the node's images")
         return result
     inventory = obs.inventory
+    kept = previous.pairs if previous is not None else {}
+    bases = previous.basis if previous is not None else {}
+    held = {key: inventory.lookup(key) for key in desired.items}
     for key, desire in desired.items.items():
-        if desire.want:
-            pair = _want(result, key, desire, desired, obs, inventory, settings, now)
-            result.pairs[key] = pair
-            if pair.retry_at is not None:
-                result.valid_until = min(result.valid_until, pair.retry_at)
-    lifting = _pins(result, desired, obs, inventory)
+        if not desire.want:
+            continue
+        record, present = obs.pulls.get(key), held[key]
+        pair, old = kept.get(key), bases.get(key)
+        if (
+            pair is None
+            or old is None
+            or old[0] is not desire
+            or old[1] is not record
+            or old[2] is not present
+            or old[3] is not obs.pinning_supported
+            or pair.phase not in REUSABLE
+        ):
+            pair = _want(result, key, desire, desired, obs, present, settings, now)
+        elif pair.phase is PairPhase.READY and present is not None:
+            _repin(result, key, desire, present.pinned, obs)
+        result.pairs[key] = pair
+        result.basis[key] = (desire, record, present, obs.pinning_supported)
+    lifting = _pins(result, desired, obs, inventory, held)
     for key, desire in desired.items.items():
         if desire.remove or not desire.want:
-            result.released[key] = _release(result, key, desire, obs, inventory, lifting)
+            result.released[key] = _release(result, key, desire, obs, held[key], lifting)
     return result
 
 
@@ -132,7 +163,7 @@ def _want(
     desire: Desire,
     desired: NodeDesired,
     obs: NodeObservation,
-    inventory: Inventory,
+    present: NodeImage | None,
     settings: Settings,
     now: float,
 ) -> PairState:
@@ -144,7 +175,6 @@ def _want(
         phase = PairPhase.PULLING if record.phase is OrderPhase.PULLING else PairPhase.WAITING
         return PairState(node, key, phase, "", "", record.bytes_done, record.bytes_total)
     ref = ref_of(key)
-    present = inventory.lookup(key)
     since = desire.refresh_since
     refreshed = since is not None and record is not None and record.finished >= since
     stale = since is not None and ref.is_mutable and not refreshed
@@ -154,8 +184,7 @@ def _want(
     first_sync = settings.always_pull and record is None
     refused = settings.always_pull and record is not None and record.phase is OrderPhase.FAILED
     if present is not None and not stale and not first_sync and not refused:
-        if desire.pin and not present.pinned and obs.pinning_supported:
-            result.pinning.add(key)  # re-pinned by _pins
+        _repin(result, key, desire, present.pinned, obs)
         digest = present.digest_by_name.get(ref.name, "")
         return PairState(node, key, PairPhase.READY, "", "", 0, 0, digest, present.pinned)
     if record is not None and record.phase is OrderPhase.FAILED:
@@ -205,8 +234,19 @@ def _want(
     return PairState(node, key, PairPhase.PENDING, message="pull ordered")
 
 
+def _repin(
+    result: NodeResult, key: ImageKey, desire: Desire, pinned: bool, obs: NodeObservation
+) -> None:
+    if desire.pin and not pinned and obs.pinning_supported:
+        result.pinning.add(key)  # re-pinned by _pins
+
+
 def _pins(
-    result: NodeResult, desired: NodeDesired, obs: NodeObservation, inventory: Inventory
+    result: NodeResult,
+    desired: NodeDesired,
+    obs: NodeObservation,
+    inventory: Inventory,
+    held: Mapping[ImageKey, NodeImage | None],
 ) -> set[str]:
     """Pins to place and to lift; returns the ids of our pins that no share wants
     pinned (lifted now or as soon as the node is settled)."""
@@ -214,7 +254,7 @@ def _pins(
     removed: set[str] = set()  # a removal unpins too
     named: dict[str, ImageKey] = {}  # image id -> the first desired key naming it
     for key, desire in desired.items.items():
-        present = inventory.lookup(key)
+        present = held[key]
         if present is None:
             continue
         named.setdefault(present.image_id, key)
@@ -223,11 +263,11 @@ def _pins(
         elif desire.remove and not desire.want and key not in obs.removal_errors:
             removed.add(present.image_id)
     for key in sorted(result.pinning):
-        present = inventory.lookup(key)
+        present = held[key]
         if present is not None and present.image_id not in obs.pins_in_flight:
             result.pins.append((key, True))
     unwanted = {i.image_id for i in inventory.images if i.pin_owned and i.image_id not in keep}
-    if not obs.settling:
+    if unwanted and not obs.settling:
         for image_id in sorted(unwanted - obs.pins_in_flight - removed):
             result.pins.append((named.get(image_id, image_id), False))
     return unwanted
@@ -238,7 +278,7 @@ def _release(
     key: ImageKey,
     desire: Desire,
     obs: NodeObservation,
-    inventory: Inventory,
+    present: NodeImage | None,
     lifting: set[str],
 ) -> Release:
     """An image some share removes (or a deleted cache unpins): removed unless another
@@ -247,7 +287,6 @@ def _release(
     if error is not None and desire.remove:
         result.removal_errors[key] = error
         return Release.FAILED
-    present = inventory.lookup(key)
     if present is None:
         return Release.DONE
     if desire.want or not desire.remove:

@@ -58,7 +58,7 @@ async def test_the_last_answer_to_a_caches_orders_is_reported_once() -> None:
     answered: list[str] = []
     registry = NodeRegistry(
         pool,  # type: ignore[arg-type]
-        lambda node, urgent: None,
+        lambda node, delay: None,
         pull_deadline=60,
         on_answered=answered.append,
     )
