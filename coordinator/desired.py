@@ -285,9 +285,6 @@ class Desired:
     def nodes_of(self, cache: str) -> Mapping[str, Share]:
         return self._by_cache.get(cache, {})
 
-    def known(self, node: str) -> bool:
-        return node in self._labels
-
     def unmatched(self, cache: str) -> list[CacheList]:
         """The cache's lists that select no node."""
         form = self.forms.get(cache)
