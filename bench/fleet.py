@@ -1,13 +1,14 @@
 """A simulated fleet of agents for the coordinator's scale benchmark.
 
-One gRPC endpoint per simulated node, as real agents have one each: the coordinator
-opens one channel (one connection) per node, 5,000 of them for 5,000 nodes. The
-endpoints are spread over a number of gRPC servers on distinct loopback addresses
-(127.0.x.y), each server listening on the ports of its share of the nodes; a call's
-`x-fledged-node` header says which node it is for, as the coordinator sends it to real
-agents. Pulls take a set time and obey the same per-node concurrency cap as the real
-agent. The coordinator under test is the real one; only the runtime behind the agents
-is simulated.
+One gRPC endpoint per simulated node, as real agents have one each: every node has a
+loopback address of its own (127.x.y.z), so the coordinator opens one channel (one
+connection) per node, 5,000 of them for 5,000 nodes. The nodes are spread over a
+number of gRPC servers, each listening on one port of every loopback address (a
+listener per node would need two descriptors per node here, over the machine's limit
+at 10,000 nodes); a call's `x-fledged-node` header says which node it is for, as the
+coordinator sends it to real agents. Pulls take a set time and obey the same per-node
+concurrency cap as the real agent. The coordinator under test is the real one; only
+the runtime behind the agents is simulated.
 
 Each server accepts new calls one at a time on the simulator's single event loop, so
 with too few of them the simulator, not the coordinator, delays a fleet-wide order:
@@ -182,14 +183,19 @@ class FakeAgent(agent_pb2_grpc.AgentServicer):
         return A.RemoveImagesResponse(results=results)
 
 
+def node_address(index: int) -> str:
+    """A loopback address of node `index`'s own (up to 16 million)."""
+    index += 1
+    return f"127.{index >> 16 & 255}.{index >> 8 & 255}.{index & 255}"
+
+
 class Fleet:
     """`servers` gRPC servers in a thread of their own, sharing one FakeAgent, with
-    `endpoints` listening ports over them (one per simulated node)."""
+    `endpoints` endpoints over them (one per simulated node, each its own address)."""
 
     def __init__(self, servers: int, pull_seconds: float, endpoints: int) -> None:
         self.agent = FakeAgent(pull_seconds)
-        servers = max(1, min(servers, endpoints))
-        self.addresses = [f"127.0.{1 + i // 250}.{1 + i % 250}" for i in range(servers)]
+        self.servers = max(1, min(servers, endpoints))
         self.size = endpoints
         self.endpoints: list[str] = []
         self._loop = asyncio.new_event_loop()
@@ -212,17 +218,15 @@ class Fleet:
 
     async def _serve(self) -> None:
         servers = []
-        by_server: list[list[str]] = [[] for _ in self.addresses]
-        for i in range(self.size):  # node i on server i % servers: neighbours spread out
-            by_server[i % len(self.addresses)].append(self.addresses[i % len(self.addresses)])
-        ports: list[list[str]] = []
-        for address, share in zip(self.addresses, by_server, strict=True):
+        ports = []
+        for _ in range(self.servers):
             server = grpc.aio.server(options=[("grpc.max_concurrent_streams", 10_000)])
             agent_pb2_grpc.add_AgentServicer_to_server(self.agent, server)
-            ports.append([f"{address}:{server.add_insecure_port(f'{address}:0')}" for _ in share])
+            ports.append(server.add_insecure_port("0.0.0.0:0"))  # every loopback address
             await server.start()
             servers.append(server)
-        self.endpoints = [ports[i % len(ports)][i // len(ports)] for i in range(self.size)]
+        # node i on server i % servers: neighbours spread out
+        self.endpoints = [f"{node_address(i)}:{ports[i % len(ports)]}" for i in range(self.size)]
         assert len(set(self.endpoints)) == self.size
         self._ready.set()
         await asyncio.Event().wait()
