@@ -13,21 +13,16 @@ from datetime import UTC, datetime
 
 from kubernetes import client
 
+from common.wire import (
+    COMPONENT_LABELS,
+    ENDPOINT_ANNOTATION,
+    NODE_LABEL,
+    TLS_ANNOTATION,
+    VERSION_ANNOTATION,
+    lease_name,
+)
+
 log = logging.getLogger(__name__)
-
-LEASE_PREFIX = "fledged-agent-"
-ENDPOINT_ANNOTATION = "kubefledged.io/agent-endpoint"
-TLS_ANNOTATION = "kubefledged.io/agent-tls"
-VERSION_ANNOTATION = "kubefledged.io/agent-version"
-NODE_LABEL = "kubefledged.io/node"
-COMPONENT_LABELS = {
-    "app.kubernetes.io/name": "kube-fledged",
-    "app.kubernetes.io/component": "agent",
-}
-
-
-def lease_name(node: str) -> str:
-    return f"{LEASE_PREFIX}{node}"
 
 
 class LeaseRegistrar:

@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 from google.protobuf import timestamp_pb2
 
+from common.wire import NODE_HEADER
 from protos.fledged.agent.v1 import agent_pb2, agent_pb2_grpc
 
 from . import __version__
@@ -249,9 +250,6 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             agent_version=__version__,
             pinning_supported=info.pinning_supported,
         )
-
-
-NODE_HEADER = "x-fledged-node"
 
 
 class NodeGuard(grpc.aio.ServerInterceptor):

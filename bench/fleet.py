@@ -1,15 +1,20 @@
 """A simulated fleet of agents for the coordinator's scale benchmark.
 
-Many gRPC servers on distinct loopback addresses (127.0.x.y), each serving a share of
-the simulated nodes; a call's `x-fledged-node` header says which node it is for, as
-the coordinator sends it to real agents. Pulls take a set time and obey the same
-per-node concurrency cap as the real agent. The coordinator under test is the real
-one; only the runtime behind the agents is simulated.
+One gRPC endpoint per simulated node, as real agents have one each: every node has a
+loopback address of its own (127.x.y.z), so the coordinator opens one channel (one
+connection) per node, 5,000 of them for 5,000 nodes. The nodes are spread over a
+number of gRPC servers, each listening on one port of every loopback address (a
+listener per node would need two descriptors per node here, over the machine's limit
+at 10,000 nodes); a call's `x-fledged-node` header says which node it is for, as the
+coordinator sends it to real agents. Pulls take a set time and obey the same per-node
+concurrency cap as the real agent. The coordinator under test is the real one; only
+the runtime behind the agents is simulated.
 
 Each server accepts new calls one at a time on the simulator's single event loop, so
 with too few of them the simulator, not the coordinator, delays a fleet-wide order:
 20 servers for 5,000 nodes held the last orders back by several seconds; the scale
-benchmark uses 250 (20 nodes per server, 250 connections from the coordinator).
+benchmark uses 250. (Before, 250 servers also meant 250 connections: 20 nodes shared
+each endpoint, which understated what 5,000 real agents cost the coordinator.)
 """
 
 from __future__ import annotations
@@ -178,12 +183,20 @@ class FakeAgent(agent_pb2_grpc.AgentServicer):
         return A.RemoveImagesResponse(results=results)
 
 
-class Fleet:
-    """`servers` gRPC servers in a thread of their own, sharing one FakeAgent."""
+def node_address(index: int) -> str:
+    """A loopback address of node `index`'s own (up to 16 million)."""
+    index += 1
+    return f"127.{index >> 16 & 255}.{index >> 8 & 255}.{index & 255}"
 
-    def __init__(self, servers: int, pull_seconds: float) -> None:
+
+class Fleet:
+    """`servers` gRPC servers in a thread of their own, sharing one FakeAgent, with
+    `endpoints` endpoints over them (one per simulated node, each its own address)."""
+
+    def __init__(self, servers: int, pull_seconds: float, endpoints: int) -> None:
         self.agent = FakeAgent(pull_seconds)
-        self.addresses = [f"127.0.{1 + i // 250}.{1 + i % 250}" for i in range(servers)]
+        self.servers = max(1, min(servers, endpoints))
+        self.size = endpoints
         self.endpoints: list[str] = []
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -196,7 +209,8 @@ class Fleet:
         return self
 
     def endpoint_for(self, index: int) -> str:
-        return self.endpoints[index % len(self.endpoints)]
+        """Node `index`'s own endpoint."""
+        return self.endpoints[index]
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -204,12 +218,15 @@ class Fleet:
 
     async def _serve(self) -> None:
         servers = []
-        for address in self.addresses:
+        ports = []
+        for _ in range(self.servers):
             server = grpc.aio.server(options=[("grpc.max_concurrent_streams", 10_000)])
             agent_pb2_grpc.add_AgentServicer_to_server(self.agent, server)
-            port = server.add_insecure_port(f"{address}:0")
+            ports.append(server.add_insecure_port("0.0.0.0:0"))  # every loopback address
             await server.start()
             servers.append(server)
-            self.endpoints.append(f"{address}:{port}")
+        # node i on server i % servers: neighbours spread out
+        self.endpoints = [f"{node_address(i)}:{ports[i % len(ports)]}" for i in range(self.size)]
+        assert len(set(self.endpoints)) == self.size
         self._ready.set()
         await asyncio.Event().wait()

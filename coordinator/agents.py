@@ -4,13 +4,14 @@ configured. Thin: requests in, responses and event streams out."""
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from common.wire import NODE_HEADER
 from protos.fledged.agent.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -27,9 +28,6 @@ class TlsConfig:
         return grpc.ssl_channel_credentials(
             self.ca.read_bytes(), self.key.read_bytes(), self.cert.read_bytes()
         )
-
-
-NODE_HEADER = "x-fledged-node"
 
 
 def _for(node: str) -> tuple[tuple[str, str | bytes], ...]:
@@ -78,7 +76,7 @@ class AgentClient:
         )
 
     async def set_pinned(
-        self, node: str, images: list[str], pinned: bool
+        self, node: str, images: Sequence[str], pinned: bool
     ) -> agent_pb2.SetPinnedResponse:
         return await self._stub.SetPinned(
             agent_pb2.SetPinnedRequest(images=images, pinned=pinned),
@@ -86,7 +84,7 @@ class AgentClient:
             metadata=_for(node),
         )
 
-    async def remove(self, node: str, images: list[str]) -> agent_pb2.RemoveImagesResponse:
+    async def remove(self, node: str, images: Sequence[str]) -> agent_pb2.RemoveImagesResponse:
         return await self._stub.RemoveImages(
             agent_pb2.RemoveImagesRequest(images=images), timeout=300, metadata=_for(node)
         )

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from common.reference import ImageRef
-
+from .images import ImageKey
 from .model import PERMANENT_CATEGORIES, Inventory, OrderPhase, PullRecord
 
 
@@ -33,8 +32,8 @@ class Verdict(StrEnum):
 class Wanted:
     """An image the live caches select for the node; `pin` if any of them pins it."""
 
-    image: str
-    ref: ImageRef
+    image: str  # as a cache spells it (for Events)
+    key: ImageKey
     pin: bool
     caches: tuple[str, ...]  # namespace/name of the caches that select it
 
@@ -64,22 +63,22 @@ def decide(
     wanted: Sequence[Wanted],
     held: Inventory | None,
     pinning_supported: bool,
-    pulls: Mapping[str, PullRecord],
+    pulls: Mapping[ImageKey, PullRecord],
     created: float,
     now: float,
     deadline: float,
 ) -> Decision:
     """`held`: the node's listing by its current agent (None until listed); `pulls`:
-    the latest pull record per canonical reference; `created`: the Node's creation."""
+    the latest pull record per image; `created`: the Node's creation."""
     missing = []
     failed = []
     for want in wanted:
-        present = held.lookup(want.ref) if held is not None else None
+        present = held.lookup(want.key) if held is not None else None
         pinned_enough = not want.pin or not pinning_supported
         if present is not None and (pinned_enough or present.pinned):
             continue
         missing.append(want.image)
-        record = pulls.get(want.ref.canonical)
+        record = pulls.get(want.key)
         if (
             record is not None
             and record.phase is OrderPhase.FAILED

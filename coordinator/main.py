@@ -94,9 +94,9 @@ async def run(cfg: CoordinatorConfig) -> int:
     pool = AgentPool(tls)
     controller: Controller | None = None
 
-    def node_changed(node: str) -> None:
+    def node_changed(node: str, delay: float) -> None:
         if controller is not None:
-            controller.node_changed(node)
+            controller.node_changed(node, delay)
 
     def orders_answered(key: str) -> None:
         if controller is not None:

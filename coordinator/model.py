@@ -1,18 +1,21 @@
 """What the coordinator knows about nodes and agents: plain data, no I/O.
 
 One `NodeObservation` per node holds the agent's last inventory (ListImages) and the
-record of every order sent to it. The planner reads these; the node workers write
-them as answers and pull events arrive.
+record of every order sent to it. It is changed only through its own methods, called
+by the node registry as orders go out and answers come in; each records the change
+(`version`) and keeps the fleet-wide count of pulls in flight (`WaveSlots`) right.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
-from common.reference import ImageRef
+from .images import ImageKey, key_or_none, lookup_name
+from .waves import WaveSlots
 
 
 @dataclass(frozen=True)
@@ -26,19 +29,39 @@ class AgentInfo:
     def alive(self, now: float) -> bool:
         return now < self.expires
 
+    def same_process(self, other: AgentInfo) -> bool:
+        return (self.node, self.endpoint, self.tls, self.acquired) == (
+            other.node,
+            other.endpoint,
+            other.tls,
+            other.acquired,
+        )
+
+
+def renewed(old: AgentInfo | None, new: AgentInfo | None, now: float) -> bool:
+    """Only the Lease's renewal moved: the same agent process, not run out, and not
+    shortened (plans made with the old expiry stay right until then)."""
+    return (
+        old is not None
+        and new is not None
+        and old.alive(now)
+        and new.expires >= old.expires
+        and old.same_process(new)
+    )
+
 
 @dataclass(frozen=True)
 class NodeImage:
     image_id: str
-    tags: frozenset[str]  # name:tag, normalized
-    digests: frozenset[str]  # name@sha256:..., normalized
+    tags: frozenset[ImageKey]  # name:tag
+    digests: frozenset[ImageKey]  # name@sha256:...
     pinned: bool
     pin_owned: bool
     size: int
 
     @functools.cached_property
     def digest_by_name(self) -> dict[str, str]:
-        """Repository name -> manifest digest (asked once per node x image per plan)."""
+        """Repository name -> manifest digest."""
         out: dict[str, str] = {}
         for entry in self.digests:
             name, _, digest = entry.partition("@")
@@ -46,11 +69,16 @@ class NodeImage:
         return out
 
 
+def names(references: Iterable[str]) -> frozenset[ImageKey]:
+    """The keys of what a runtime reports (anything unparseable left out)."""
+    return frozenset(k for k in map(key_or_none, references) if k is not None)
+
+
 @functools.lru_cache(maxsize=16384)
 def shared_image(
     image_id: str,
-    tags: frozenset[str],
-    digests: frozenset[str],
+    tags: frozenset[ImageKey],
+    digests: frozenset[ImageKey],
     pinned: bool,
     pin_owned: bool,
     size: int,
@@ -61,18 +89,21 @@ def shared_image(
 
 
 class Inventory:
-    """The images on one node, looked up by tag or digest."""
+    """The images on one node, looked up by key (tag or digest) or by id."""
 
     def __init__(self, images: list[NodeImage], synced_at: float) -> None:
         self.images = images
         self.synced_at = synced_at
-        self._by_tag = {t: i for i in images for t in i.tags}
-        self._by_digest = {d: i for i in images for d in i.digests}
+        self._by_name = {n: i for i in images for n in (*i.tags, *i.digests)}
 
-    def lookup(self, ref: ImageRef) -> NodeImage | None:
-        if ref.digest:
-            return self._by_digest.get(ref.lookup_key)
-        return self._by_tag.get(ref.lookup_key)
+    def lookup(self, key: ImageKey) -> NodeImage | None:
+        return self._by_name.get(lookup_name(key))
+
+    def resolve(self, name: str) -> str:
+        """The image id an order's name (a key or an id) stands for on this node."""
+        key = key_or_none(name)
+        image = self.lookup(key) if key is not None else None
+        return image.image_id if image is not None else name
 
     def same_images(self, other: Inventory) -> bool:
         """Equal holdings (images are shared objects, so mostly an identity check)."""
@@ -98,12 +129,14 @@ IN_FLIGHT = frozenset({OrderPhase.SENT, OrderPhase.WAITING, OrderPhase.PULLING})
 
 # Failures that a retry cannot fix until something changes (spec, secret, refresh).
 UNAUTHORIZED = "Unauthorized"
+AGENT_UNAVAILABLE = "AgentUnavailable"
 PERMANENT_CATEGORIES = frozenset({"NotFound", UNAUTHORIZED, "InvalidReference"})
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class PullRecord:
-    """The latest pull order of one image (canonical reference) on one node."""
+    """The latest pull order of one image on one node. Immutable: a change is a new
+    record, so the planner can tell an unchanged one by identity."""
 
     phase: OrderPhase
     started: float
@@ -114,7 +147,7 @@ class PullRecord:
     category: str = ""
     message: str = ""
     failures: int = 0  # consecutive, for backoff
-    credentials: str = ""  # the ordering cache's pull Secrets then (CacheView.credentials)
+    credentials: str = ""  # the pull Secrets' versions it was sent with (Desire.credentials)
 
     @property
     def in_flight(self) -> bool:
@@ -129,13 +162,24 @@ def stamp() -> int:
     return next(_VERSIONS)
 
 
+@dataclass(frozen=True)
+class Pulled:
+    """A pull's successful answer, as the agent reported it."""
+
+    image_id: str
+    tags: frozenset[ImageKey]
+    digests: frozenset[ImageKey]
+    pinned: bool
+    size: int
+    digest: str = ""
+    bytes_done: int = 0
+    bytes_total: int = 0
+
+
 @dataclass
 class NodeObservation:
-    """What is known of one node, with version numbers the planner compares to keep
-    what it planned while it still holds: `version` moves on a change that may touch
-    every image (a new agent, a fresh listing, pins), `key_versions` on a change of
-    some images only (an order, an answer). Numbers are never reused, not even by a
-    new observation of the node."""
+    """What is known of one node. Fields are read by anyone, changed only by the
+    methods below: each moves `version`, so a change is never missed."""
 
     agent: AgentInfo | None = None
     inventory: Inventory | None = None  # None until the agent has been listed
@@ -144,53 +188,201 @@ class NodeObservation:
     # a cache does not flap for an agent pod's restart. Nothing is ordered from it.
     last_seen: Inventory | None = None
     pinning_supported: bool = True
-    pulls: dict[str, PullRecord] = field(default_factory=dict)
-    pins_in_flight: set[str] = field(default_factory=set)
-    removals_in_flight: set[str] = field(default_factory=set)
-    removal_errors: dict[str, str] = field(default_factory=dict)
+    pulls: dict[ImageKey, PullRecord] = field(default_factory=dict)
+    pins_in_flight: set[str] = field(default_factory=set)  # image ids
+    removals_in_flight: set[ImageKey] = field(default_factory=set)
+    removal_errors: dict[ImageKey, str] = field(default_factory=dict)
+    # Pull answers merged into `inventory` since the last listing: until the next one
+    # (at the end of every pull batch), what else the node holds may be out of date.
+    answered_since_listing: bool = False
     version: int = field(default_factory=stamp)
-    key_versions: dict[str, int] = field(default_factory=dict)  # canonical or lookup key
+    slots: WaveSlots = field(default_factory=WaveSlots, repr=False)  # shared by the fleet
 
-    def unlist(self) -> None:
+    def held(self) -> Inventory | None:
+        """What the node holds as far as known: the current listing, or the last."""
+        return self.inventory if self.inventory is not None else self.last_seen
+
+    def alive(self, now: float) -> bool:
+        return self.agent is not None and self.agent.alive(now)
+
+    def _changed(self) -> None:
+        self.version = stamp()
+
+    @property
+    def settling(self) -> bool:
+        """Pulls are under way or were answered since the last listing: a pin that
+        looks unwanted may belong to content the node is about to hold or just let go."""
+        return self.answered_since_listing or any(r.in_flight for r in self.pulls.values())
+
+    def _record(self, key: ImageKey, record: PullRecord | None) -> None:
+        """The one place a pull record is replaced: keeps the wave count right."""
+        old = self.pulls.pop(key, None)
+        if record is not None:
+            self.pulls[key] = record
+            if record.in_flight and (old is None or not old.in_flight):
+                self.slots.started(key)
+        if old is not None and old.in_flight and (record is None or not record.in_flight):
+            self.slots.ended(key)
+
+    # -- the agent -------------------------------------------------------------------
+
+    def set_agent(self, agent: AgentInfo | None, now: float) -> tuple[bool, int]:
+        """A Lease appeared, changed or went away. Returns whether the node must be
+        listed (again), and how many orders lost with a previous agent process go to
+        this one now (not after a backoff)."""
+        old, self.agent = self.agent, agent
+        if renewed(old, agent, now) and self.inventory is not None:
+            return False, 0  # the same agent, still alive and listed: nothing new
+        self._changed()
+        new_process = agent is not None and (old is None or not old.same_process(agent))
+        if agent is None or new_process:
+            self._unlist()
+        lost = 0
+        if new_process:
+            for key in [
+                k
+                for k, r in self.pulls.items()
+                if r.phase is OrderPhase.FAILED and r.category == AGENT_UNAVAILABLE
+            ]:
+                self._record(key, None)
+                lost += 1
+        return agent is not None and (new_process or self.inventory is None), lost
+
+    def _unlist(self) -> None:
         """The agent went or another process took over: list the node again before
         acting; until then its last listing is what it holds."""
         if self.inventory is not None:
             self.last_seen = self.inventory
         self.inventory = None
 
-    def held(self) -> Inventory | None:
-        """What the node holds as far as known: the current listing, or the last."""
-        return self.inventory if self.inventory is not None else self.last_seen
+    def listed(self, inventory: Inventory, pinning_supported: bool | None) -> bool:
+        """A fresh listing (and, with a new agent process, what its runtime can do).
+        Returns whether anything changed beyond what the answers already said."""
+        same = (
+            not self.answered_since_listing
+            and self.inventory is not None
+            and self.inventory.same_images(inventory)
+            and not self.removal_errors
+            and (pinning_supported is None or pinning_supported == self.pinning_supported)
+        )
+        self.inventory = inventory
+        self.answered_since_listing = False
+        if same:
+            return False
+        if pinning_supported is not None:
+            self.pinning_supported = pinning_supported
+        self.removal_errors.clear()
+        self._changed()
+        return True
 
-    def touch(self, *keys: str) -> None:
-        """Records a change of the images under `keys`, or of anything when none given."""
-        if keys:
-            version = next(_VERSIONS)
-            for key in keys:
-                self.key_versions[key] = version
-        else:
-            self.version = next(_VERSIONS)
-            self.key_versions.clear()  # all older than the node's version now
+    def forget(self) -> None:
+        """The Node is gone: its pulls in flight no longer count for any wave."""
+        for key in list(self.pulls):
+            self._record(key, None)
+        self._changed()
 
-    def changed_since(self, version: int, ref: ImageRef) -> bool:
-        versions = self.key_versions
-        return versions.get(ref.canonical, 0) > version or versions.get(ref.lookup_key, 0) > version
+    # -- pulls -----------------------------------------------------------------------
 
-    def add_pulled(
-        self,
-        image_id: str,
-        tags: frozenset[str],
-        digests: frozenset[str],
-        pinned: bool,
-        size: int,
+    def pulls_ordered(
+        self, keys: Iterable[ImageKey], credentials: Mapping[ImageKey, str], now: float
     ) -> None:
-        """A pull's answer: the image joins the inventory, merged with what the node
-        held under that id; every reference it answers to counts as changed."""
-        assert self.inventory is not None
-        old = next((i for i in self.inventory.images if i.image_id == image_id), None)
-        owned = pinned
-        if old is not None:
-            tags, digests, owned = tags | old.tags, digests | old.digests, owned or old.pin_owned
-        image = shared_image(image_id, tags, digests, pinned, owned, size)
-        self.inventory = self.inventory.replace(image)
-        self.touch(*(image.tags | image.digests))
+        for key in keys:
+            old = self.pulls.get(key)
+            record = PullRecord(
+                OrderPhase.SENT,
+                started=now,
+                failures=old.failures if old else 0,
+                credentials=credentials.get(key, ""),
+            )
+            self._record(key, record)
+        self._changed()
+
+    def _pull_record(self, key: ImageKey, now: float) -> PullRecord:
+        record = self.pulls.get(key)
+        return record if record is not None else PullRecord(OrderPhase.SENT, started=now)
+
+    def pull_progress(
+        self, key: ImageKey, pulling: bool, done: int, total: int, now: float
+    ) -> None:
+        """WAITING (queued on the agent) or PULLING with bytes so far."""
+        record = self._pull_record(key, now)
+        if pulling:
+            record = replace(record, phase=OrderPhase.PULLING, bytes_done=done, bytes_total=total)
+        else:
+            record = replace(record, phase=OrderPhase.WAITING)
+        self._record(key, record)
+        self._changed()
+
+    def pull_succeeded(self, key: ImageKey, pulled: Pulled, now: float) -> None:
+        record = replace(
+            self._pull_record(key, now),
+            phase=OrderPhase.DONE,
+            finished=now,
+            failures=0,
+            category="",
+            message="",
+            digest=pulled.digest,
+            bytes_done=pulled.bytes_done,
+            bytes_total=pulled.bytes_total,
+        )
+        self._record(key, record)
+        if self.inventory is not None:
+            old = next((i for i in self.inventory.images if i.image_id == pulled.image_id), None)
+            tags, digests, owned = pulled.tags, pulled.digests, pulled.pinned
+            if old is not None:
+                tags, digests, owned = (
+                    tags | old.tags,
+                    digests | old.digests,
+                    owned or old.pin_owned,
+                )
+            image = shared_image(pulled.image_id, tags, digests, pulled.pinned, owned, pulled.size)
+            self.inventory = self.inventory.replace(image)
+            self.answered_since_listing = True
+        self._changed()
+
+    def pull_failed(self, key: ImageKey, category: str, message: str, now: float) -> None:
+        record = self._pull_record(key, now)
+        self._record(key, _failed(record, category, message, now))
+        self._changed()
+
+    def pulls_lost(self, keys: Iterable[ImageKey], message: str, now: float) -> None:
+        """The stream broke: what it left unanswered failed with the agent."""
+        for key in keys:
+            record = self.pulls.get(key)
+            if record is not None and record.in_flight:
+                self._record(key, _failed(record, AGENT_UNAVAILABLE, message, now))
+        self._changed()
+
+    # -- pins and removals -------------------------------------------------------------
+
+    def pins_ordered(self, image_ids: Iterable[str]) -> None:
+        self.pins_in_flight.update(image_ids)
+        self._changed()
+
+    def pins_answered(self, image_ids: Iterable[str]) -> None:
+        self.pins_in_flight.difference_update(image_ids)
+        self._changed()
+
+    def removals_ordered(self, keys: Iterable[ImageKey]) -> None:
+        self.removals_in_flight.update(keys)
+        self._changed()
+
+    def removals_answered(
+        self, keys: Iterable[ImageKey], removed: Iterable[ImageKey], errors: Mapping[ImageKey, str]
+    ) -> None:
+        self.removals_in_flight.difference_update(keys)
+        for key in removed:
+            self._record(key, None)
+        self.removal_errors.update(errors)
+        self._changed()
+
+
+def _failed(record: PullRecord, category: str, message: str, now: float) -> PullRecord:
+    return replace(
+        record,
+        phase=OrderPhase.FAILED,
+        finished=now,
+        failures=record.failures + 1,
+        category=category,
+        message=message,
+    )

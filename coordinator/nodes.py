@@ -1,14 +1,15 @@
-"""The coordinator's view of every node and the orders in flight to its agent.
+"""gRPC orders to the agents and their answers: the one writer of every node's
+`NodeObservation`.
 
-Owns one `NodeObservation` per node and every task that talks to an agent. Answers
-and pull events update the observation, then `on_change(node)` tells the controller
-which caches to look at again; nothing here decides what to order.
+Owns one observation per node and every task that talks to an agent. Answers and pull
+events change the observation through its methods, then `on_change(node, delay)`
+tells the controller the node is worth planning again, at once or after answers have
+gathered for `delay` seconds; nothing here decides what to order.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 import uuid
@@ -20,20 +21,14 @@ from typing import Any
 import grpc
 from google.protobuf import duration_pb2
 
-from common.reference import InvalidReference, parse
 from protos.fledged.agent.v1 import agent_pb2
 
 from .agents import AgentPool
-from .model import (
-    AgentInfo,
-    Inventory,
-    NodeObservation,
-    OrderPhase,
-    PullRecord,
-    shared_image,
-)
+from .images import ImageKey, image_key, ref_of
+from .model import AgentInfo, Inventory, NodeObservation, Pulled, names, shared_image
 from .pairs import PullItem
 from .secrets import RegistryAuth
+from .waves import WaveSlots
 
 log = logging.getLogger(__name__)
 
@@ -47,30 +42,17 @@ CATEGORY_NAMES = {
     agent_pb2.ERROR_CATEGORY_RUNTIME_UNAVAILABLE: "RuntimeUnavailable",
     agent_pb2.ERROR_CATEGORY_INTERNAL: "Internal",
 }
-AGENT_UNAVAILABLE = "AgentUnavailable"
+OUTCOMES = frozenset(
+    {agent_pb2.PHASE_SUCCEEDED, agent_pb2.PHASE_ALREADY_PRESENT, agent_pb2.PHASE_FAILED}
+)
 LISTINGS_AT_ONCE = 64  # a restart over 5,000 nodes lists them a few dozen at a time
 CHANNEL_CLOSE_GRACE = 30.0  # seconds calls on a channel no agent uses any more may finish
 PROGRESS_NOTIFY_EVERY = 1.0  # seconds: progress reaches status at most this often per node
+ANSWERS_GATHER = 0.25  # seconds answers that leave orders open gather before a replan
+# ... and when only outcomes are asked for (a cache over --byte-progress-max-nodes): its
+# status is written at most once a second anyway, and a node's answers come every pull
+OUTCOMES_GATHER = 5.0
 CredentialsFor = Callable[[str], Sequence[RegistryAuth]]  # image -> what may log in for it
-
-
-def canonical(image: str) -> str:
-    try:
-        return parse(image).canonical
-    except InvalidReference:
-        return image
-
-
-@functools.lru_cache(maxsize=65536)
-def _normalized(name: str) -> str | None:
-    try:
-        return str(parse(name))
-    except InvalidReference:
-        return None
-
-
-def _normalize_all(names: Sequence[str]) -> frozenset[str]:
-    return frozenset(n for n in map(_normalized, names) if n is not None)
 
 
 def _credentials(auth: RegistryAuth) -> agent_pb2.RegistryCredentials:
@@ -83,34 +65,13 @@ def _credentials(auth: RegistryAuth) -> agent_pb2.RegistryCredentials:
     )
 
 
-def renewed(old: AgentInfo | None, new: AgentInfo | None, now: float) -> bool:
-    """Only the Lease's renewal moved: the same agent process, not run out, and not
-    shortened (plans made with the old expiry stay right until then)."""
-    return (
-        old is not None
-        and new is not None
-        and old.alive(now)
-        and new.expires >= old.expires
-        and same_process(old, new)
-    )
-
-
-def same_process(old: AgentInfo, new: AgentInfo) -> bool:
-    return (old.node, old.endpoint, old.tls, old.acquired) == (
-        new.node,
-        new.endpoint,
-        new.tls,
-        new.acquired,
-    )
-
-
 def inventory_from(resp: agent_pb2.ListImagesResponse, now: float) -> Inventory:
     return Inventory(
         [
             shared_image(
                 i.id,
-                _normalize_all(i.repo_tags),
-                _normalize_all(i.repo_digests),
+                names(i.repo_tags),
+                names(i.repo_digests),
                 i.pin == agent_pb2.PIN_STATE_PINNED,
                 i.pinned_by_fledged,
                 i.size,
@@ -121,21 +82,39 @@ def inventory_from(resp: agent_pb2.ListImagesResponse, now: float) -> Inventory:
     )
 
 
+def pulled_from(event: agent_pb2.PullEvent) -> Pulled:
+    """A pull's answer: the image joins the node under its tag and its digest."""
+    ref = ref_of(image_key(event.image))
+    digest = event.repo_digest
+    return Pulled(
+        image_id=event.image_id,
+        tags=names([f"{ref.name}:{ref.tag}"] if ref.tag else []),
+        digests=names([f"{ref.name}@{digest}"] if digest else []),
+        pinned=event.pin == agent_pb2.PIN_STATE_PINNED,
+        size=event.size,
+        digest=digest,
+        bytes_done=event.bytes_done,
+        bytes_total=event.bytes_total,
+    )
+
+
 class NodeRegistry:
     def __init__(
         self,
         pool: AgentPool,
-        on_change: Callable[[str], None],
+        on_change: Callable[[str, float], None],
         pull_deadline: float,
         resync_every: float = 120.0,
         on_answered: Callable[[str], None] | None = None,
+        slots: WaveSlots | None = None,
     ) -> None:
         self._pool = pool
-        self._on_change = on_change
+        self._on_change = on_change  # (node, seconds to gather more first)
         self._on_answered = on_answered
         self._open_orders: Counter[str] = Counter()  # cache key -> pull orders unanswered
         self._deadline = pull_deadline
         self._resync_every = resync_every
+        self.slots = slots if slots is not None else WaveSlots()
         self.observations: dict[str, NodeObservation] = {}
         self._tasks: set[asyncio.Task[object]] = set()
         self._last_notify: dict[str, float] = {}
@@ -175,23 +154,15 @@ class NodeRegistry:
     def observation(self, node: str) -> NodeObservation:
         obs = self.observations.get(node)
         if obs is None:
-            obs = self.observations[node] = NodeObservation()
+            obs = self.observations[node] = NodeObservation(slots=self.slots)
         return obs
 
-    def in_flight_by_image(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for obs in self.observations.values():
-            for key, record in obs.pulls.items():
-                if record.in_flight:
-                    counts[key] = counts.get(key, 0) + 1
-        return counts
-
-    def _notify(self, node: str, progress_only: bool = False) -> None:
+    def _notify(self, node: str, progress_only: bool = False, delay: float = 0.0) -> None:
         now = time.monotonic()
         if progress_only and now - self._last_notify.get(node, 0) < PROGRESS_NOTIFY_EVERY:
             return
         self._last_notify[node] = now
-        self._on_change(node)
+        self._on_change(node, delay)
 
     # -- agents ----------------------------------------------------------------------
 
@@ -199,39 +170,29 @@ class NodeRegistry:
         """A Lease appeared, changed or went away."""
         obs = self.observation(node)
         old = obs.agent
-        obs.agent = agent
+        version = obs.version
+        relist, lost = obs.set_agent(agent, time.time())
         self._move(old, agent)
-        if renewed(old, agent, time.time()) and obs.inventory is not None:
-            return  # the same agent, still alive and listed: nothing to plan anew
-        obs.touch()
-        new_process = agent is not None and (old is None or not same_process(old, agent))
-        if agent is None or new_process:
-            obs.unlist()
-        if new_process:
-            # Orders lost with the previous agent go to this one now, not after a backoff.
-            lost = [
-                key
-                for key, record in obs.pulls.items()
-                if record.phase is OrderPhase.FAILED and record.category == AGENT_UNAVAILABLE
-            ]
-            for key in lost:
-                del obs.pulls[key]
-            if old is not None:
-                log.info(
-                    "node %s: a new agent process at %s; %d order(s) lost with the previous "
-                    "one will be sent again",
-                    node,
-                    agent.endpoint if agent else "-",
-                    len(lost),
-                )
-        if agent is not None and (new_process or obs.inventory is None):
+        if obs.version == version:
+            return  # only the renewal moved
+        if lost or (old is not None and agent is not None and not old.same_process(agent)):
+            log.info(
+                "node %s: a new agent process at %s; %d order(s) lost with the previous "
+                "one will be sent again",
+                node,
+                agent.endpoint if agent else "-",
+                lost,
+            )
+        if relist:
             self._list(node)
         self._notify(node)
 
     def forget_node(self, node: str) -> None:
         obs = self.observations.pop(node, None)
         if obs is not None:
+            obs.forget()
             self._move(obs.agent, None)
+        self._last_notify.pop(node, None)
 
     def _move(self, old: AgentInfo | None, new: AgentInfo | None) -> None:
         """Counts the nodes behind each endpoint; closes the channel of one that has
@@ -255,8 +216,7 @@ class NodeRegistry:
         return [
             node
             for node, obs in self.observations.items()
-            if obs.agent is not None
-            and obs.agent.alive(now)
+            if obs.alive(now)
             and obs.inventory is not None
             and now - obs.inventory.synced_at > self._resync_every
         ]
@@ -288,19 +248,8 @@ class NodeRegistry:
         if obs.agent is not agent:
             return False  # replaced meanwhile
         fresh = inventory_from(listing, time.time())
-        same = (
-            obs.inventory is not None
-            and obs.inventory.same_images(fresh)
-            and not obs.removal_errors
-            and (info is None or info.pinning_supported == obs.pinning_supported)
-        )
-        obs.inventory = fresh
-        if same:
+        if not obs.listed(fresh, info.pinning_supported if info is not None else None):
             return False  # as the answers already told: nothing to plan anew
-        if info is not None:
-            obs.pinning_supported = info.pinning_supported
-        obs.removal_errors.clear()
-        obs.touch()
         self._notify(node)
         return True
 
@@ -310,13 +259,11 @@ class NodeRegistry:
         self,
         batches: Mapping[str, Sequence[PullItem]],
         credentials_for: CredentialsFor,
-        cache_key: str,
         detailed: bool = True,
-        credentials: str = "",
+        versions: Mapping[ImageKey, str] | None = None,
     ) -> None:
         """One PullImages call per node. `detailed`: ask for WAITING and byte progress
-        too, not only outcomes. Each distinct order is built once for all nodes."""
-        orders: dict[PullItem, agent_pb2.ImagePull] = {}
+        too, not only outcomes; `versions`: the pull Secrets each image goes with."""
         deadline = duration_pb2.Duration(seconds=int(self._deadline))
         progress = agent_pb2.PROGRESS_FULL if detailed else agent_pb2.PROGRESS_OUTCOMES
         now = time.time()
@@ -324,148 +271,121 @@ class NodeRegistry:
             obs = self.observation(node)
             if obs.agent is None or not items:
                 continue
-            keys = [canonical(item.image) for item in items]
-            obs.touch(*keys)
-            for key, item in zip(keys, items, strict=True):
-                old = obs.pulls.get(key)
-                obs.pulls[key] = PullRecord(
-                    OrderPhase.SENT,
-                    started=now,
-                    failures=old.failures if old else 0,
-                    credentials=credentials,
+            keys = [image_key(item.image) for item in items]
+            obs.pulls_ordered(keys, versions or {}, now)
+            images = [
+                agent_pb2.ImagePull(
+                    image=item.image,
+                    policy=agent_pb2.PULL_POLICY_ALWAYS
+                    if item.always
+                    else agent_pb2.PULL_POLICY_IF_NOT_PRESENT,
+                    credentials=[_credentials(a) for a in credentials_for(item.image)],
+                    deadline=deadline,
+                    pin=item.pin,
+                    replace=item.replace,
                 )
-                if item not in orders:
-                    orders[item] = agent_pb2.ImagePull(
-                        image=item.image,
-                        policy=agent_pb2.PULL_POLICY_ALWAYS
-                        if item.always
-                        else agent_pb2.PULL_POLICY_IF_NOT_PRESENT,
-                        credentials=[_credentials(a) for a in credentials_for(item.image)],
-                        deadline=deadline,
-                        pin=item.pin,
-                        replace=item.replace,
-                    )
-            request_id = f"{cache_key}/{uuid.uuid4().hex[:8]}"
+                for item in items
+            ]
+            caches = sorted({c for item in items for c in item.caches})
+            label = (
+                (caches[0] if len(caches) == 1 else f"{caches[0]}+{len(caches) - 1}")
+                if caches
+                else node
+            )
+            request_id = f"{label}/{uuid.uuid4().hex[:8]}"
             request = agent_pb2.PullImagesRequest(
-                request_id=request_id, progress=progress, images=[orders[item] for item in items]
+                request_id=request_id, progress=progress, images=images
             )
             log.debug("pull batch %s to %s: %d image(s)", request_id, node, len(items))
-            open_keys = set(keys)
-            self._open_orders[cache_key] += len(open_keys)
+            waiting = {key: item.caches for key, item in zip(keys, items, strict=True)}
+            for item in items:
+                self._open_orders.update(item.caches)
+            gather = ANSWERS_GATHER if detailed else OUTCOMES_GATHER
             self._spawn(
-                self._pull(node, obs.agent, request.SerializeToString(), open_keys, cache_key),
+                self._stream_pull(node, obs.agent, request.SerializeToString(), waiting, gather),
                 f"pull {node} {request_id}",
             )
 
-    async def _pull(
-        self, node: str, agent: AgentInfo, request: bytes, open_keys: set[str], cache_key: str
-    ) -> None:
-        """`request`: the serialized PullImagesRequest for `open_keys`, ordered by the
-        cache `cache_key`."""
-        try:
-            await self._stream_pull(node, agent, request, open_keys, cache_key)
-        finally:
-            self._answered(cache_key, len(open_keys))  # left unanswered: count them off too
-
-    def _answered(self, cache_key: str, count: int) -> None:
-        if not count:
-            return
-        self._open_orders[cache_key] -= count
-        if self._open_orders[cache_key] <= 0:
-            del self._open_orders[cache_key]
-            if self._on_answered is not None:
-                self._on_answered(cache_key)
+    def _answered(self, caches: tuple[str, ...]) -> bool:
+        """Counts one answer off for each of `caches`; True if it was the last of one."""
+        last = False
+        for cache in caches:
+            self._open_orders[cache] -= 1
+            if self._open_orders[cache] <= 0:
+                del self._open_orders[cache]
+                last = True
+                if self._on_answered is not None:
+                    self._on_answered(cache)
+        return last
 
     async def _stream_pull(
-        self, node: str, agent: AgentInfo, request: bytes, open_keys: set[str], cache_key: str
+        self,
+        node: str,
+        agent: AgentInfo,
+        request: bytes,
+        waiting: dict[ImageKey, tuple[str, ...]],
+        gather: float,
     ) -> None:
+        """`request`: the serialized PullImagesRequest for the images of `waiting`, each
+        with the caches waiting for its answer; `gather`: how long answers that close
+        nothing gather before the node is planned again."""
         obs = self.observation(node)
         client = self._pool.get(agent.endpoint)
-        overall = self._deadline * len(open_keys) + 60  # the agent enforces each pull's deadline
+        overall = self._deadline * len(waiting) + 60  # the agent enforces each pull's deadline
         try:
             async for event in client.pull(node, request, limit=overall):
-                key = canonical(event.image)
+                key = image_key(event.image)
                 self._apply_event(obs, key, event)
-                if event.phase in (
-                    agent_pb2.PHASE_SUCCEEDED,
-                    agent_pb2.PHASE_ALREADY_PRESENT,
-                    agent_pb2.PHASE_FAILED,
-                ):
+                if event.phase in OUTCOMES:
                     log.debug(
                         "node %s answered %s: %s",
                         node,
                         event.image,
                         agent_pb2.Phase.Name(event.phase),
                     )
-                    self._notify(node)
-                    if key in open_keys:
-                        open_keys.discard(key)
-                        self._answered(cache_key, 1)
+                    caches = waiting.pop(key, None)
+                    last = caches is not None and self._answered(caches)
+                    self._notify(node, delay=0.0 if last or not waiting else gather)
                 else:
-                    self._notify(node, progress_only=True)
+                    self._notify(node, progress_only=True, delay=ANSWERS_GATHER)
         except grpc.RpcError as err:
             detail = err.details() if hasattr(err, "details") else err
             message = f"lost the agent at {agent.endpoint}: {detail}"
             log.warning("pull batch on %s broke: %s", node, message)
-            now = time.time()
-            obs.touch(*open_keys)
-            for key in open_keys:
-                record = obs.pulls.get(key)
-                if record is not None and record.in_flight:
-                    record.phase = OrderPhase.FAILED
-                    record.category = AGENT_UNAVAILABLE
-                    record.message = message
-                    record.finished = now
-                    record.failures += 1
+            obs.pulls_lost(waiting, message, time.time())
             self._notify(node)
             return
+        finally:
+            for caches in waiting.values():  # left unanswered: count them off too
+                self._answered(caches)
+            waiting.clear()
         await self.sync(node, abilities=False)  # the batch changed the node: list it again
 
     @staticmethod
-    def _apply_event(obs: NodeObservation, key: str, event: agent_pb2.PullEvent) -> None:
-        obs.touch(key)
-        record = obs.pulls.get(key)
-        if record is None:
-            record = obs.pulls[key] = PullRecord(OrderPhase.SENT, started=time.time())
+    def _apply_event(obs: NodeObservation, key: ImageKey, event: agent_pb2.PullEvent) -> None:
+        now = time.time()
         if event.phase == agent_pb2.PHASE_WAITING:
-            record.phase = OrderPhase.WAITING
+            obs.pull_progress(key, False, 0, 0, now)
         elif event.phase == agent_pb2.PHASE_PULLING:
-            record.phase = OrderPhase.PULLING
-            record.bytes_done, record.bytes_total = event.bytes_done, event.bytes_total
+            obs.pull_progress(key, True, event.bytes_done, event.bytes_total, now)
         elif event.phase in (agent_pb2.PHASE_SUCCEEDED, agent_pb2.PHASE_ALREADY_PRESENT):
-            record.phase = OrderPhase.DONE
-            record.finished = time.time()
-            record.failures = 0
-            record.category = record.message = ""
-            record.digest = event.repo_digest
-            record.bytes_done, record.bytes_total = event.bytes_done, event.bytes_total
-            if obs.inventory is not None:
-                ref = parse(event.image)
-                digest = event.repo_digest
-                obs.add_pulled(
-                    event.image_id,
-                    _normalize_all([f"{ref.name}:{ref.tag}"] if ref.tag else []),
-                    _normalize_all([f"{ref.name}@{digest}"] if digest else []),
-                    event.pin == agent_pb2.PIN_STATE_PINNED,
-                    event.size,
-                )
+            obs.pull_succeeded(key, pulled_from(event), now)
         elif event.phase == agent_pb2.PHASE_FAILED:
-            record.phase = OrderPhase.FAILED
-            record.finished = time.time()
-            record.failures += 1
-            record.category = CATEGORY_NAMES.get(event.error_category, "Internal")
-            record.message = event.error_message
+            category = CATEGORY_NAMES.get(event.error_category, "Internal")
+            obs.pull_failed(key, category, event.error_message, now)
 
     def submit_pins(self, node: str, changes: Sequence[tuple[str, bool]]) -> None:
         obs = self.observation(node)
         if obs.agent is None or not changes:
             return
-        obs.touch()
-        for image, _ in changes:
-            obs.pins_in_flight.add(canonical(image))
-        self._spawn(self._pin(node, obs.agent, list(changes)), f"pin {node}")
+        held = obs.inventory
+        ids = [held.resolve(name) if held is not None else name for name, _ in changes]
+        obs.pins_ordered(ids)
+        self._spawn(self._pin(node, obs.agent, list(changes), ids), f"pin {node}")
 
-    async def _pin(self, node: str, agent: AgentInfo, changes: list[tuple[str, bool]]) -> None:
+    async def _pin(
+        self, node: str, agent: AgentInfo, changes: list[tuple[str, bool]], ids: list[str]
+    ) -> None:
         obs = self.observation(node)
         client = self._pool.get(agent.endpoint)
         try:
@@ -485,45 +405,40 @@ class NodeRegistry:
         except grpc.RpcError as err:
             log.warning("pin changes on %s failed: %s", node, err)
         finally:
-            obs.touch()
-            for image, _ in changes:
-                obs.pins_in_flight.discard(canonical(image))
+            obs.pins_answered(ids)
         if not await self.sync(node, abilities=False):
             self._notify(node)  # the pins are no longer in flight, whatever they did
 
-    def submit_removals(self, node: str, images: Sequence[str]) -> None:
+    def submit_removals(self, node: str, images: Sequence[ImageKey]) -> None:
         obs = self.observation(node)
         if obs.agent is None or not images:
             return
-        obs.touch()
-        for image in images:
-            obs.removals_in_flight.add(canonical(image))
+        obs.removals_ordered(images)
         self._spawn(self._remove(node, obs.agent, list(images)), f"remove {node}")
 
-    async def _remove(self, node: str, agent: AgentInfo, images: list[str]) -> None:
+    async def _remove(self, node: str, agent: AgentInfo, images: list[ImageKey]) -> None:
         obs = self.observation(node)
         client = self._pool.get(agent.endpoint)
+        errors: dict[ImageKey, str] = {}
+        removed: list[ImageKey] = []
         try:
             resp = await client.remove(node, images)
             for result in resp.results:
+                key = image_key(result.image)
                 if result.error_category:
-                    obs.removal_errors[canonical(result.image)] = result.error_message
+                    errors[key] = result.error_message
                     log.warning(
                         "removing %s on %s failed: %s", result.image, node, result.error_message
                     )
                 else:
-                    obs.pulls.pop(canonical(result.image), None)
+                    removed.append(key)
         except grpc.RpcError as err:
             log.warning("removals on %s failed: %s", node, err)
         finally:
-            obs.touch()
-            for image in images:
-                obs.removals_in_flight.discard(canonical(image))
-        errors = dict(obs.removal_errors)
+            obs.removals_answered(images, removed, errors)
         changed = await self.sync(node, abilities=False)
         if errors:
-            obs.removal_errors.update(errors)  # kept (not retried) until the next resync
-            obs.touch()
+            obs.removals_answered((), (), errors)  # kept (not retried) until the next resync
         if errors or not changed:
             self._notify(node)  # the removals are no longer in flight, whatever they did
 

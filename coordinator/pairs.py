@@ -1,18 +1,17 @@
-"""What the planner finds for each node x image pair, grouped per node, and the sums
-over all of them that the status is written from.
+"""What the planner finds for each node x image pair, a cache's pairs grouped per
+node, and the sums over all of them that the cache's status is written from.
 
-A cache over 5,000 nodes has 100,000 pairs. The planner therefore keeps one
-`NodePlan` per node and replans only nodes whose inputs changed; `Tally` keeps the
-sums the status needs and is updated node by node, so neither the plan nor the status
-costs a pass over every pair.
+A cache over 5,000 nodes has 100,000 pairs. Nodes are planned one at a time, and each
+node's result updates the `Tally` of every cache with a share of it: the sums the
+status needs are kept node by node, so no status costs a pass over every pair. Pairs
+name images by key (`images.ImageKey`); the status spells them as its cache does.
 """
 
 from __future__ import annotations
 
 import heapq
-import math
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -40,10 +39,11 @@ _COUNTED = frozenset({PairPhase.READY, PairPhase.PULLING, *FAILED_PHASES})
 
 @dataclass(frozen=True, slots=True)
 class PullItem:
-    image: str
+    image: str  # the image's key
     always: bool
     pin: bool
     replace: bool = False  # a refresh: the agent retires what the tag named before
+    caches: tuple[str, ...] = ()  # the caches waiting for its answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,31 +62,18 @@ class PairState:
 
 @dataclass(frozen=True, slots=True)
 class NodePlan:
-    """One node's pairs and orders. `valid_until`: when time alone (a Lease running
-    out, a retry falling due) may change the answer."""
+    """One cache's pairs on one node, with the counts the sums are kept from."""
 
     pairs: tuple[PairState, ...]
-    pulls: tuple[PullItem, ...] = ()
-    pins: tuple[tuple[str, bool], ...] = ()
-    valid_until: float = math.inf
     ready: int = 0
     open: int = 0  # pairs not yet done
-    queued: bool = False
     retry_at: float | None = None
     unknown: bool = False  # the node never listed yet: what it holds is not known
 
     @classmethod
-    def of(
-        cls,
-        pairs: Iterable[PairState],
-        pulls: Iterable[PullItem] = (),
-        pins: Iterable[tuple[str, bool]] = (),
-        valid_until: float = math.inf,
-        unknown: bool = False,
-    ) -> NodePlan:
+    def of(cls, pairs: Iterable[PairState], unknown: bool = False) -> NodePlan:
         states = tuple(pairs)
         ready = open_ = 0
-        queued = False
         retry_at: float | None = None
         for p in states:
             phase = p.phase
@@ -94,25 +81,16 @@ class NodePlan:
                 ready += 1
             elif phase not in DONE_PHASES:
                 open_ += 1
-                queued = queued or phase is PairPhase.QUEUED
             if p.retry_at is not None and (retry_at is None or p.retry_at < retry_at):
                 retry_at = p.retry_at
-        if retry_at is not None:
-            valid_until = min(valid_until, retry_at)
-        return cls(
-            states, tuple(pulls), tuple(pins), valid_until, ready, open_, queued, retry_at, unknown
-        )
+        return cls(states, ready, open_, retry_at, unknown)
 
-    @property
-    def has_orders(self) -> bool:
-        return bool(self.pulls or self.pins)
-
-    def row(self, node: str) -> dict[str, object]:
+    def row(self, node: str, spell: Callable[[str], str]) -> dict[str, object]:
         """The node's line in the status: how far along it is, and what it pulls."""
         row: dict[str, object] = {"node": node, "ready": self.ready, "total": len(self.pairs)}
         active = [p for p in self.pairs if p.phase in ACTIVE_PHASES]
         if active:
-            row["pulling"] = [p.image for p in active]
+            row["pulling"] = [spell(p.image) for p in active]
             row["bytesDone"] = sum(p.bytes_done for p in active)
             row["bytesTotal"] = sum(p.bytes_total for p in active)
         return row

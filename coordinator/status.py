@@ -1,8 +1,11 @@
-"""From a plan to the ImageCache status users read, and to the Events worth sending.
+"""From a cache's projection to the ImageCache status users read, and to the Events
+worth sending.
 
 Pure functions. The status keeps kube-fledged's fields and values (status, reason,
 message, failures, startTime, completionTime) and adds ours beside them, bounded so a
-cache over thousands of nodes still fits in one object.
+cache over thousands of nodes still fits in one object. Of what it holds, only the
+restart state (`appliedLists`, `removing`, `purgedGeneration`) is ever read back, by a
+coordinator that has not seen the cache before.
 """
 
 from __future__ import annotations
@@ -12,9 +15,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .api import Message, Reason, Status, list_to_json
+from .api import CacheList, Message, Reason, Status, list_to_json
+from .desired import CacheView, Removal
 from .pairs import Counts, Tally
-from .plan import CacheView, Plan
+from .projection import CacheProjection
+
+Spell = Callable[[str], str]  # an image's key -> as the cache spells it
 
 MAX_FAILED_NODES_PER_IMAGE = 20
 MAX_NODE_DETAILS = 50
@@ -68,9 +74,9 @@ def operation(view: CacheView, previous: Mapping[str, Any]) -> str:
     return Reason.REFRESH
 
 
-def _failures(tally: Tally) -> dict[str, list[dict[str, str]]]:
+def _failures(tally: Tally, spell: Spell) -> dict[str, list[dict[str, str]]]:
     out: dict[str, list[dict[str, str]]] = {}
-    for image in sorted(tally.failed):
+    for image in sorted(tally.failed, key=spell):
         count = len(tally.failed[image])
         entries = [
             {"node": p.node, "reason": p.reason or p.phase.value, "message": p.message}
@@ -84,15 +90,15 @@ def _failures(tally: Tally) -> dict[str, list[dict[str, str]]]:
                     "message": f"and {count - MAX_FAILED_NODES_PER_IMAGE} more nodes",
                 }
             )
-        out[image] = entries
+        out[spell(image)] = entries
     return out
 
 
-def _image_summary(tally: Tally) -> list[dict[str, Any]]:
+def _image_summary(tally: Tally, spell: Spell) -> list[dict[str, Any]]:
     out = []
-    for image, counts in sorted(tally.images.items()):
+    for image, counts in sorted(tally.images.items(), key=lambda item: spell(item[0])):
         entry: dict[str, Any] = {
-            "image": image,
+            "image": spell(image),
             "nodesReady": counts.ready,
             "nodesTotal": counts.total,
         }
@@ -108,9 +114,9 @@ def _image_summary(tally: Tally) -> list[dict[str, Any]]:
     return out
 
 
-def _node_details(tally: Tally) -> list[dict[str, Any]]:
+def _node_details(tally: Tally, spell: Spell) -> list[dict[str, Any]]:
     """Nodes not yet done, most behind first, at most MAX_NODE_DETAILS of them."""
-    return [plan.row(node) for node, plan in tally.most_behind(MAX_NODE_DETAILS)]
+    return [plan.row(node, spell) for node, plan in tally.most_behind(MAX_NODE_DETAILS)]
 
 
 def _condition(
@@ -118,7 +124,7 @@ def _condition(
     true: bool,
     reason: str,
     message: str,
-    generation: int,
+    view: CacheView,
     previous: Mapping[str, Any],
     now: str,
 ) -> dict[str, Any]:
@@ -130,69 +136,93 @@ def _condition(
         "status": status,
         "reason": reason,
         "message": message,
-        "observedGeneration": generation,
+        "observedGeneration": view.generation,
         "lastTransitionTime": now if changed or old is None else old.get("lastTransitionTime", now),
     }
 
 
+def _outcome(
+    view: CacheView,
+    tally: Tally,
+    failures: Mapping[str, Any],
+    unmatched: Sequence[CacheList],
+) -> tuple[str, str, str]:
+    """Status, reason and message of a cache whose work is done."""
+    if view.purge or view.dormant:
+        if failures:
+            return Status.FAILED, Reason.DELETE_FAILED_FOR_SOME_IMAGES, Message.DELETE_FAILED
+        return Status.SUCCEEDED, Reason.DELETED, Message.DELETED
+    if failures:
+        if any(c.failed >= c.total for c in tally.images.values() if c.failed):
+            return Status.FAILED, Reason.FAILED_FOR_SOME_IMAGES, Message.FAILED_FOR_SOME_IMAGES
+        return Status.FAILED, Reason.FAILED_ON_SOME_NODES, Message.FAILED_ON_SOME_NODES
+    if unmatched:
+        message = "; ".join(
+            f"nodeSelector {cl.selector_text()} matches no node" for cl in unmatched
+        )
+        return Status.FAILED, Reason.NO_MATCHING_NODES, message
+    return Status.SUCCEEDED, Reason.PULLED, Message.PULLED
+
+
+def next_purged_generation(view: CacheView, purge_done: bool) -> int | None:
+    """The generation a purge emptied the cache at, kept until an edit or a refresh."""
+    purged = view.purged_generation
+    if view.purge and purge_done:
+        return view.generation
+    if view.refresh_since is not None or (purged is not None and purged != view.generation):
+        return None
+    return purged
+
+
+def restart_state(view: CacheView, removing: Sequence[Removal], purge_done: bool) -> dict[str, Any]:
+    """What a coordinator taking over reads back: the lists acted on, the removals
+    still open, the generation purged at."""
+    lists = view.spec.lists if view.spec is not None else view.applied
+    out: dict[str, Any] = {"appliedLists": [list_to_json(cl) for cl in lists]}
+    if removing:
+        out["removing"] = [
+            {"image": image, "nodeSelector": dict(sel)} if sel else {"image": image}
+            for image, sel in removing
+        ]
+    purged = next_purged_generation(view, purge_done)
+    if purged is not None:
+        out["purgedGeneration"] = purged
+    return out
+
+
 def build_status(
     view: CacheView,
-    plan: Plan,
+    projection: CacheProjection,
     previous: Mapping[str, Any],
     now: str,
     spec_error: str = "",
     secret_errors: Sequence[str] = (),
+    unmatched: Sequence[CacheList] = (),
+    removing: Sequence[Removal] = (),
+    spell: Spell = str,
 ) -> dict[str, Any]:
-    tally = plan.tally
-    failures = _failures(tally)
+    tally = projection.tally
+    failures = _failures(tally, spell)
     op = operation(view, previous)
-    processing = not spec_error and not plan.settled
+    processing = not spec_error and not projection.settled
     if spec_error:
         status, reason, message = Status.FAILED, Reason.SPEC_INVALID, spec_error
     elif processing:
         status, reason, message = Status.PROCESSING, op, PROCESSING_MESSAGES[op]
-    elif view.purge or view.dormant:
-        status, reason, message = Status.SUCCEEDED, Reason.DELETED, Message.DELETED
-        if failures:
-            status, reason, message = (
-                Status.FAILED,
-                Reason.DELETE_FAILED_FOR_SOME_IMAGES,
-                Message.DELETE_FAILED,
-            )
-    elif failures:
-        all_failed = any(
-            counts.failed >= counts.total for counts in tally.images.values() if counts.failed
-        )
-        if all_failed:
-            status, reason, message = (
-                Status.FAILED,
-                Reason.FAILED_FOR_SOME_IMAGES,
-                Message.FAILED_FOR_SOME_IMAGES,
-            )
-        else:
-            status, reason, message = (
-                Status.FAILED,
-                Reason.FAILED_ON_SOME_NODES,
-                Message.FAILED_ON_SOME_NODES,
-            )
-    elif plan.unmatched:
-        status, reason = Status.FAILED, Reason.NO_MATCHING_NODES
-        message = "; ".join(
-            f"nodeSelector {cl.selector_text()} matches no node" for cl in plan.unmatched
-        )
     else:
-        status, reason, message = Status.SUCCEEDED, Reason.PULLED, Message.PULLED
-    if secret_errors and not spec_error:
-        detail = "; ".join(secret_errors)
-        if not processing:
-            status, reason = Status.FAILED, Reason.PULL_SECRET_INVALID
-            message = detail
+        status, reason, message = _outcome(view, tally, failures, unmatched)
+    if secret_errors and not spec_error and not processing:
+        status, reason, message = (
+            Status.FAILED,
+            Reason.PULL_SECRET_INVALID,
+            "; ".join(secret_errors),
+        )
     was_processing = previous.get("status") == Status.PROCESSING
     if processing:
         start = previous.get("startTime") if was_processing else now
     else:
         start = previous.get("startTime") or now
-    summary = _image_summary(tally)
+    summary = _image_summary(tally, spell)
     out: dict[str, Any] = {
         "status": status,
         "reason": reason,
@@ -203,15 +233,13 @@ def build_status(
         "imagesReady": f"{sum(i['nodesReady'] == i['nodesTotal'] for i in summary)}/{len(summary)}",
         "images": summary,
         "conditions": [
-            _condition(
-                "Ready", status == Status.SUCCEEDED, reason, message, view.generation, previous, now
-            ),
+            _condition("Ready", status == Status.SUCCEEDED, reason, message, view, previous, now),
             _condition(
                 "Progressing",
                 processing,
                 op if processing else reason,
                 PROCESSING_MESSAGES[op] if processing else message,
-                view.generation,
+                view,
                 previous,
                 now,
             ),
@@ -221,7 +249,7 @@ def build_status(
         out["pullSecretErrors"] = list(secret_errors)
     if failures:
         out["failures"] = failures
-    nodes = _node_details(tally)
+    nodes = _node_details(tally, spell)
     if nodes:
         out["nodes"] = nodes
     if not processing:
@@ -230,22 +258,7 @@ def build_status(
             if not was_processing and previous.get("completionTime")
             else now
         )
-    if view.spec is not None:
-        out["appliedLists"] = [list_to_json(cl) for cl in view.spec.lists]
-    else:
-        out["appliedLists"] = [list_to_json(cl) for cl in view.applied]
-    if plan.removing:
-        out["removing"] = [
-            {"image": image, "nodeSelector": dict(sel)} if sel else {"image": image}
-            for image, sel in plan.removing
-        ]
-    purged = previous.get("purgedGeneration")
-    if view.purge and plan.purge_done:
-        purged = view.generation
-    elif view.refresh_since is not None or (purged is not None and purged != view.generation):
-        purged = None
-    if purged is not None:
-        out["purgedGeneration"] = purged
+    out.update(restart_state(view, removing, projection.purge_done))
     return out
 
 

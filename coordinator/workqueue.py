@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Hashable
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
 
 
-class WorkQueue:
+class WorkQueue(Generic[K]):
     def __init__(self, base_delay: float = 0.5, max_delay: float = 300.0) -> None:
-        self._queue: deque[str] = deque()
-        self._queued: set[str] = set()
-        self._processing: set[str] = set()
-        self._dirty: set[str] = set()
-        self._failures: dict[str, int] = {}
-        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._queue: deque[K] = deque()
+        self._queued: set[K] = set()
+        self._processing: set[K] = set()
+        self._dirty: set[K] = set()
+        self._failures: dict[K, int] = {}
+        self._timers: dict[K, asyncio.TimerHandle] = {}
         self._wakeup = asyncio.Event()
         self._base = base_delay
         self._max = max_delay
@@ -24,7 +28,7 @@ class WorkQueue:
     def __len__(self) -> int:
         return len(self._queue)
 
-    def add(self, key: str) -> None:
+    def add(self, key: K) -> None:
         if self._shutdown:
             return
         if key in self._processing:
@@ -36,7 +40,7 @@ class WorkQueue:
         self._queue.append(key)
         self._wakeup.set()
 
-    def add_after(self, key: str, delay: float) -> None:
+    def add_after(self, key: K, delay: float) -> None:
         """Adds `key` after `delay` seconds; an earlier pending add wins."""
         if delay <= 0:
             self.add(key)
@@ -50,19 +54,19 @@ class WorkQueue:
             timer.cancel()
         self._timers[key] = loop.call_at(when, self._fire, key)
 
-    def _fire(self, key: str) -> None:
+    def _fire(self, key: K) -> None:
         self._timers.pop(key, None)
         self.add(key)
 
-    def add_rate_limited(self, key: str) -> None:
+    def add_rate_limited(self, key: K) -> None:
         failures = self._failures.get(key, 0)
         self._failures[key] = failures + 1
         self.add_after(key, min(self._max, self._base * 2**failures))
 
-    def forget(self, key: str) -> None:
+    def forget(self, key: K) -> None:
         self._failures.pop(key, None)
 
-    async def get(self) -> str | None:
+    async def get(self) -> K | None:
         """The next key, or None once shut down."""
         while not self._queue:
             if self._shutdown:
@@ -74,7 +78,7 @@ class WorkQueue:
         self._processing.add(key)
         return key
 
-    def done(self, key: str) -> None:
+    def done(self, key: K) -> None:
         self._processing.discard(key)
         if key in self._dirty:
             self._dirty.discard(key)

@@ -21,7 +21,6 @@ from tests.coordinator.helpers import (
     runtime_images,
     stand_in,
     wait_for,
-    wait_status,
 )
 from tests.testenv import TestEnv
 from tests.testenv.agents import CoordinatorProcess
@@ -103,9 +102,21 @@ def test_a_node_whose_images_cannot_arrive_is_released_at_its_deadline(
     apply(testenv, cache_manifest("late", namespace, [{"images": [ref], "nodeSelector": pool}]))
     name = unique("late-node")
     with extra_node(testenv, name, pool, taints=[OURS], registry_hosts=(unreachable,)):
-        obj = wait_status(testenv, namespace, "late", "Failed")
-        assert obj["status"]["failures"][ref][0]["reason"] == "RegistryUnavailable"
-        assert obj["status"]["nodesGated"] == 1
+        # (AgentUnavailable first, for the moment between the Node and its agent.)
+        status = wait_for(
+            "the pull to fail as RegistryUnavailable",
+            lambda: (
+                (st := cache_status(testenv, namespace, "late"))
+                .get("failures", {})
+                .get(ref, [{}])[0]
+                .get("reason")
+                == "RegistryUnavailable"
+                and st
+            ),
+            timeout=60,
+        )
+        assert status["status"] == "Failed"
+        assert status["nodesGated"] == 1
         assert OURS in taints(testenv, name)  # held: the failure may pass
         wait_for("the deadline release", lambda: OURS not in taints(testenv, name), timeout=60)
         warning = wait_for(

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from coordinator.controller import StatusWriter
 from coordinator.kube import KubeWriter
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.pairs import Counts
+from coordinator.statuswriter import StatusWriter
 from tests.conftest import unique
 from tests.coordinator.helpers import (
     apply,

@@ -14,8 +14,9 @@ import pytest
 from common.reference import parse
 from coordinator.api import CacheList, CacheSpec, SpecError, parse_spec
 from coordinator.controller import agent_from_lease
+from coordinator.desired import CacheView
 from coordinator.pairs import PairPhase, PairState
-from coordinator.plan import CacheView, Plan
+from coordinator.projection import CacheProjection
 from coordinator.secrets import SecretError, credentials_for, parse_secret
 from coordinator.status import (
     MAX_FAILED_NODES_PER_IMAGE,
@@ -34,11 +35,8 @@ def view(**kw: object) -> CacheView:
     return CacheView(key="ns/c", generation=3, spec=SPEC, **kw)  # type: ignore[arg-type]
 
 
-def plan_of(*pairs: PairState, **kw: object) -> Plan:
-    plan = Plan.of_pairs(pairs)
-    for k, v in kw.items():
-        setattr(plan, k, v)
-    return plan
+def plan_of(*pairs: PairState) -> CacheProjection:
+    return CacheProjection.of_pairs(pairs)
 
 
 def test_a_new_cache_in_progress_reads_like_kube_fledged() -> None:
@@ -301,7 +299,7 @@ def test_agent_leases_give_endpoint_and_expiry() -> None:
 
 
 async def test_the_work_queue_dedups_requeues_dirty_keys_and_delays() -> None:
-    queue = WorkQueue(base_delay=0.01)
+    queue: WorkQueue[str] = WorkQueue(base_delay=0.01)
     queue.add("a")
     queue.add("a")
     assert len(queue) == 1

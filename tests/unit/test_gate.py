@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from common.reference import parse
 from coordinator.gate import Verdict, Wanted, decide, has_taint, message, without_taint
+from coordinator.images import image_key
 from coordinator.model import Inventory, NodeImage, OrderPhase, PullRecord
 
 NOW = 1_000_000.0
@@ -15,7 +15,7 @@ DEADLINE = 600.0
 def held(*images: tuple[str, bool]) -> Inventory:
     return Inventory(
         [
-            NodeImage(f"sha256:{ref}", frozenset({ref}), frozenset(), pinned, pinned, 1)
+            NodeImage(f"sha256:{ref}", frozenset({image_key(ref)}), frozenset(), pinned, pinned, 1)
             for ref, pinned in images
         ],
         NOW,
@@ -23,7 +23,7 @@ def held(*images: tuple[str, bool]) -> Inventory:
 
 
 def want(image: str, pin: bool = True) -> Wanted:
-    return Wanted(image, parse(image), pin, ("ns/c",))
+    return Wanted(image, image_key(image), pin, ("ns/c",))
 
 
 def test_a_node_is_released_once_every_selected_image_is_there_pinned_where_asked() -> None:
@@ -45,7 +45,9 @@ def test_a_node_waits_for_its_listing_unless_nothing_selects_it() -> None:
 
 
 def test_the_deadline_releases_a_node_whose_images_do_not_come() -> None:
-    unavailable = {A: PullRecord(OrderPhase.FAILED, NOW - 5, NOW, category="RegistryUnavailable")}
+    unavailable = {
+        image_key(A): PullRecord(OrderPhase.FAILED, NOW - 5, NOW, category="RegistryUnavailable")
+    }
     before = decide([want(A)], held(), True, unavailable, NOW - 599, NOW, DEADLINE)
     assert before.verdict is Verdict.HOLD
     assert before.wait == 1
@@ -61,8 +63,8 @@ def test_the_deadline_releases_a_node_whose_images_do_not_come() -> None:
 
 def test_images_that_failed_for_good_do_not_hold_a_node() -> None:
     gone = {
-        A: PullRecord(OrderPhase.FAILED, NOW - 5, NOW, category="NotFound"),
-        B: PullRecord(OrderPhase.FAILED, NOW - 5, NOW, category="RegistryUnavailable"),
+        image_key(A): PullRecord(OrderPhase.FAILED, NOW - 5, NOW, category="NotFound"),
+        image_key(B): PullRecord(OrderPhase.FAILED, NOW - 5, NOW, category="RegistryUnavailable"),
     }
     only_gone = decide([want(A)], held(), True, gone, NOW, NOW, DEADLINE)
     assert only_gone.verdict is Verdict.FAILED

@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 
 from coordinator.controller import NODE_CHANGE_BATCH, replan_delay
+from coordinator.images import ImageKey
 from coordinator.model import AgentInfo, Inventory
 from coordinator.nodes import NodeRegistry
 from coordinator.pairs import PullItem
@@ -57,16 +58,19 @@ async def test_the_last_answer_to_a_caches_orders_is_reported_once() -> None:
     answered: list[str] = []
     registry = NodeRegistry(
         pool,  # type: ignore[arg-type]
-        lambda node: None,
+        lambda node, delay: None,
         pull_deadline=60,
         on_answered=answered.append,
     )
     for node, endpoint in (("n1", "a:1"), ("n2", "b:1")):
         obs = registry.observation(node)
-        obs.agent = AgentInfo(node, endpoint, False, expires=1e12)
-        obs.inventory = Inventory([], 0)
-    items = [PullItem("r.io/a:1", False, True), PullItem("r.io/b:1", False, True)]
-    registry.submit_pulls({"n1": items, "n2": items}, lambda image: [], "ns/cache")
+        obs.set_agent(AgentInfo(node, endpoint, False, expires=1e12), 0)
+        obs.listed(Inventory([], 0), True)
+    items = [
+        PullItem("r.io/a:1", False, True, caches=("ns/cache",)),
+        PullItem("r.io/b:1", False, True, caches=("ns/cache",)),
+    ]
+    registry.submit_pulls({"n1": items, "n2": items}, lambda image: [])
     await asyncio.sleep(0.05)
     assert answered == []  # nothing answered yet
     gate.set()
@@ -76,7 +80,7 @@ async def test_the_last_answer_to_a_caches_orders_is_reported_once() -> None:
         await asyncio.sleep(0.01)
     await asyncio.sleep(0.05)
     assert answered == ["ns/cache"]  # once, after n1's two answers and n2's broken stream
-    assert registry.observations["n2"].pulls["r.io/b:1"].category == "AgentUnavailable"
+    assert registry.observations["n2"].pulls[ImageKey("r.io/b:1")].category == "AgentUnavailable"
 
 
 def test_a_cheap_cache_is_replanned_soon_and_a_costly_one_once_a_status_interval() -> None:

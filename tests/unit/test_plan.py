@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from common.reference import ImageRef, parse
+from common.reference import parse
 from coordinator.api import CacheList, CacheSpec
+from coordinator.desired import CacheView
+from coordinator.images import ImageKey
 from coordinator.model import (
     AgentInfo,
     Inventory,
@@ -15,11 +17,12 @@ from coordinator.model import (
     PullRecord,
 )
 from coordinator.pairs import PairPhase
-from coordinator.plan import CacheView, Settings, plan_cache
+from coordinator.plan import Settings
+from tests.unit.planning import plan_cache
 
 NOW = 1_000_000.0
-A = "reg.io/app/a:v1"
-B = "reg.io/app/b:v1"
+A = ImageKey("reg.io/app/a:v1")
+B = ImageKey("reg.io/app/b:v1")
 NODES = {"n1": {"zone": "a"}, "n2": {"zone": "a"}, "n3": {"zone": "b"}}
 
 
@@ -29,8 +32,8 @@ def image(
     parsed = parse(ref)
     return NodeImage(
         image_id="sha256:id-" + ref,
-        tags=frozenset({f"{parsed.name}:{parsed.tag}"}),
-        digests=frozenset({f"{parsed.name}@{digest}"}),
+        tags=frozenset({ImageKey(f"{parsed.name}:{parsed.tag}")}),
+        digests=frozenset({ImageKey(f"{parsed.name}@{digest}")}),
         pinned=pinned,
         pin_owned=owned,
         size=10,
@@ -49,8 +52,9 @@ def view(*lists: CacheList, **kw: object) -> CacheView:
     return CacheView(key="ns/c", generation=1, spec=CacheSpec(tuple(lists), ()), **kw)  # type: ignore[arg-type]
 
 
-def nobody(node: str, ref: ImageRef) -> tuple[bool, bool]:
-    return False, False
+def other(*lists: CacheList) -> CacheView:
+    """Another cache, wanting what its lists say."""
+    return CacheView(key="ns/other", generation=1, spec=CacheSpec(tuple(lists), ()))
 
 
 def everything_list(*images: str, pin: bool = True, **selector: str) -> CacheList:
@@ -59,7 +63,7 @@ def everything_list(*images: str, pin: bool = True, **selector: str) -> CacheLis
 
 def test_missing_images_are_ordered_once_per_node_with_the_pin_wish() -> None:
     obs = {"n1": node(), "n2": node(), "n3": node()}
-    plan = plan_cache(view(everything_list(A)), NODES, obs, nobody, {}, Settings(), NOW)
+    plan = plan_cache(view(everything_list(A)), NODES, obs, Settings(), NOW)
     assert {n: [(i.image, i.pin, i.always) for i in items] for n, items in plan.pulls.items()} == {
         "n1": [(A, True, False)],
         "n2": [(A, True, False)],
@@ -75,8 +79,6 @@ def test_orders_in_flight_are_not_sent_again_and_report_progress() -> None:
         view(everything_list(A, zone="a")),
         NODES,
         {"n1": busy, "n2": node(image(A, True))},
-        nobody,
-        {},
         Settings(),
         NOW,
     )
@@ -87,7 +89,7 @@ def test_orders_in_flight_are_not_sent_again_and_report_progress() -> None:
 
 def test_present_images_are_ready_and_lost_pins_are_restored() -> None:
     obs = {"n1": node(image(A, pinned=False)), "n2": node(image(A, pinned=True))}
-    plan = plan_cache(view(everything_list(A, zone="a")), NODES, obs, nobody, {}, Settings(), NOW)
+    plan = plan_cache(view(everything_list(A, zone="a")), NODES, obs, Settings(), NOW)
     assert plan.pins == {"n1": [(A, True)]}
     assert not plan.pulls
     assert all(p.phase == PairPhase.READY for p in plan.pairs)
@@ -95,14 +97,14 @@ def test_present_images_are_ready_and_lost_pins_are_restored() -> None:
 
 def test_runtimes_without_pinning_get_no_pin_orders() -> None:
     obs = {"n3": node(image(A, pinned=False), pinning=False)}
-    plan = plan_cache(view(everything_list(A, zone="b")), NODES, obs, nobody, {}, Settings(), NOW)
+    plan = plan_cache(view(everything_list(A, zone="b")), NODES, obs, Settings(), NOW)
     assert not plan.pins
     assert plan.settled
 
 
 def test_nodes_without_a_live_agent_fail_clearly() -> None:
     obs = {"n1": node(alive=False)}
-    plan = plan_cache(view(everything_list(A, zone="a")), NODES, obs, nobody, {}, Settings(), NOW)
+    plan = plan_cache(view(everything_list(A, zone="a")), NODES, obs, Settings(), NOW)
     reasons = {p.node: (p.phase, p.reason) for p in plan.pairs}
     assert reasons == {
         "n1": (PairPhase.AGENT_UNAVAILABLE, "AgentUnavailable"),
@@ -122,19 +124,15 @@ def test_transient_failures_retry_after_backoff_and_permanent_ones_wait_for_a_re
     )
     obs = {"n1": flaky, "n2": missing}
     settings = Settings(retry_base=30)
-    plan = plan_cache(view(everything_list(A, zone="a")), NODES, obs, nobody, {}, settings, NOW)
+    plan = plan_cache(view(everything_list(A, zone="a")), NODES, obs, settings, NOW)
     assert not plan.pulls
     assert plan.next_retry == NOW + 20
-    later = plan_cache(
-        view(everything_list(A, zone="a")), NODES, obs, nobody, {}, settings, NOW + 25
-    )
+    later = plan_cache(view(everything_list(A, zone="a")), NODES, obs, settings, NOW + 25)
     assert list(later.pulls) == ["n1"]
     refresh = plan_cache(
         view(everything_list(A, zone="a"), refresh_since=NOW),
         NODES,
         obs,
-        nobody,
-        {},
         settings,
         NOW + 25,
     )
@@ -143,15 +141,15 @@ def test_transient_failures_retry_after_backoff_and_permanent_ones_wait_for_a_re
 
 def test_the_wave_size_holds_back_nodes_beyond_it() -> None:
     obs = {n: node() for n in NODES}
-    plan = plan_cache(view(everything_list(A)), NODES, obs, nobody, {}, Settings(wave=2), NOW)
+    plan = plan_cache(view(everything_list(A)), NODES, obs, Settings(wave=2), NOW)
     assert sum(len(v) for v in plan.pulls.values()) == 2
     assert sum(p.phase == PairPhase.QUEUED for p in plan.pairs) == 1
-    busy = plan_cache(view(everything_list(A)), NODES, obs, nobody, {A: 2}, Settings(wave=2), NOW)
+    busy = plan_cache(view(everything_list(A)), NODES, obs, Settings(wave=2), NOW, in_flight={A: 2})
     assert not busy.pulls
 
 
 def test_a_refresh_repulls_mutable_tags_with_always_but_not_digests() -> None:
-    digest_ref = "reg.io/app/c@sha256:" + "2" * 64
+    digest_ref = ImageKey("reg.io/app/c@sha256:" + "2" * 64)
     present = node(
         image(A, pinned=True),
         NodeImage("sha256:c", frozenset(), frozenset({digest_ref}), True, True, 1),
@@ -160,8 +158,6 @@ def test_a_refresh_repulls_mutable_tags_with_always_but_not_digests() -> None:
         view(everything_list(A, digest_ref, zone="b"), refresh_since=NOW - 1),
         NODES,
         {"n3": present},
-        nobody,
-        {},
         Settings(),
         NOW,
     )
@@ -171,8 +167,6 @@ def test_a_refresh_repulls_mutable_tags_with_always_but_not_digests() -> None:
         view(everything_list(A, digest_ref, zone="b"), refresh_since=NOW - 1),
         NODES,
         {"n3": present},
-        nobody,
-        {},
         Settings(),
         NOW,
     )
@@ -185,27 +179,28 @@ def test_an_agent_restart_keeps_what_the_node_held_ready_and_orders_nothing() ->
     it lacked waits (AgentUnavailable, then Pending), and nothing is ordered."""
     obs = node(image(A, pinned=True, owned=True))
     cache = view(everything_list(A, B, zone="b"))
-    obs.unlist()
-    agent, obs.agent = obs.agent, None  # the Lease deleted by the agent on its way out
+    agent = obs.agent
     assert agent is not None
-    gone = plan_cache(cache, NODES, {"n3": obs}, nobody, {}, Settings(), NOW)
+    obs.set_agent(None, NOW)  # the Lease deleted by the agent on its way out
+    gone = plan_cache(cache, NODES, {"n3": obs}, Settings(), NOW)
     assert {p.image: p.phase for p in gone.pairs} == {
         A: PairPhase.READY,
         B: PairPhase.AGENT_UNAVAILABLE,
     }
     assert gone.tally.ready == 1
     assert gone.tally.unknown == 0  # its agent was seen: the node is known, only away
-    never = plan_cache(cache, NODES, {}, nobody, {}, Settings(), NOW)
+    never = plan_cache(cache, NODES, {}, Settings(), NOW)
     assert never.tally.unknown == 1  # no agent ever: a new coordinator may wait for one
-    fresh = NodeObservation(agent=agent, pinning_supported=True)  # alive, never listed
-    first = plan_cache(cache, NODES, {"n3": fresh}, nobody, {}, Settings(), NOW)
+    fresh = NodeObservation()
+    fresh.set_agent(agent, NOW)  # alive, never listed
+    first = plan_cache(cache, NODES, {"n3": fresh}, Settings(), NOW)
     assert first.tally.unknown == 1
-    obs.agent = replace(agent, acquired="new")  # the new process, not listed yet
-    listing = plan_cache(cache, NODES, {"n3": obs}, nobody, {}, Settings(), NOW)
+    obs.set_agent(replace(agent, acquired="new"), NOW)  # the new process, not listed yet
+    listing = plan_cache(cache, NODES, {"n3": obs}, Settings(), NOW)
     assert {p.image: p.phase for p in listing.pairs} == {A: PairPhase.READY, B: PairPhase.PENDING}
     assert not listing.has_orders
-    obs.inventory = Inventory([image(A, pinned=True, owned=True)], NOW)  # listed
-    listed = plan_cache(cache, NODES, {"n3": obs}, nobody, {}, Settings(), NOW)
+    obs.listed(Inventory([image(A, pinned=True, owned=True)], NOW), True)  # listed
+    listed = plan_cache(cache, NODES, {"n3": obs}, Settings(), NOW)
     assert [i.image for i in listed.pulls["n3"]] == [B]
 
 
@@ -214,25 +209,19 @@ def test_pull_policy_always_pulls_a_present_image_once_at_first_sync() -> None:
     checks the credentials) even for an image the node holds; once per node."""
     present = node(image(A, pinned=True, owned=True))
     always = Settings(always_pull=True)
-    plan = plan_cache(
-        view(everything_list(A, zone="b")), NODES, {"n3": present}, nobody, {}, always, NOW
-    )
+    plan = plan_cache(view(everything_list(A, zone="b")), NODES, {"n3": present}, always, NOW)
     assert [(i.image, i.always) for i in plan.pulls["n3"]] == [(A, True)]
     default = plan_cache(
-        view(everything_list(A, zone="b")), NODES, {"n3": present}, nobody, {}, Settings(), NOW
+        view(everything_list(A, zone="b")), NODES, {"n3": present}, Settings(), NOW
     )
     assert not default.pulls["n3"]
     present.pulls[A] = PullRecord(OrderPhase.DONE, NOW - 1, NOW)
-    again = plan_cache(
-        view(everything_list(A, zone="b")), NODES, {"n3": present}, nobody, {}, always, NOW
-    )
+    again = plan_cache(view(everything_list(A, zone="b")), NODES, {"n3": present}, always, NOW)
     assert not again.pulls["n3"]
     assert again.settled
     # Refused by the registry: a failure, though the node holds the image.
     present.pulls[A] = PullRecord(OrderPhase.FAILED, NOW - 1, NOW, category="Unauthorized")
-    refused = plan_cache(
-        view(everything_list(A, zone="b")), NODES, {"n3": present}, nobody, {}, always, NOW
-    )
+    refused = plan_cache(view(everything_list(A, zone="b")), NODES, {"n3": present}, always, NOW)
     assert [(p.phase, p.reason) for p in refused.pairs] == [(PairPhase.FAILED, "Unauthorized")]
 
 
@@ -242,11 +231,9 @@ def test_images_that_left_the_spec_are_removed_except_where_another_cache_wants_
         "n3": node(image(A, True, True), image(B, True, True)),
     }
 
-    def others(node_name: str, ref: ImageRef) -> tuple[bool, bool]:
-        return (node_name == "n3" and ref.canonical == B, False)
-
+    others = [other(everything_list(B, pin=False, zone="b"))]  # n3 only, unpinned
     edited = view(everything_list(A), applied=(everything_list(A, B),))
-    plan = plan_cache(edited, NODES, obs, others, {}, Settings(), NOW)
+    plan = plan_cache(edited, NODES, obs, Settings(), NOW, others)
     assert plan.removals == {"n1": [B]}
     assert plan.pins == {"n3": [(B, False)]}  # kept for the other cache, but no longer pinned by us
     assert plan.removing == ((B, ()),)
@@ -254,17 +241,13 @@ def test_images_that_left_the_spec_are_removed_except_where_another_cache_wants_
 
 def test_purge_removes_every_image_then_reports_done() -> None:
     obs = {"n1": node(image(A, True, True)), "n2": node()}
-    plan = plan_cache(
-        view(everything_list(A, zone="a"), purge=True), NODES, obs, nobody, {}, Settings(), NOW
-    )
+    plan = plan_cache(view(everything_list(A, zone="a"), purge=True), NODES, obs, Settings(), NOW)
     assert plan.removals == {"n1": [A]}
     assert not plan.purge_done
     after = plan_cache(
         view(everything_list(A, zone="a"), purge=True),
         NODES,
         {"n1": node(), "n2": node()},
-        nobody,
-        {},
         Settings(),
         NOW,
     )
@@ -274,10 +257,10 @@ def test_purge_removes_every_image_then_reports_done() -> None:
 
 def test_a_purged_cache_stays_empty_until_edited_or_refreshed() -> None:
     dormant = view(everything_list(A), purged_generation=1)
-    plan = plan_cache(dormant, NODES, {n: node() for n in NODES}, nobody, {}, Settings(), NOW)
+    plan = plan_cache(dormant, NODES, {n: node() for n in NODES}, Settings(), NOW)
     assert not plan.pulls
     edited = CacheView(key="ns/c", generation=2, spec=dormant.spec, purged_generation=1)
-    assert plan_cache(edited, NODES, {n: node() for n in NODES}, nobody, {}, Settings(), NOW).pulls
+    assert plan_cache(edited, NODES, {n: node() for n in NODES}, Settings(), NOW).pulls
 
 
 def test_deletion_lifts_only_pins_this_cache_set_and_nobody_else_wants() -> None:
@@ -287,22 +270,18 @@ def test_deletion_lifts_only_pins_this_cache_set_and_nobody_else_wants() -> None
         "n3": node(image(A, pinned=True, owned=True)),
     }
 
-    def others(node_name: str, ref: ImageRef) -> tuple[bool, bool]:
-        return (node_name == "n3", node_name == "n3")
-
-    plan = plan_cache(
-        view(everything_list(A), deleting=True), NODES, obs, others, {}, Settings(), NOW
-    )
+    others = [other(everything_list(A, zone="b"))]  # wanted pinned on n3
+    plan = plan_cache(view(everything_list(A), deleting=True), NODES, obs, Settings(), NOW, others)
     assert plan.pins == {"n1": [(A, False)]}
     assert not plan.finalize_done
     clear = {"n1": node(image(A)), "n2": obs["n2"], "n3": obs["n3"]}
     assert plan_cache(
-        view(everything_list(A), deleting=True), NODES, clear, others, {}, Settings(), NOW
+        view(everything_list(A), deleting=True), NODES, clear, Settings(), NOW, others
     ).finalize_done
 
 
 def test_lists_that_match_no_node_are_named() -> None:
-    plan = plan_cache(view(everything_list(A, zone="z")), NODES, {}, nobody, {}, Settings(), NOW)
+    plan = plan_cache(view(everything_list(A, zone="z")), NODES, {}, Settings(), NOW)
     assert [cl.selector_text() for cl in plan.unmatched] == ["zone=z"]
 
 
@@ -319,20 +298,20 @@ def test_a_pull_refused_as_unauthorized_is_tried_again_once_the_secrets_change()
     obs = {"n1": refused}
     same = plan_cache(
         view(everything_list(A, zone="a"), credentials="regcred=-"),
-        NODES, obs, nobody, {}, Settings(), NOW,
+        NODES, obs, Settings(), NOW,
     )  # fmt: skip
     assert not same.pulls
     assert same.pairs[0].phase == PairPhase.FAILED
     fixed = plan_cache(
         view(everything_list(A, zone="a"), credentials="regcred=42"),
-        NODES, obs, nobody, {}, Settings(), NOW,
+        NODES, obs, Settings(), NOW,
     )  # fmt: skip
     assert list(fixed.pulls) == ["n1"]
     # Refused again (say another cache with other Secrets tried meanwhile): backoff now.
     refused.pulls[A] = replace(refused.pulls[A], failures=2)
     again = plan_cache(
         view(everything_list(A, zone="a"), credentials="regcred=43"),
-        NODES, obs, nobody, {}, Settings(retry_base=30), NOW,
+        NODES, obs, Settings(retry_base=30), NOW,
     )  # fmt: skip
     assert not again.pulls
     assert again.next_retry == NOW - 10 + 60

@@ -9,7 +9,6 @@ from typing import Any
 
 from kubernetes import client
 
-from coordinator.controller import StatusWriter
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.pairs import Counts
 from coordinator.status import (
@@ -19,6 +18,7 @@ from coordinator.status import (
     json_size,
     status_room,
 )
+from coordinator.statuswriter import StatusWriter
 
 COUNTS = Counts(nodes=1, images=1, totals={}, failed={})
 
