@@ -6,6 +6,7 @@ text (and the transport status) into one category. Pure functions, tested as suc
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 
 import grpc
@@ -88,10 +89,26 @@ _PATTERNS: tuple[tuple[Category, tuple[str, ...]], ...] = (
 )
 
 
+def _matcher(pattern: str) -> re.Pattern[str]:
+    """A status code counts only as a word of its own: a port (`:44047`), an address or a
+    digest that happens to hold "404" must not read as an HTTP answer."""
+    text = re.escape(pattern)
+    if pattern[0].isdigit():
+        text = r"(?<![\w.:/@-])" + text + r"(?!\d)"
+    return re.compile(text)
+
+
+_MATCHERS: tuple[tuple[Category, tuple[re.Pattern[str], ...]], ...] = tuple(
+    (category, tuple(_matcher(p) for p in patterns)) for category, patterns in _PATTERNS
+)
+# URLs name the registry and the repository the user chose; their words are not the error's.
+_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://\S+")
+
+
 def classify_message(message: str) -> Category:
-    text = message.lower()
-    for category, patterns in _PATTERNS:
-        if any(p in text for p in patterns):
+    text = _URL.sub(" ", message.lower())
+    for category, matchers in _MATCHERS:
+        if any(m.search(text) for m in matchers):
             return category
     return Category.INTERNAL
 

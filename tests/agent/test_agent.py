@@ -25,7 +25,7 @@ from tests.testenv import AUTH_PASSWORD, AUTH_USER, PushedImage, TestEnv
 from tests.testenv.agents import AGENT_NAMESPACE, AgentProcess
 from tests.testenv.containerd import Containerd
 from tests.testenv.pki import CertFiles, CertificateAuthority
-from tests.testenv.procs import free_port
+from tests.testenv.procs import free_port, port_open
 from tests.testenv.proxy import RegistryProxy
 from tests.testenv.runtime import PINNED_LABEL, NodeRuntime
 
@@ -218,8 +218,16 @@ def test_authenticated_registry_needs_the_right_credentials(
     assert "wrong" not in log.replace("went wrong", "")
 
 
+def _free_port_holding_404() -> int:
+    """A port such as 40417: CI once saw one read as an HTTP 404 in the runtime's message."""
+    for port in range(40400, 40500):
+        if not port_open(port):
+            return port
+    return free_port()
+
+
 def test_unreachable_registry_fails_as_registry_unavailable(backend: Backend) -> None:
-    ref = f"127.0.0.1:{free_port()}/agent/down:v1"
+    ref = f"127.0.0.1:{_free_port_holding_404()}/agent/down:v1"
     end = final(backend.agent.pull(order(ref, deadline=duration_pb2.Duration(seconds=30))), ref)
     assert end.error_category == A.ERROR_CATEGORY_REGISTRY_UNAVAILABLE, end.error_message
     assert "connection refused" in end.error_message

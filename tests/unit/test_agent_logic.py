@@ -35,6 +35,21 @@ from common.units import parse_duration, parse_size
         ("invalid reference format: repository name must be lowercase", Category.INVALID_REFERENCE),
         ("context deadline exceeded", Category.DEADLINE_EXCEEDED),
         ("something nobody expected", Category.INTERNAL),
+        # Seen in CI: the port held "404", which once read as an HTTP 404.
+        (
+            'failed to pull and unpack image "127.0.0.1:44047/agent/down:v1": failed to resolve '
+            'image: failed to do request: Head "https://127.0.0.1:44047/v2/agent/down/manifests/'
+            'v1": dial tcp 127.0.0.1:44047: connect: connection refused',
+            Category.REGISTRY_UNAVAILABLE,
+        ),
+        ("dial tcp reg.example:4040: i/o timeout", Category.REGISTRY_UNAVAILABLE),
+        (
+            'Head "https://reg.example/v2/not-found-unauthorized/manifests/sha256:'
+            '404a": dial tcp: connection reset by peer',
+            Category.REGISTRY_UNAVAILABLE,
+        ),
+        ("unexpected status code 404 (Not Found)", Category.NOT_FOUND),
+        ("unexpected status code: 404", Category.NOT_FOUND),
     ],
 )
 def test_runtime_messages_map_to_categories(message: str, category: Category) -> None:
