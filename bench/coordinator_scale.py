@@ -151,6 +151,9 @@ def run_one(nodes: int, pull_seconds: float, servers: int, wave: int | None) -> 
         print(f"fleet listed by the coordinator in {time.monotonic() - listed:.0f}s", flush=True)
         time.sleep(2)  # the clock starts on a coordinator at rest
         before = api_writes(env)
+        _, cpu_before = proc_usage(coordinator.process.pid)
+        sim_before = resource.getrusage(resource.RUSAGE_SELF)
+        plans_before = coordinator.metric("fledged_coordinator_node_plans_total")
         images = [f"registry.bench.local/app/img-{i}:v1" for i in range(IMAGES)]
         t0 = time.monotonic()
         manifest = cache_manifest("scale", "default", [{"images": images}])
@@ -162,6 +165,8 @@ def run_one(nodes: int, pull_seconds: float, servers: int, wave: int | None) -> 
         elapsed = time.monotonic() - t0
         after = api_writes(env)
         rss, cpu = proc_usage(coordinator.process.pid)
+        sim_after = resource.getrusage(resource.RUSAGE_SELF)
+        plans = coordinator.metric("fledged_coordinator_node_plans_total") - plans_before
         pulls = sum(n.pulls for n in fleet.agent.nodes.values())
         sim = fleet.agent
         writes = {
@@ -179,6 +184,13 @@ def run_one(nodes: int, pull_seconds: float, servers: int, wave: int | None) -> 
             "ratio": elapsed / ideal,
             "rss_mib": rss,
             "cpu_s": cpu,
+            "operation_cpu_s": cpu - cpu_before,
+            "node_plans": plans,
+            # this process: the simulated fleet's thread, and a status poll every 0.25 s
+            "fleet_cpu_s": sim_after.ru_utime
+            + sim_after.ru_stime
+            - sim_before.ru_utime
+            - sim_before.ru_stime,
             "pulls": pulls,
             "first_order_s": sim.first_order - t0,  # the coordinator's first order
             "last_pull_end_s": sim.last_pull_end - t0,  # when the fleet's work was done
@@ -227,9 +239,10 @@ def write(
         "(ideal 10). Last pull: when the fleet's work was done.",
         "",
         "| nodes | connections | create -> Ready | ideal | ratio | coordinator peak RSS "
-        "| coordinator CPU | orders reached nodes | a node's pulls | last pull | pulls "
-        "| API writes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| coordinator CPU (of it, the operation) | simulated fleet's CPU | node plans "
+        "| orders reached nodes "
+        "| a node's pulls | last pull | pulls | API writes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         writes = ", ".join(f"{k}: {v:.0f}" for k, v in sorted(r["writes"].items()))
@@ -237,7 +250,8 @@ def write(
         lines.append(
             f"| {r['nodes']} | {r['connections']} | {r['ready_s']:.1f}s | "
             f"{r['ideal_s']:.0f}s | {r['ratio']:.2f} | "
-            f"{r['rss_mib']:.0f} MiB | {r['cpu_s']:.1f}s | "
+            f"{r['rss_mib']:.0f} MiB | {r['cpu_s']:.1f}s ({r['operation_cpu_s']:.1f}s) | "
+            f"{r['fleet_cpu_s']:.1f}s | {r['node_plans']:.0f} | "
             f"{ordered['min']:.1f} / {ordered['p50']:.1f} / {ordered['max']:.1f}s | "
             f"{pulling['p50']:.1f} / {pulling['max']:.1f}s | {r['last_pull_end_s']:.1f}s | "
             f"{r['pulls']} | {writes} |"

@@ -19,6 +19,11 @@ class CoordinatorMetrics:
             "Time to plan one ImageCache (orders are sent asynchronously).",
             registry=self.registry,
         )
+        self.node_plans = Counter(
+            "fledged_coordinator_node_plans_total",
+            "Nodes planned: a node's desired state compared with what it holds.",
+            registry=self.registry,
+        )
         self.status_writes = Counter(
             "fledged_coordinator_status_writes_total",
             "ImageCache status writes (after debouncing and skipping identical ones).",
