@@ -15,6 +15,7 @@ from typing import Any, cast
 from kubernetes import client, watch
 
 from .api import GATE_RELEASED_ANNOTATION, GROUP, PLURAL, VERSION
+from .gate import without_taint
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +255,7 @@ class KubeWriter:
                 raise
             raw = cast(Obj, self._core.api_client.sanitize_for_serialization(node))
             taints = (raw.get("spec") or {}).get("taints") or []
-            kept = [t for t in taints if t.get("key") != taint]
+            kept = without_taint(taints, taint)
             if len(kept) == len(taints):
                 return None
             body = {
