@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="create (or reuse) the agent CA and certificates as Secrets in --agent-namespace",
     )
-    a("--workers", type=int, default=4, help="caches reconciled in parallel")
+    a("--workers", type=int, default=4, help="queue workers (caches and nodes) on the event loop")
     a("--watch-namespace", default=None, help="only serve ImageCaches in this namespace")
     a(
         "--node-gate-taint",
