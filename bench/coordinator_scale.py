@@ -34,6 +34,7 @@ from typing import Any
 from kubernetes import client
 
 from bench.fleet import Fleet
+from common.wire import COMPONENT_LABELS, ENDPOINT_ANNOTATION, NODE_LABEL, lease_name
 from tests.coordinator.helpers import apply, cache_manifest, wait_for, wait_status
 from tests.testenv import TestEnv
 from tests.testenv.agents import AGENT_NAMESPACE
@@ -97,9 +98,9 @@ def make_fleet(env: TestEnv, nodes: int, fleet: Fleet) -> None:
             AGENT_NAMESPACE,
             client.V1Lease(
                 metadata=client.V1ObjectMeta(
-                    name=f"fledged-agent-{name}",
-                    labels={"app.kubernetes.io/component": "agent", "kubefledged.io/node": name},
-                    annotations={"kubefledged.io/agent-endpoint": fleet.endpoint_for(i)},
+                    name=lease_name(name),
+                    labels={**COMPONENT_LABELS, NODE_LABEL: name},
+                    annotations={ENDPOINT_ANNOTATION: fleet.endpoint_for(i)},
                 ),
                 # Not renewed during the run: long enough to outlive it.
                 spec=client.V1LeaseSpec(

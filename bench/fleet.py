@@ -31,6 +31,7 @@ from typing import Any
 import grpc
 
 from common.reference import parse
+from common.wire import NODE_HEADER
 from protos.fledged.agent.v1 import agent_pb2, agent_pb2_grpc
 
 A = agent_pb2
@@ -60,7 +61,7 @@ class FakeAgent(agent_pb2_grpc.AgentServicer):
         self.last_pull_end = 0.0  # of the last simulated pull to end
 
     def _node(self, context: Any) -> SimNodeState:
-        name = dict(context.invocation_metadata()).get("x-fledged-node", "")
+        name = dict(context.invocation_metadata()).get(NODE_HEADER, "")
         return self.nodes.setdefault(name, SimNodeState())
 
     async def PullImages(self, request: Any, context: Any) -> AsyncIterator[agent_pb2.PullEvent]:
