@@ -26,7 +26,7 @@ from tests.coordinator.helpers import (
     wait_for,
     wait_status,
 )
-from tests.testenv import AUTH_PASSWORD, AUTH_USER, TestEnv, pull_secret
+from tests.testenv import AUTH_PASSWORD, AUTH_USER, TestEnv, dockerconfig_secret, pull_secret
 from tests.testenv.agents import AGENT_NAMESPACE, CoordinatorProcess
 from tests.testenv.images import PushedImage
 from tests.testenv.runtime import NodeRuntime
@@ -433,14 +433,7 @@ def test_a_pull_secret_with_a_non_ascii_auth_field_is_reported_as_invalid(
     image = testenv.registry_client().push_image(unique("ic/badsecret"), "v1")
     config = {"auths": {image.registry: {"auth": "dXNlcjpwYXNz\u00e9"}}}
     core = client.CoreV1Api(testenv.api_client())
-    core.create_namespaced_secret(
-        namespace,
-        client.V1Secret(
-            metadata=client.V1ObjectMeta(name="accented"),
-            type="kubernetes.io/dockerconfigjson",
-            data={".dockerconfigjson": base64.b64encode(json.dumps(config).encode()).decode()},
-        ),
-    )
+    core.create_namespaced_secret(namespace, dockerconfig_secret(namespace, "accented", config))
     manifest = cache_manifest("accented", namespace, [{"images": [image.ref]}], ["accented"])
     apply(testenv, manifest)
     obj = wait_status(testenv, namespace, "accented", "Failed", "ImagePullSecretInvalid")

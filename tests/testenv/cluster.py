@@ -248,7 +248,11 @@ def pull_secret(
 ) -> client.V1Secret:
     """A kubernetes.io/dockerconfigjson Secret with the authenticated registry's user."""
     auth = base64.b64encode(f"{AUTH_USER}:{password}".encode()).decode()
-    config = {"auths": {host: {"auth": auth}}}
+    return dockerconfig_secret(namespace, name, {"auths": {host: {"auth": auth}}})
+
+
+def dockerconfig_secret(namespace: str, name: str, config: object) -> client.V1Secret:
+    """A kubernetes.io/dockerconfigjson Secret holding `config` as it is given."""
     return client.V1Secret(
         metadata=client.V1ObjectMeta(name=name, namespace=namespace),
         type="kubernetes.io/dockerconfigjson",
