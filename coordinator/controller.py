@@ -373,8 +373,6 @@ class Controller:
         and its result into every cache with a share of it. No await: the wave slots
         it takes are counted before any other node is planned."""
         self.metrics.node_plans.inc()
-        # Answers gathering for a replan are all read now, and the retry is set below.
-        self.queue.cancel_after((NODE, node))
         obj = self.nodes.store.get(node)
         labels = obj["metadata"].get("labels") or NO_LABELS if obj is not None else None
         self._apply(self.desired.set_node(node, labels), planning=node)

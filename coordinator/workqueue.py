@@ -54,13 +54,6 @@ class WorkQueue(Generic[K]):
             timer.cancel()
         self._timers[key] = loop.call_at(when, self._fire, key)
 
-    def cancel_after(self, key: K) -> None:
-        """Drops a pending delayed add of `key`: for a key whose processing reads every
-        change so far and schedules its own follow-ups, a later look would find nothing."""
-        timer = self._timers.pop(key, None)
-        if timer is not None:
-            timer.cancel()
-
     def _fire(self, key: K) -> None:
         self._timers.pop(key, None)
         self.add(key)

@@ -314,13 +314,3 @@ async def test_the_work_queue_dedups_requeues_dirty_keys_and_delays() -> None:
     assert await asyncio.wait_for(queue.get(), 1) == "b"
     queue.shutdown()
     assert await queue.get() is None
-
-
-async def test_a_cancelled_delayed_add_never_comes_and_a_later_one_still_does() -> None:
-    queue: WorkQueue[str] = WorkQueue()
-    queue.add_after("n", 0.02)
-    queue.cancel_after("n")  # the node was planned meanwhile: nothing left to look at
-    await asyncio.sleep(0.05)
-    assert len(queue) == 0
-    queue.add_after("n", 0.02)  # a retry the plan set itself
-    assert await asyncio.wait_for(queue.get(), 1) == "n"
