@@ -245,8 +245,8 @@ class NodeRegistry:
                 err.details() if hasattr(err, "details") else err,
             )
             return False
-        if obs.agent is not agent:
-            return False  # replaced meanwhile
+        if obs.agent is None or not obs.agent.same_process(agent):
+            return False  # another process took over meanwhile: it is listed anew
         fresh = inventory_from(listing, time.time())
         if not obs.listed(fresh, info.pinning_supported if info is not None else None):
             return False  # as the answers already told: nothing to plan anew
