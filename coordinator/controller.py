@@ -37,6 +37,7 @@ from .model import AgentInfo
 from .nodes import NodeRegistry
 from .plan import NodeResult, Settings, plan_node
 from .projection import CacheProjection
+from .refresh import Refreshes
 from .secrets import RegistryAuth, SecretError, credentials_for, parse_secret
 from .status import build_status, comparable, next_purged_generation
 from .statuswriter import StatusWriter
@@ -148,7 +149,7 @@ class Controller:
         self.desired = Desired(config.settings.wave)
         self._caches: dict[str, CacheState] = {}
         self._results: dict[str, NodeResult] = {}  # every node's last plan
-        self._refreshing: dict[str, float] = {}
+        self.refreshes = Refreshes()
         self._started = time.monotonic()
         registry.slots.wake = self._wake
         self.gate = (
@@ -201,6 +202,8 @@ class Controller:
 
     def _on_cache(self, key: str, old: Obj | None, new: Obj | None) -> None:
         """Our own status write coming back is no news."""
+        if new is not None and api.REFRESH_ANNOTATION not in _annotations(new):
+            self.refreshes.removed(key)
         if old is not None and new is not None and _intent(old) == _intent(new):
             status = comparable(new.get("status") or {})
             if status == comparable(old.get("status") or {}):
@@ -362,8 +365,8 @@ class Controller:
             every = self._config.refresh_every
             if every > 0 and now - last_refresh >= every:
                 last_refresh = now
+                self.refreshes.timer(self.caches.store, now)
                 for key in self.caches.store:
-                    self._refreshing.setdefault(key, now)
                     self.queue.add((CACHE, key))
 
     # -- nodes -----------------------------------------------------------------------
@@ -522,8 +525,9 @@ class Controller:
             state = self._caches[key] = CacheState(RestartState.read(obj.get("status") or {}))
         deleting = bool(meta.get("deletionTimestamp"))
         annotations = meta.get("annotations") or {}
-        if api.REFRESH_ANNOTATION in annotations:
-            self._refreshing.setdefault(key, time.time())
+        self.refreshes.seen(
+            key, api.REFRESH_ANNOTATION in annotations, time.time(), time.monotonic()
+        )
         spec, spec_error = self._spec(state, obj)
         auths: list[RegistryAuth] = []
         secret_errors: list[str] = []
@@ -542,7 +546,7 @@ class Controller:
             deleting=deleting,
             purge=api.PURGE_ANNOTATION in annotations,
             purged_generation=restart.purged_generation,
-            refresh_since=self._refreshing.get(key),
+            refresh_since=self.refreshes.since(key),
             credentials=credentials,
             auths=tuple(auths),
         )
@@ -557,7 +561,7 @@ class Controller:
 
     def _forget(self, key: str) -> None:
         self.status.forget(key)
-        self._refreshing.pop(key, None)
+        self.refreshes.forget(key)
         self._caches.pop(key, None)
         self._apply(self.desired.drop_cache(key))
 
@@ -671,8 +675,9 @@ class Controller:
         if view.purge and projection.purge_done:
             done.append(api.PURGE_ANNOTATION)
         if view.refresh_since is not None and projection.settled:
-            self._refreshing.pop(key, None)
-            if api.REFRESH_ANNOTATION in annotations:
+            annotated = api.REFRESH_ANNOTATION in annotations
+            self.refreshes.finished(key, annotated, time.monotonic())
+            if annotated:
                 done.append(api.REFRESH_ANNOTATION)
         if done:
             await asyncio.sleep(self._config.status_interval)  # let the final status land first
@@ -683,6 +688,10 @@ class Controller:
                 {"annotations": {a: None for a in done}},
             )
             log.info("%s: %s done", key, ", ".join(done))
+
+
+def _annotations(obj: Obj) -> Mapping[str, Any]:
+    return (obj.get("metadata") or {}).get("annotations") or {}
 
 
 def _gate_facts(obj: Obj | None) -> tuple[Any, ...]:

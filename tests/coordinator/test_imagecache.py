@@ -27,7 +27,7 @@ from tests.coordinator.helpers import (
     wait_status,
 )
 from tests.testenv import AUTH_PASSWORD, AUTH_USER, TestEnv, dockerconfig_secret, pull_secret
-from tests.testenv.agents import AGENT_NAMESPACE, CoordinatorProcess
+from tests.testenv.agents import AGENT_NAMESPACE, AgentProcess, CoordinatorProcess
 from tests.testenv.images import PushedImage
 from tests.testenv.runtime import NodeRuntime
 
@@ -628,6 +628,47 @@ def test_a_node_that_joins_later_gets_the_images_without_a_refresh(
         obj = wait_status(testenv, namespace, "joiner", "Succeeded")
         assert obj["status"]["ready"] == "1/1"
         wait_for("a channel to the new agent", one_channel_per_endpoint, timeout=15)
+
+
+def test_one_refresh_annotation_pulls_once_though_the_cache_changes_meanwhile(
+    testenv: TestEnv,
+    coordinator: CoordinatorProcess,
+    agents: dict[str, AgentProcess],
+    namespace: str,
+) -> None:
+    """While the refresh runs the cache keeps changing (another annotation, as a GitOps
+    tool or a user might set): the reconcile after the refresh's end still reads the
+    refresh annotation in its copy, and must not take it for a second request."""
+    image = testenv.registry_client().push_image(unique("ic/once"), "v1")
+    apply(testenv, cache_manifest("once", namespace, [{"images": [image.ref]}]))
+    wait_status(testenv, namespace, "once", "Succeeded")
+    before = {n: agents[n].metric("fledged_agent_runtime_pulls_total") for n in ALL}
+    kubectl(
+        testenv, "-n", namespace, "annotate", "ic", "once", "kubefledged.io/refresh-imagecache="
+    )
+    custom = client.CustomObjectsApi(testenv.api_client())
+    poke, deadline = 0, time.monotonic() + 40
+    while time.monotonic() < deadline:
+        obj = get_cache(testenv, namespace, "once") or {}
+        if "kubefledged.io/refresh-imagecache" not in (obj["metadata"].get("annotations") or {}):
+            break
+        poke += 1
+        custom.patch_namespaced_custom_object(
+            "kubefledged.io",
+            "v1alpha2",
+            namespace,
+            "imagecaches",
+            "once",
+            {"metadata": {"annotations": {"fledged.test/poke": str(poke)}}},
+        )
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the refresh annotation was never removed")
+    time.sleep(2.5)  # a second refresh would start within a second of the first's end
+    pulls = {n: agents[n].metric("fledged_agent_runtime_pulls_total") - before[n] for n in ALL}
+    assert pulls == {n: 1 for n in ALL}, pulls
+    obj = wait_status(testenv, namespace, "once", "Succeeded")
+    assert "kubefledged.io/refresh-imagecache" not in obj["metadata"]["annotations"]
 
 
 def _records_of(testenv: TestEnv, node: str, repo: str) -> dict[str, dict[str, str]]:

@@ -81,5 +81,6 @@ async def test_a_listing_that_meets_a_lease_renewal_still_settles_the_node() -> 
     assert changes == ["n1"]  # ... and the node is planned again with it
     assert obs.inventory is not None
     held = obs.inventory.lookup(image_key(IMAGE))
-    assert held is not None and held.pin_owned
+    assert held is not None
+    assert held.pin_owned
     await registry.close()

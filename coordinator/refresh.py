@@ -1,0 +1,53 @@
+"""When each cache's refresh began, and which annotation asks for one. Plain data.
+
+A refresh asked by the `kubefledged.io/refresh-imagecache` annotation ends with our
+removal of it; until the removal comes back through the watch, the informer's copy
+still shows the annotation. Read as a new request, it would pull every image of the
+cache a second time (and a second refresh would be reported as the first's end).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+ECHO = 60.0  # seconds a finished refresh's annotation may still show in our copy
+
+
+class Refreshes:
+    def __init__(self) -> None:
+        self._since: dict[str, float] = {}  # cache key -> wall-clock start of its refresh
+        self._done: dict[str, float] = {}  # cache key -> monotonic end of an annotated one
+
+    def since(self, key: str) -> float | None:
+        return self._since.get(key)
+
+    def seen(self, key: str, annotated: bool, now: float, clock: float) -> None:
+        """The cache as our copy shows it now (`now`: wall clock, `clock`: monotonic).
+        An annotation shown within ECHO of the end of the refresh it asked for is that
+        refresh's, not a new one."""
+        if not annotated:
+            self._done.pop(key, None)
+            return
+        ended = self._done.get(key)
+        if ended is not None and clock - ended < ECHO:
+            return
+        self._done.pop(key, None)
+        self._since.setdefault(key, now)
+
+    def removed(self, key: str) -> None:
+        """A watch event shows the cache without the annotation: the next is new."""
+        self._done.pop(key, None)
+
+    def timer(self, keys: Iterable[str], now: float) -> None:
+        """--refresh-every: every cache refreshes (one under way goes on)."""
+        for key in keys:
+            self._since.setdefault(key, now)
+
+    def finished(self, key: str, annotated: bool, clock: float) -> None:
+        self._since.pop(key, None)
+        if annotated:
+            self._done[key] = clock
+
+    def forget(self, key: str) -> None:
+        self._since.pop(key, None)
+        self._done.pop(key, None)
