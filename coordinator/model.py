@@ -195,6 +195,7 @@ class NodeObservation:
     # Pull answers merged into `inventory` since the last listing: until the next one
     # (at the end of every pull batch), what else the node holds may be out of date.
     answered_since_listing: bool = False
+    answers: int = 0  # pull answers merged: a listing taken meanwhile may predate one
     version: int = field(default_factory=stamp)
     slots: WaveSlots = field(default_factory=WaveSlots, repr=False)  # shared by the fleet
 
@@ -338,6 +339,7 @@ class NodeObservation:
             image = shared_image(pulled.image_id, tags, digests, pulled.pinned, owned, pulled.size)
             self.inventory = self.inventory.replace(image)
             self.answered_since_listing = True
+            self.answers += 1
         self._changed()
 
     def pull_failed(self, key: ImageKey, category: str, message: str, now: float) -> None:

@@ -46,6 +46,8 @@ OUTCOMES = frozenset(
     {agent_pb2.PHASE_SUCCEEDED, agent_pb2.PHASE_ALREADY_PRESENT, agent_pb2.PHASE_FAILED}
 )
 LISTINGS_AT_ONCE = 64  # a restart over 5,000 nodes lists them a few dozen at a time
+LISTING_TRIES = 3  # listings taken again when a pull answer came in meanwhile
+RELIST_AFTER = 5.0  # seconds before a failed listing is tried again (then doubling)
 CHANNEL_CLOSE_GRACE = 30.0  # seconds calls on a channel no agent uses any more may finish
 PROGRESS_NOTIFY_EVERY = 1.0  # seconds: progress reaches status at most this often per node
 ANSWERS_GATHER = 0.25  # seconds answers that leave orders open gather before a replan
@@ -121,6 +123,8 @@ class NodeRegistry:
         self._listings = asyncio.Semaphore(LISTINGS_AT_ONCE)
         self._users: Counter[str] = Counter()  # endpoint -> nodes whose agent is there
         self._listing: weakref.WeakSet[asyncio.Task[object]] = weakref.WeakSet()
+        self._listing_failures: dict[str, int] = {}
+        self._relists: dict[str, asyncio.TimerHandle] = {}
 
     # -- bookkeeping -----------------------------------------------------------------
 
@@ -193,6 +197,7 @@ class NodeRegistry:
             obs.forget()
             self._move(obs.agent, None)
         self._last_notify.pop(node, None)
+        self._listing_failures.pop(node, None)
 
     def _move(self, old: AgentInfo | None, new: AgentInfo | None) -> None:
         """Counts the nodes behind each endpoint; closes the channel of one that has
@@ -224,6 +229,14 @@ class NodeRegistry:
     def resync(self, node: str) -> None:
         self._list(node)
 
+    def _relist(self, node: str, agent: AgentInfo, abilities: bool) -> None:
+        """A listing failed: until one succeeds, what the node's last answers left
+        unsure (pins that look unwanted) waits, so try again while the process lives."""
+        self._relists.pop(node, None)
+        obs = self.observations.get(node)
+        if obs is not None and obs.agent is not None and obs.agent.same_process(agent):
+            self._listing.add(self._spawn(self.sync(node, abilities), f"sync {node}"))
+
     async def sync(self, node: str, abilities: bool = True) -> bool:
         """Lists the node's images through its agent; with `abilities`, asks what its
         runtime can do too (needed once per agent process, not after every batch).
@@ -236,15 +249,31 @@ class NodeRegistry:
         try:
             async with self._listings:
                 info = await client.node_info(node) if abilities else None
-                listing = await client.list_images(node)
+                for _ in range(LISTING_TRIES):
+                    answers = obs.answers
+                    listing = await client.list_images(node)
+                    if obs.answers == answers:
+                        break
+                else:  # answers keep coming: the sync at the end of their batch lists
+                    return False
         except grpc.RpcError as err:
+            failures = self._listing_failures[node] = self._listing_failures.get(node, 0) + 1
+            retry = min(self._resync_every, RELIST_AFTER * 2 ** (failures - 1))
             log.warning(
-                "cannot list images on %s (%s): %s",
+                "cannot list images on %s (%s), trying again in %gs: %s",
                 node,
                 agent.endpoint,
+                retry,
                 err.details() if hasattr(err, "details") else err,
             )
+            old = self._relists.pop(node, None)
+            if old is not None:
+                old.cancel()
+            self._relists[node] = asyncio.get_running_loop().call_later(
+                retry, self._relist, node, agent, abilities
+            )
             return False
+        self._listing_failures.pop(node, None)
         if obs.agent is None or not obs.agent.same_process(agent):
             return False  # another process took over meanwhile: it is listed anew
         fresh = inventory_from(listing, time.time())
@@ -443,6 +472,9 @@ class NodeRegistry:
             self._notify(node)  # the removals are no longer in flight, whatever they did
 
     async def close(self) -> None:
+        for timer in self._relists.values():
+            timer.cancel()
+        self._relists.clear()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,11 +1,14 @@
 """A node whose pulls were answered is settled again (its unwanted pins may be lifted)
-only by a listing: one taken while the agent's Lease is renewed must still count."""
+only by a listing: one taken while the agent's Lease is renewed must still count, one
+taken while an answer came in must not hide it, and a failed one is tried again."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
+
+import grpc
 
 from coordinator.images import image_key
 from coordinator.model import AgentInfo, Inventory
@@ -83,4 +86,101 @@ async def test_a_listing_that_meets_a_lease_renewal_still_settles_the_node() -> 
     held = obs.inventory.lookup(image_key(IMAGE))
     assert held is not None
     assert held.pin_owned
+    await registry.close()
+
+
+class Scripted:
+    """An agent whose pull answers once `answer` is set and whose listings follow a
+    script: each entry is a listing's images, or None for a failed call."""
+
+    def __init__(self, script: list[list[str] | None], during: asyncio.Event | None = None):
+        self.script = script
+        self.answer = asyncio.Event()
+        self.answered = asyncio.Event()
+        self.end = asyncio.Event()  # the stream ends (and its batch's listing goes out)
+        self.end.set()
+        self.during = during  # the first listing waits for this (while an answer comes)
+        self.listings = 0
+
+    async def pull(self, node: str, request: bytes, limit: float) -> AsyncIterator[Any]:
+        await self.answer.wait()
+        yield agent_pb2.PullEvent(
+            image=IMAGE,
+            phase=agent_pb2.PHASE_SUCCEEDED,
+            image_id=IMAGE_ID,
+            pin=agent_pb2.PIN_STATE_PINNED,
+        )
+        self.answered.set()
+        await self.end.wait()
+
+    async def node_info(self, node: str) -> agent_pb2.NodeInfo:
+        return agent_pb2.NodeInfo(pinning_supported=True)
+
+    async def list_images(self, node: str) -> agent_pb2.ListImagesResponse:
+        self.listings += 1
+        if self.during is not None and self.listings == 1:
+            self.answer.set()  # the pull's answer arrives while this listing is taken
+            await self.answered.wait()
+        images = self.script.pop(0) if len(self.script) > 1 else self.script[0]
+        if images is None:
+            raise Broken()
+        return agent_pb2.ListImagesResponse(
+            images=[
+                agent_pb2.ImageInfo(
+                    id=IMAGE_ID,
+                    repo_tags=[i],
+                    pin=agent_pb2.PIN_STATE_PINNED,
+                    pinned_by_fledged=True,
+                )
+                for i in images
+            ]
+        )
+
+
+class Broken(grpc.RpcError):
+    def details(self) -> str:
+        return "connection reset"
+
+
+def _registry(client: Any) -> NodeRegistry:
+    registry = NodeRegistry(Pool(client), lambda node, delay: None, pull_deadline=60)  # type: ignore[arg-type]
+    obs = registry.observation("n1")
+    obs.set_agent(AgentInfo("n1", "a:1", False, expires=1e12, acquired="t0"), 0)
+    obs.listed(Inventory([], 0), True)  # listed once already
+    return registry
+
+
+async def _until(condition: Any, what: str) -> None:
+    for _ in range(300):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(what)
+
+
+async def test_a_listing_taken_while_an_answer_came_in_is_taken_again() -> None:
+    """Taken before the answer, it would drop the image just pulled from what the
+    node holds (and the node would be ordered the pull again)."""
+    client = Scripted([[], [IMAGE]], during=asyncio.Event())
+    client.end.clear()
+    registry = _registry(client)
+    obs = registry.observation("n1")
+    registry.submit_pulls({"n1": [PullItem(IMAGE, False, True, caches=("ns/c",))]}, lambda i: [])
+    registry.resync("n1")  # a periodic resync, say, while the pull runs
+    assert await registry.first_listings(3) == 0
+    assert obs.inventory is not None
+    assert obs.inventory.lookup(image_key(IMAGE)) is not None  # not the listing before it
+    client.end.set()
+    await _until(lambda: not obs.settling, "the node to settle after its batch")
+    await registry.close()
+
+
+async def test_a_failed_listing_after_answers_is_tried_again(monkeypatch: Any) -> None:
+    monkeypatch.setattr("coordinator.nodes.RELIST_AFTER", 0.02, raising=False)
+    client = Scripted([None, [IMAGE]])
+    client.answer.set()
+    registry = _registry(client)
+    obs = registry.observation("n1")
+    registry.submit_pulls({"n1": [PullItem(IMAGE, False, True, caches=("ns/c",))]}, lambda i: [])
+    await _until(lambda: client.listings >= 2 and not obs.settling, "a second listing")
     await registry.close()
