@@ -201,6 +201,12 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         request: agent_pb2.SetPinnedRequest,
         context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     ) -> agent_pb2.SetPinnedResponse:
+        log.info(
+            "%s %d image(s): %s",
+            "pin" if request.pinned else "unpin",
+            len(request.images),
+            ", ".join(request.images),
+        )
         results = []
         for image in request.images:
             try:
