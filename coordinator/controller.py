@@ -525,9 +525,11 @@ class Controller:
             state = self._caches[key] = CacheState(RestartState.read(obj.get("status") or {}))
         deleting = bool(meta.get("deletionTimestamp"))
         annotations = meta.get("annotations") or {}
-        self.refreshes.seen(
+        echo = self.refreshes.seen(
             key, api.REFRESH_ANNOTATION in annotations, time.time(), time.monotonic()
         )
+        if echo:  # our removal not seen yet; if it never shows, the annotation is new then
+            self.queue.add_after((CACHE, key), echo)
         spec, spec_error = self._spec(state, obj)
         auths: list[RegistryAuth] = []
         secret_errors: list[str] = []

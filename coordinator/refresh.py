@@ -21,18 +21,20 @@ class Refreshes:
     def since(self, key: str) -> float | None:
         return self._since.get(key)
 
-    def seen(self, key: str, annotated: bool, now: float, clock: float) -> None:
+    def seen(self, key: str, annotated: bool, now: float, clock: float) -> float:
         """The cache as our copy shows it now (`now`: wall clock, `clock`: monotonic).
         An annotation shown within ECHO of the end of the refresh it asked for is that
-        refresh's, not a new one."""
+        refresh's, not a new one. Returns the seconds until such an annotation would
+        count as new (0: it counts, or there is none)."""
         if not annotated:
             self._done.pop(key, None)
-            return
+            return 0.0
         ended = self._done.get(key)
         if ended is not None and clock - ended < ECHO:
-            return
+            return ECHO - (clock - ended)
         self._done.pop(key, None)
         self._since.setdefault(key, now)
+        return 0.0
 
     def removed(self, key: str) -> None:
         """A watch event shows the cache without the annotation: the next is new."""

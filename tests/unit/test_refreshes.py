@@ -17,8 +17,9 @@ def test_the_annotation_still_in_our_copy_after_the_end_is_no_new_refresh() -> N
     assert refreshes.since(KEY) == 100.0
     refreshes.finished(KEY, annotated=True, clock=3.0)
     assert refreshes.since(KEY) is None
-    refreshes.seen(KEY, True, now=103.5, clock=3.5)  # our removal not back yet
+    wait = refreshes.seen(KEY, True, now=103.5, clock=3.5)  # our removal not back yet
     assert refreshes.since(KEY) is None
+    assert wait == ECHO - 0.5  # looked at again then, in case the removal never shows
     refreshes.removed(KEY)  # the watch shows it gone
     refreshes.seen(KEY, True, now=110.0, clock=10.0)  # set again: a new request
     assert refreshes.since(KEY) == 110.0
@@ -29,7 +30,7 @@ def test_a_removal_never_seen_still_lets_a_later_annotation_count() -> None:
     refreshes = Refreshes()
     refreshes.seen(KEY, True, now=100.0, clock=1.0)
     refreshes.finished(KEY, annotated=True, clock=2.0)
-    refreshes.seen(KEY, True, now=100.0 + ECHO, clock=2.0 + ECHO)
+    assert refreshes.seen(KEY, True, now=100.0 + ECHO, clock=2.0 + ECHO) == 0.0
     assert refreshes.since(KEY) == 100.0 + ECHO
 
 
