@@ -88,6 +88,37 @@ def test_a_killed_coordinator_resumes_a_cache_without_pulling_anything_twice(
         assert access.count(f"GET /v2/{image.repository}/blobs/{digest}") == 3  # once per node
 
 
+def test_a_cache_deleted_while_no_coordinator_runs_is_released_by_the_next_one(
+    testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
+) -> None:
+    """The deletion is read from the object, not remembered: the next coordinator
+    lifts the deleted cache's pins, keeps the one another cache still wants, and lets
+    the object go."""
+    registry = testenv.registry_client()
+    shared = registry.push_image(unique("ic/shared"), "v1")
+    own = registry.push_image(unique("ic/own"), "v1")
+    apply(testenv, cache_manifest("keeper", namespace, [{"images": [shared.ref]}]))
+    apply(testenv, cache_manifest("leaver", namespace, [{"images": [shared.ref, own.ref]}]))
+    wait_status(testenv, namespace, "keeper", "Succeeded")
+    wait_status(testenv, namespace, "leaver", "Succeeded")
+    coordinator.kill()
+    try:
+        kubectl(testenv, "-n", namespace, "delete", "ic", "leaver", "--wait=false")
+        assert get_cache(testenv, namespace, "leaver") is not None  # held by our finalizer
+    finally:
+        coordinator.restart()
+    wait_for(
+        "the deleted cache to be released",
+        lambda: get_cache(testenv, namespace, "leaver") is None,
+        timeout=30,
+    )
+    for node in ("node-1", "node-2", "node-3"):
+        held = node_images(testenv, node)
+        assert held.get(own.ref) is False, f"{own.ref} still pinned on {node}"
+        assert held.get(shared.ref) is True, f"{shared.ref} lost its pin on {node}"
+    assert wait_status(testenv, namespace, "keeper", "Succeeded")["status"]["ready"] == "3/3"
+
+
 def test_the_wave_size_keeps_one_node_at_a_time_on_an_image(
     testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
 ) -> None:
