@@ -198,6 +198,9 @@ class NodeRegistry:
             self._move(obs.agent, None)
         self._last_notify.pop(node, None)
         self._listing_failures.pop(node, None)
+        timer = self._relists.pop(node, None)
+        if timer is not None:
+            timer.cancel()
 
     def _move(self, old: AgentInfo | None, new: AgentInfo | None) -> None:
         """Counts the nodes behind each endpoint; closes the channel of one that has
@@ -234,7 +237,12 @@ class NodeRegistry:
         unsure (pins that look unwanted) waits, so try again while the process lives."""
         self._relists.pop(node, None)
         obs = self.observations.get(node)
-        if obs is not None and obs.agent is not None and obs.agent.same_process(agent):
+        if (
+            obs is not None
+            and obs.agent is not None
+            and obs.agent.same_process(agent)
+            and obs.alive(time.time())  # expired: the periodic resync takes over once renewed
+        ):
             self._listing.add(self._spawn(self.sync(node, abilities), f"sync {node}"))
 
     async def sync(self, node: str, abilities: bool = True) -> bool:
