@@ -676,11 +676,13 @@ class Controller:
         done = []
         if view.purge and projection.purge_done:
             done.append(api.PURGE_ANNOTATION)
+        annotated = api.REFRESH_ANNOTATION in annotations
         if view.refresh_since is not None and projection.settled:
-            annotated = api.REFRESH_ANNOTATION in annotations
             self.refreshes.finished(key, annotated, time.monotonic())
             if annotated:
                 done.append(api.REFRESH_ANNOTATION)
+        elif annotated and self.refreshes.echoing(key, time.monotonic()):
+            done.append(api.REFRESH_ANNOTATION)  # removed already, or the removal failed
         if done:
             await asyncio.sleep(self._config.status_interval)  # let the final status land first
             await asyncio.to_thread(

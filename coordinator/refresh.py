@@ -29,12 +29,17 @@ class Refreshes:
         if not annotated:
             self._done.pop(key, None)
             return 0.0
-        ended = self._done.get(key)
-        if ended is not None and clock - ended < ECHO:
-            return ECHO - (clock - ended)
+        if self.echoing(key, clock):
+            return ECHO - (clock - self._done[key])
         self._done.pop(key, None)
         self._since.setdefault(key, now)
         return 0.0
+
+    def echoing(self, key: str, clock: float) -> bool:
+        """A refresh asked by the annotation ended within ECHO and its removal has not
+        been seen: if the annotation still shows, removing it again is safe."""
+        ended = self._done.get(key)
+        return ended is not None and clock - ended < ECHO
 
     def removed(self, key: str) -> None:
         """A watch event shows the cache without the annotation: the next is new."""
