@@ -192,10 +192,8 @@ class NodeObservation:
     pins_in_flight: set[str] = field(default_factory=set)  # image ids
     removals_in_flight: set[ImageKey] = field(default_factory=set)
     removal_errors: dict[ImageKey, str] = field(default_factory=dict)
-    # Pull answers merged into `inventory` since the last listing: until the next one
-    # (at the end of every pull batch), what else the node holds may be out of date.
-    answered_since_listing: bool = False
     answers: int = 0  # pull answers merged: a listing taken meanwhile may predate one
+    listed_answers: int = 0  # ... of them, those the last listing came after
     version: int = field(default_factory=stamp)
     slots: WaveSlots = field(default_factory=WaveSlots, repr=False)  # shared by the fleet
 
@@ -208,6 +206,12 @@ class NodeObservation:
 
     def _changed(self) -> None:
         self.version = stamp()
+
+    @property
+    def answered_since_listing(self) -> bool:
+        """Pull answers merged into `inventory` since the last listing: until the next
+        one (at the end of every pull batch), what else the node holds may be out of date."""
+        return self.answers != self.listed_answers
 
     @property
     def settling(self) -> bool:
@@ -267,7 +271,7 @@ class NodeObservation:
             and (pinning_supported is None or pinning_supported == self.pinning_supported)
         )
         self.inventory = inventory
-        self.answered_since_listing = False
+        self.listed_answers = self.answers
         if same:
             return False
         if pinning_supported is not None:
@@ -338,7 +342,6 @@ class NodeObservation:
                 )
             image = shared_image(pulled.image_id, tags, digests, pulled.pinned, owned, pulled.size)
             self.inventory = self.inventory.replace(image)
-            self.answered_since_listing = True
             self.answers += 1
         self._changed()
 

@@ -134,8 +134,8 @@ class NodeRegistry:
         task.add_done_callback(self._finished)
         return task
 
-    def _list(self, node: str) -> None:
-        self._listing.add(self._spawn(self.sync(node), f"sync {node}"))
+    def _list(self, node: str, abilities: bool = True) -> None:
+        self._listing.add(self._spawn(self.sync(node, abilities), f"sync {node}"))
 
     async def first_listings(self, seconds: float) -> int:
         """Waits, at most `seconds`, for the listings under way (a coordinator that
@@ -243,7 +243,7 @@ class NodeRegistry:
             and obs.agent.same_process(agent)
             and obs.alive(time.time())  # expired: the periodic resync takes over once renewed
         ):
-            self._listing.add(self._spawn(self.sync(node, abilities), f"sync {node}"))
+            self._list(node, abilities)
 
     async def sync(self, node: str, abilities: bool = True) -> bool:
         """Lists the node's images through its agent; with `abilities`, asks what its

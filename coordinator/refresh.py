@@ -25,9 +25,9 @@ class Refreshes:
         """The cache as our copy shows it now (`now`: wall clock, `clock`: monotonic).
         An annotation shown within ECHO of the end of the refresh it asked for is that
         refresh's, not a new one. Returns the seconds until such an annotation would
-        count as new (0: it counts, or there is none)."""
+        count as new (0: it counts, or there is none). That the annotation is gone is
+        learnt from the watch (`removed`), which sees every change our copy went through."""
         if not annotated:
-            self._done.pop(key, None)
             return 0.0
         if self.echoing(key, clock):
             return ECHO - (clock - self._done[key])
