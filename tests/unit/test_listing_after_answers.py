@@ -20,6 +20,31 @@ IMAGE = "r.io/a:1"
 IMAGE_ID = "sha256:" + "a" * 64
 
 
+def _succeeded() -> agent_pb2.PullEvent:
+    return agent_pb2.PullEvent(
+        image=IMAGE,
+        phase=agent_pb2.PHASE_SUCCEEDED,
+        image_id=IMAGE_ID,
+        pin=agent_pb2.PIN_STATE_PINNED,
+    )
+
+
+def _listing(tags: list[str]) -> agent_pb2.ListImagesResponse:
+    """The node holds IMAGE_ID under `tags`, pinned by kube-fledged."""
+    image = agent_pb2.ImageInfo(
+        id=IMAGE_ID, repo_tags=tags, pin=agent_pb2.PIN_STATE_PINNED, pinned_by_fledged=True
+    )
+    return agent_pb2.ListImagesResponse(images=[image] if tags else [])
+
+
+async def _until(condition: Any, what: str, tries: int = 300) -> None:
+    for _ in range(tries):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(what)
+
+
 class SlowListing:
     """An agent that answers its one pull, then lists only once `listing` is set."""
 
@@ -28,23 +53,12 @@ class SlowListing:
         self.asked = asyncio.Event()
 
     async def pull(self, node: str, request: bytes, limit: float) -> AsyncIterator[Any]:
-        yield agent_pb2.PullEvent(
-            image=IMAGE,
-            phase=agent_pb2.PHASE_SUCCEEDED,
-            image_id=IMAGE_ID,
-            pin=agent_pb2.PIN_STATE_PINNED,
-        )
+        yield _succeeded()
 
     async def list_images(self, node: str) -> agent_pb2.ListImagesResponse:
         self.asked.set()
         await self.listing.wait()
-        image = agent_pb2.ImageInfo(
-            id=IMAGE_ID,
-            repo_tags=[IMAGE],
-            pin=agent_pb2.PIN_STATE_PINNED,
-            pinned_by_fledged=True,
-        )
-        return agent_pb2.ListImagesResponse(images=[image])
+        return _listing([IMAGE])
 
 
 class Pool:
@@ -76,11 +90,8 @@ async def test_a_listing_that_meets_a_lease_renewal_still_settles_the_node() -> 
     registry.set_agent("n1", AgentInfo("n1", "a:1", False, expires=2e12, acquired="t0"))
     changes.clear()
     client.listing.set()
-    for _ in range(100):
-        if not obs.settling:
-            break
-        await asyncio.sleep(0.01)
-    assert not obs.settling  # the renewal is the same process: its listing counts
+    # The renewal is the same process: its listing counts.
+    await _until(lambda: not obs.settling, "the node to settle", tries=100)
     assert changes == ["n1"]  # ... and the node is planned again with it
     assert obs.inventory is not None
     held = obs.inventory.lookup(image_key(IMAGE))
@@ -93,23 +104,19 @@ class Scripted:
     """An agent whose pull answers once `answer` is set and whose listings follow a
     script: each entry is a listing's images, or None for a failed call."""
 
-    def __init__(self, script: list[list[str] | None], during: asyncio.Event | None = None):
+    def __init__(self, script: list[list[str] | None], answer_while_listing: bool = False):
         self.script = script
         self.answer = asyncio.Event()
         self.answered = asyncio.Event()
         self.end = asyncio.Event()  # the stream ends (and its batch's listing goes out)
         self.end.set()
-        self.during = during  # the first listing waits for this (while an answer comes)
+        self.answer_while_listing = answer_while_listing  # the first listing lets the
+        # pull answer, and returns only after the answer is in
         self.listings = 0
 
     async def pull(self, node: str, request: bytes, limit: float) -> AsyncIterator[Any]:
         await self.answer.wait()
-        yield agent_pb2.PullEvent(
-            image=IMAGE,
-            phase=agent_pb2.PHASE_SUCCEEDED,
-            image_id=IMAGE_ID,
-            pin=agent_pb2.PIN_STATE_PINNED,
-        )
+        yield _succeeded()
         self.answered.set()
         await self.end.wait()
 
@@ -118,23 +125,13 @@ class Scripted:
 
     async def list_images(self, node: str) -> agent_pb2.ListImagesResponse:
         self.listings += 1
-        if self.during is not None and self.listings == 1:
+        if self.answer_while_listing and self.listings == 1:
             self.answer.set()  # the pull's answer arrives while this listing is taken
             await self.answered.wait()
-        images = self.script.pop(0) if len(self.script) > 1 else self.script[0]
-        if images is None:
+        tags = self.script.pop(0) if len(self.script) > 1 else self.script[0]
+        if tags is None:
             raise Broken()
-        return agent_pb2.ListImagesResponse(
-            images=[
-                agent_pb2.ImageInfo(
-                    id=IMAGE_ID,
-                    repo_tags=[i],
-                    pin=agent_pb2.PIN_STATE_PINNED,
-                    pinned_by_fledged=True,
-                )
-                for i in images
-            ]
-        )
+        return _listing(tags)
 
 
 class Broken(grpc.RpcError):
@@ -150,18 +147,10 @@ def _registry(client: Any) -> NodeRegistry:
     return registry
 
 
-async def _until(condition: Any, what: str) -> None:
-    for _ in range(300):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(what)
-
-
 async def test_a_listing_taken_while_an_answer_came_in_is_taken_again() -> None:
     """Taken before the answer, it would drop the image just pulled from what the
     node holds (and the node would be ordered the pull again)."""
-    client = Scripted([[], [IMAGE]], during=asyncio.Event())
+    client = Scripted([[], [IMAGE]], answer_while_listing=True)
     client.end.clear()
     registry = _registry(client)
     obs = registry.observation("n1")
