@@ -15,6 +15,9 @@ from common.reference import InvalidReference
 from common.reference import parse as parse_reference
 from tests.conftest import unique
 from tests.coordinator.helpers import (
+    GROUP,
+    PLURAL,
+    VERSION,
     apply,
     cache_manifest,
     events,
@@ -654,10 +657,10 @@ def test_one_refresh_annotation_pulls_once_though_the_cache_changes_meanwhile(
             break
         poke += 1
         custom.patch_namespaced_custom_object(
-            "kubefledged.io",
-            "v1alpha2",
+            GROUP,
+            VERSION,
             namespace,
-            "imagecaches",
+            PLURAL,
             "once",
             {"metadata": {"annotations": {"fledged.test/poke": str(poke)}}},
         )
