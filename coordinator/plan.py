@@ -127,9 +127,14 @@ def plan_node(
         result.pairs[key] = pair
         result.basis[key] = (desire, record, present, obs.pinning_supported)
     lifting = _pins(result, desired, obs, inventory, held)
+    wanted = {
+        present.image_id
+        for key, present in held.items()
+        if present is not None and desired.items[key].want
+    }
     for key, desire in desired.items.items():
         if desire.remove or not desire.want:
-            result.released[key] = _release(result, key, desire, obs, held[key], lifting)
+            result.released[key] = _release(result, key, desire, obs, held[key], lifting, wanted)
     return result
 
 
@@ -281,9 +286,13 @@ def _release(
     obs: NodeObservation,
     present: NodeImage | None,
     lifting: set[str],
+    wanted: set[str],
 ) -> Release:
     """An image some share removes (or a deleted cache unpins): removed unless another
-    share wants it (want beats remove), in which case only an unwanted pin goes."""
+    share wants it (want beats remove), in which case only an unwanted pin goes.
+    `wanted`: the ids of content some share wants under any name. Such content stays:
+    only a tag of it goes, and only while another tag names it (the agent then takes
+    that tag's record alone; with no other tag a runtime would take every name)."""
     error = obs.removal_errors.get(key)
     if error is not None and desire.remove:
         result.removal_errors[key] = error
@@ -293,6 +302,8 @@ def _release(
     if desire.want or not desire.remove:
         pin_busy = present.image_id in lifting or present.image_id in obs.pins_in_flight
         return Release.BUSY if pin_busy else Release.DONE
+    if present.image_id in wanted and (ref_of(key).digest or not present.tags - {key}):
+        return Release.DONE  # the content is wanted under another name: it stays
     if key not in obs.removals_in_flight:
         result.removals.append(key)
     return Release.BUSY

@@ -212,6 +212,8 @@ class CriRuntime:
         record = await self.status(ref)
         if record is None:
             return False
+        if await self._untag(ref, record):
+            return True
         if record.pin_owned:
             await self.set_pinned(ref, False)
         try:
@@ -223,6 +225,29 @@ class CriRuntime:
             if err.code() == grpc.StatusCode.NOT_FOUND:
                 return False
             raise classify_rpc_error(err) from err
+        return True
+
+    async def _untag(self, ref: str, record: ImageRecord) -> bool:
+        """Takes only `ref`'s own record when the image keeps another tag, as `docker
+        rmi` and CRI-O do: containerd's CRI RemoveImage deletes every name of the image,
+        so removing one cache's tag would take the same content from a cache that names
+        it otherwise (another tag, pinned), to be pulled again. False: not the case."""
+        if not record.repo_tags or not await self._containerd():
+            return False
+        if ref.startswith("sha256:"):
+            return False  # an image id names the content itself
+        name = parse_reference(ref).lookup_key
+        others = sorted(set(record.repo_tags) - {name})
+        if not others:
+            return False  # its last tag: the content goes, as CRI does it
+        try:
+            await self._ctr_images.Delete(
+                images_pb2.DeleteImageRequest(name=name), metadata=self._metadata, timeout=10
+            )
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.NOT_FOUND:
+                raise classify_rpc_error(err) from err
+        log.info("untagged %s; its content stays for %s", name, ", ".join(others))
         return True
 
     async def in_use(self, image_id: str) -> bool:

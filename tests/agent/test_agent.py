@@ -392,6 +392,33 @@ def test_remove_unpins_removes_and_is_idempotent(testenv: TestEnv, backend: Back
     assert [(r.was_present, r.error_category) for r in second.results] == [(False, 0)]  # type: ignore[attr-defined]
 
 
+def test_removing_one_tag_keeps_the_content_its_other_tags_name(
+    testenv: TestEnv, backend: Backend
+) -> None:
+    """Two caches may name one content by two tags: removing one takes that tag only;
+    the content, the other tag and its pin stay (containerd's CRI RemoveImage alone
+    would delete every name of the image). The last tag takes the content with it."""
+    registry = testenv.registry_client()
+    repo = unique("agent/twotags")
+    one = registry.push_image(repo, "one", seed=repo)
+    two = registry.push_image(repo, "two", seed=repo)
+    assert one.config_digest == two.config_digest
+    agent = backend.agent
+    for image in (one, two):
+        assert final(agent.pull(order(image.ref, pin=True)), image.ref).pin == backend.pinned
+    first = agent.call("RemoveImages", A.RemoveImagesRequest(images=[one.ref]))
+    assert [(r.was_present, r.error_category) for r in first.results] == [(True, 0)]  # type: ignore[attr-defined]
+    listed = agent.call("ListImages", A.ListImagesRequest())
+    kept = {i.id: i for i in listed.images}.get(two.config_digest)  # type: ignore[attr-defined]
+    assert kept is not None, "the content another tag names was removed"
+    assert two.ref in kept.repo_tags
+    assert one.ref not in kept.repo_tags
+    assert kept.pin == backend.pinned
+    last = agent.call("RemoveImages", A.RemoveImagesRequest(images=[two.ref]))
+    assert [(r.was_present, r.error_category) for r in last.results] == [(True, 0)]  # type: ignore[attr-defined]
+    assert two.config_digest not in _held_ids(agent)
+
+
 def test_digest_references_work_for_pull_list_and_remove(
     testenv: TestEnv, backend: Backend
 ) -> None:

@@ -303,6 +303,41 @@ def test_an_image_removed_from_the_spec_is_unpinned_and_removed_unless_another_c
     assert obj["status"]["ready"] == "3/3"
 
 
+def test_a_tag_dropped_from_one_cache_leaves_the_content_another_cache_names_by_another_tag(
+    testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
+) -> None:
+    """One content under two tags, one per cache. Dropping the tag from its cache takes
+    that tag off the nodes and nothing else: the other cache's tag stays, pinned, never
+    deleted and pulled again (its record is the one made by the first pull)."""
+    registry = testenv.registry_client()
+    repo = unique("ic/twotags")
+    one = registry.push_image(repo, "one", seed=repo)
+    two = registry.push_image(repo, "two", seed=repo)
+    keep = registry.push_image(unique("ic/keep"), "v1")
+    apply(testenv, cache_manifest("by-one", namespace, [{"images": [keep.ref, one.ref]}]))
+    apply(testenv, cache_manifest("by-two", namespace, [{"images": [two.ref]}]))
+    wait_status(testenv, namespace, "by-one", "Succeeded")
+    wait_status(testenv, namespace, "by-two", "Succeeded")
+
+    def created(node: str) -> object:
+        with NodeRuntime(testenv.node(node).runtime_endpoint) as cri:
+            return cri.image_record(two.ref).created_at
+
+    before = {n: created(n) for n in ALL}
+    apply(testenv, cache_manifest("by-one", namespace, [{"images": [keep.ref]}]))
+    wait_for(
+        "the dropped tag to leave the nodes",
+        lambda: all(one.ref not in node_images(testenv, n) for n in ALL),
+        timeout=30,
+    )
+    obj = wait_status(testenv, namespace, "by-one", "Succeeded")
+    assert "removing" not in obj["status"]
+    for node in ALL:
+        assert node_images(testenv, node).get(two.ref) is True, f"{two.ref} lost on {node}"
+        assert created(node) == before[node], f"{two.ref} was deleted and pulled again on {node}"
+    assert wait_status(testenv, namespace, "by-two", "Succeeded")["status"]["ready"] == "3/3"
+
+
 def test_deleting_a_cache_unpins_its_images_and_releases_the_object(
     testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
 ) -> None:

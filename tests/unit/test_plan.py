@@ -239,6 +239,59 @@ def test_images_that_left_the_spec_are_removed_except_where_another_cache_wants_
     assert plan.removing == ((B, ()),)
 
 
+def test_content_another_cache_wants_under_another_name_is_never_removed() -> None:
+    """One content, three names: `v1` (left this cache's list), `v2` (another cache
+    wants it) and the digest. Dropping `v1` asks the agent to take that tag only (it
+    keeps the content for `v2`); a digest or a last tag of wanted content is not
+    ordered at all (a runtime would take every name of the content with it)."""
+    v1, v2 = ImageKey("reg.io/app/s:v1"), ImageKey("reg.io/app/s:v2")
+    digest = ImageKey("reg.io/app/s@sha256:" + "1" * 64)
+    shared = NodeImage(
+        image_id="sha256:shared",
+        tags=frozenset({v1, v2}),
+        digests=frozenset({digest}),
+        pinned=True,
+        pin_owned=True,
+        size=10,
+    )
+    wants_v2 = [other(everything_list(v2))]
+
+    untagged = plan_cache(
+        view(everything_list(A), applied=(everything_list(A, v1),)),
+        NODES,
+        {"n1": node(shared, image(A, True, True))},
+        Settings(),
+        NOW,
+        wants_v2,
+    )
+    assert untagged.removals == {"n1": [v1]}
+    assert not untagged.pins  # the content stays pinned for the other cache
+
+    by_digest = plan_cache(
+        view(everything_list(A), applied=(everything_list(A, digest),)),
+        NODES,
+        {"n1": node(shared, image(A, True, True))},
+        Settings(),
+        NOW,
+        wants_v2,
+    )
+    assert not by_digest.removals
+    assert by_digest.removing == ()
+
+    only_tag = replace(shared, tags=frozenset({v1}))
+    wants_digest = [other(everything_list(digest))]
+    last_tag = plan_cache(
+        view(everything_list(A), applied=(everything_list(A, v1),)),
+        NODES,
+        {"n1": node(only_tag, image(A, True, True))},
+        Settings(),
+        NOW,
+        wants_digest,
+    )
+    assert not last_tag.removals
+    assert last_tag.removing == ()
+
+
 def test_purge_removes_every_image_then_reports_done() -> None:
     obs = {"n1": node(image(A, True, True)), "n2": node()}
     plan = plan_cache(view(everything_list(A, zone="a"), purge=True), NODES, obs, Settings(), NOW)
