@@ -16,7 +16,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
@@ -138,14 +138,18 @@ class Controller:
         registry: NodeRegistry,
         config: ControllerConfig,
         metrics: CoordinatorMetrics | None = None,
+        leading: Callable[[], bool] = lambda: True,
     ) -> None:
+        """`leading`: whether this process still holds leadership (always, without
+        leader election); nothing is ordered or written once it says no."""
         self.metrics = metrics or CoordinatorMetrics()
+        self._leading = leading
         self._api = api_client
         self._kube = kube
         self._registry = registry
         self._config = config
         self.queue: WorkQueue[Key] = WorkQueue()
-        self.status = StatusWriter(kube, config.status_interval, self.metrics)
+        self.status = StatusWriter(kube, config.status_interval, self.metrics, leading)
         self.desired = Desired(config.settings.wave)
         self._caches: dict[str, CacheState] = {}
         self._results: dict[str, NodeResult] = {}  # every node's last plan
@@ -315,6 +319,10 @@ class Controller:
             key = await self.queue.get()
             if key is None:
                 return
+            if not self._leading():
+                self.queue.done(key)
+                log.error("leadership not renewed in time: stopping before acting on %s", key)
+                return  # run() ends, and the process with it
             kind, name = key
             try:
                 if kind == NODE:

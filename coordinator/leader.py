@@ -32,6 +32,14 @@ class LeaderElector:
         self._duration = lease_duration
         self._deadline = renew_deadline
         self._retry = retry_period
+        self._renewed: float | None = None  # monotonic start of the last renewal that held
+
+    def leading(self) -> bool:
+        """Whether the Lease was renewed within the renew deadline (shorter than the
+        Lease's duration, so no standby can have taken it yet). Work is fenced on this,
+        not on `hold` returning: a process paused or starved past the deadline must
+        not act as a second leader in the moment before `hold` notices."""
+        return self._renewed is not None and time.monotonic() - self._renewed < self._deadline
 
     def try_acquire_or_renew(self) -> bool:
         """One attempt (blocking). True while this identity holds the Lease."""
@@ -80,11 +88,15 @@ class LeaderElector:
         return True
 
     async def _attempt(self) -> bool:
+        started = time.monotonic()  # the Lease's renewTime is taken at about this moment
         try:
-            return await asyncio.to_thread(self.try_acquire_or_renew)
+            held = await asyncio.to_thread(self.try_acquire_or_renew)
         except Exception as err:
             log.warning("leader election Lease %s/%s: %s", self.namespace, self.name, err)
             return False
+        if held:
+            self._renewed = started
+        return held
 
     async def acquire(self) -> None:
         log.info("waiting to lead (Lease %s/%s) as %s", self.namespace, self.name, self.identity)
@@ -96,12 +108,9 @@ class LeaderElector:
 
     async def hold(self) -> None:
         """Returns when leadership is lost."""
-        last_ok = time.monotonic()
         while True:
             await asyncio.sleep(self._retry)
-            if await self._attempt():
-                last_ok = time.monotonic()
-            elif time.monotonic() - last_ok > self._deadline:
+            if not await self._attempt() and not self.leading():
                 log.error("lost leadership (no renewal for %.0fs)", self._deadline)
                 return
 

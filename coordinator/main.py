@@ -121,6 +121,7 @@ async def run(cfg: CoordinatorConfig) -> int:
             gate_deadline_text=cfg.node_gate_deadline_text,
         ),
         metrics,
+        leading=elector.leading if elector is not None else lambda: True,
     )
     metrics.is_leader.set(1)
     tasks = [asyncio.create_task(controller.run(stop, probes.ready), name="controller")]

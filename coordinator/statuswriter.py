@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from kubernetes import client
@@ -23,8 +23,15 @@ log = logging.getLogger(__name__)
 class StatusWriter:
     """At most one status write per cache per interval; conflicts retried on a fresh read."""
 
-    def __init__(self, kube: KubeWriter, interval: float, metrics: CoordinatorMetrics) -> None:
+    def __init__(
+        self,
+        kube: KubeWriter,
+        interval: float,
+        metrics: CoordinatorMetrics,
+        leading: Callable[[], bool] = lambda: True,
+    ) -> None:
         self._kube = kube
+        self._leading = leading
         self._metrics = metrics
         self._interval = interval
         self._pending: dict[str, tuple[dict[str, Any], Counts]] = {}
@@ -72,6 +79,8 @@ class StatusWriter:
             if key in self._refused and self._refused[key] == comparable(status):
                 del self._pending[key]
                 continue
+            if not self._leading():
+                return None  # a status from a process that may no longer lead: never written
             due = self._last.get(key, 0) + self._interval
             if self._changes_state(key, status):
                 due = now  # news (a new state, reason or extent): only progress is throttled
