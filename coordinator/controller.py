@@ -91,12 +91,15 @@ def agent_from_lease(lease: Mapping[str, Any]) -> AgentInfo | None:
     if not node or not endpoint or not renew:
         return None
     renewed = datetime.fromisoformat(str(renew).replace("Z", "+00:00")).timestamp()
+    duration = float(spec.get("leaseDurationSeconds") or 40)
     return AgentInfo(
         node=node,
         endpoint=endpoint,
         tls=(meta.get("annotations") or {}).get(TLS_ANNOTATION) == "true",
-        expires=renewed + float(spec.get("leaseDurationSeconds") or 40),
+        expires=renewed + duration,  # by the node's clock: `observed` dates it by ours
         acquired=str(spec.get("acquireTime") or ""),
+        renew_time=str(renew),
+        duration=duration,
     )
 
 

@@ -33,6 +33,10 @@ class LeaderElector:
         self._deadline = renew_deadline
         self._retry = retry_period
         self._renewed: float | None = None  # monotonic start of the last renewal that held
+        # Another holder's record as last seen, and when (monotonic): its Lease runs out
+        # a duration after we saw it change, whatever its renewTime says by its clock.
+        self._seen: tuple[object, ...] | None = None
+        self._seen_at = 0.0
 
     def leading(self) -> bool:
         """Whether the Lease was renewed within the renew deadline (shorter than the
@@ -68,9 +72,8 @@ class LeaderElector:
                 raise
         spec = lease.spec or client.V1LeaseSpec()
         holder = spec.holder_identity
-        renewed = spec.renew_time.timestamp() if spec.renew_time else 0.0
         duration = spec.lease_duration_seconds or self._duration
-        if holder and holder != self.identity and renewed + duration > now.timestamp():
+        if holder and holder != self.identity and not self._expired(spec, duration):
             return False  # held by another, and not expired
         if holder != self.identity:
             spec.acquire_time = now
@@ -86,6 +89,15 @@ class LeaderElector:
                 return False  # someone else wrote first
             raise
         return True
+
+    def _expired(self, spec: client.V1LeaseSpec, duration: float) -> bool:
+        """As client-go judges it: by our clock, from when we saw the record change (the
+        holder's clock may be skewed; its renewTime is only compared for a change)."""
+        record = (spec.holder_identity, spec.renew_time, spec.lease_transitions)
+        now = time.monotonic()
+        if record != self._seen:
+            self._seen, self._seen_at = record, now
+        return now - self._seen_at > duration
 
     async def _attempt(self) -> bool:
         started = time.monotonic()  # the Lease's renewTime is taken at about this moment

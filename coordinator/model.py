@@ -23,8 +23,10 @@ class AgentInfo:
     node: str
     endpoint: str
     tls: bool
-    expires: float  # epoch seconds: renewTime + leaseDurationSeconds
+    expires: float  # epoch seconds, by this process's clock (`observed`)
     acquired: str = ""  # the Lease's acquireTime: a new one is a new agent process
+    renew_time: str = ""  # the Lease's renewTime as written, by the node's clock
+    duration: float = 40.0  # leaseDurationSeconds
 
     def alive(self, now: float) -> bool:
         return now < self.expires
@@ -36,6 +38,20 @@ class AgentInfo:
             other.tls,
             other.acquired,
         )
+
+
+def observed(agent: AgentInfo, before: AgentInfo | None, now: float) -> AgentInfo:
+    """The Lease's expiry by this process's clock, as the node lifecycle controller and
+    client-go's leader election judge Leases: a renewal seen now lasts a duration from
+    now, whatever time the node's clock wrote (node clocks drift; one minutes behind
+    would otherwise be taken for a dead agent for good, one ahead for alive too long).
+    Only a Lease seen for the first time is dated by its renewTime (never later than
+    now), so an agent that died before this process started is not taken for alive."""
+    if before is not None and before.same_process(agent):
+        if before.renew_time == agent.renew_time:
+            return replace(agent, expires=before.expires)  # nothing renewed: not younger
+        return replace(agent, expires=now + agent.duration)
+    return replace(agent, expires=min(agent.expires - agent.duration, now) + agent.duration)
 
 
 def renewed(old: AgentInfo | None, new: AgentInfo | None, now: float) -> bool:

@@ -25,7 +25,15 @@ from protos.fledged.agent.v1 import agent_pb2
 
 from .agents import AgentPool
 from .images import ImageKey, image_key, ref_of
-from .model import AgentInfo, Inventory, NodeObservation, Pulled, names, shared_image
+from .model import (
+    AgentInfo,
+    Inventory,
+    NodeObservation,
+    Pulled,
+    names,
+    observed,
+    shared_image,
+)
 from .pairs import PullItem
 from .secrets import RegistryAuth
 from .waves import WaveSlots
@@ -175,7 +183,10 @@ class NodeRegistry:
         obs = self.observation(node)
         old = obs.agent
         version = obs.version
-        relist, lost = obs.set_agent(agent, time.time())
+        now = time.time()
+        if agent is not None:
+            agent = observed(agent, old, now)
+        relist, lost = obs.set_agent(agent, now)
         self._move(old, agent)
         if obs.version == version:
             return  # only the renewal moved

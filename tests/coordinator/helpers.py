@@ -171,7 +171,9 @@ def extra_node(
     labels: dict[str, str],
     taints: list[dict[str, str]] | None = None,
     registry_hosts: tuple[str, ...] = (),
+    lease: bool = True,
 ) -> Iterator[ExtraNode]:
+    """`lease`: the agent registers its own Lease (False: the test writes it)."""
     containerd = Containerd(env.workdir, name, [env.registry.host, *registry_hosts])
     containerd.start()
     core = client.CoreV1Api(env.api_client())
@@ -179,7 +181,9 @@ def extra_node(
     node = ExtraNode(
         name,
         containerd,
-        env.start_agent(node_name=name, runtime_endpoint=containerd.endpoint, name=f"agent-{name}"),
+        env.start_agent(
+            node_name=name, runtime_endpoint=containerd.endpoint, lease=lease, name=f"agent-{name}"
+        ),
     )
     try:
         yield node

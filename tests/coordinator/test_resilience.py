@@ -6,14 +6,22 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import threading
 import time
 import urllib.error
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from kubernetes import client
 
+from common.wire import (
+    COMPONENT_LABELS,
+    ENDPOINT_ANNOTATION,
+    NODE_LABEL,
+    TLS_ANNOTATION,
+    lease_name,
+)
 from coordinator.kube import KubeWriter
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.pairs import Counts
@@ -27,12 +35,13 @@ from tests.coordinator.helpers import (
     get_cache,
     kubectl,
     node_images,
+    runtime_images,
     stand_in,
     wait_for,
     wait_status,
 )
 from tests.testenv import TestEnv
-from tests.testenv.agents import CoordinatorProcess
+from tests.testenv.agents import AGENT_NAMESPACE, CoordinatorProcess
 from tests.testenv.proxy import RegistryProxy
 from tests.testenv.runtime import NodeRuntime
 
@@ -324,6 +333,68 @@ def test_an_agent_killed_mid_pull_is_reported_and_its_successor_finishes_the_pul
             held = cri.status(ref)
         assert held is not None
         assert held.id == image.config_digest
+
+
+def test_an_agent_on_a_node_whose_clock_is_minutes_behind_is_not_taken_for_gone(
+    testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
+) -> None:
+    """Node clocks drift (an edge node without NTP): the agent renews its Lease on time,
+    but every renewTime is five minutes old by the coordinator's clock. Renewals are
+    judged by when the coordinator sees them, as Kubernetes judges node Leases, so the
+    node is served; once the renewals stop, it is gone within the Lease's duration."""
+    image = testenv.registry_client().push_image(unique("ic/skew"), "v1")
+    pool = unique("skew")
+    with extra_node(testenv, unique("node-skew"), {"fledged.test/pool": pool}, lease=False) as node:
+        leases = client.CoordinationV1Api(testenv.api_client())
+        name = lease_name(node.name)
+        acquired = datetime.now(UTC) - timedelta(minutes=5)
+        stop = threading.Event()
+
+        def lease(resource_version: str | None = None) -> client.V1Lease:
+            return client.V1Lease(
+                metadata=client.V1ObjectMeta(
+                    name=name,
+                    namespace=AGENT_NAMESPACE,
+                    labels={**COMPONENT_LABELS, NODE_LABEL: node.name},
+                    annotations={ENDPOINT_ANNOTATION: node.agent.address, TLS_ANNOTATION: "false"},
+                    resource_version=resource_version,
+                ),
+                spec=client.V1LeaseSpec(
+                    holder_identity=node.name,
+                    lease_duration_seconds=10,
+                    acquire_time=acquired,
+                    renew_time=datetime.now(UTC) - timedelta(minutes=5),
+                ),
+            )
+
+        def renew() -> None:  # the agent's registrar, on a node five minutes behind
+            leases.create_namespaced_lease(AGENT_NAMESPACE, lease())
+            while not stop.wait(1.0):
+                current = leases.read_namespaced_lease(name, AGENT_NAMESPACE).metadata
+                version = current.resource_version if current is not None else None
+                leases.replace_namespaced_lease(name, AGENT_NAMESPACE, lease(version))
+
+        renewer = threading.Thread(target=renew, daemon=True)
+        renewer.start()
+        try:
+            lists = [{"images": [image.ref], "nodeSelector": {"fledged.test/pool": pool}}]
+            apply(testenv, cache_manifest("skew", namespace, lists))
+            obj = wait_status(testenv, namespace, "skew", "Succeeded", timeout=60)
+            assert obj["status"]["ready"] == "1/1"
+            assert runtime_images(node.containerd.endpoint).get(image.ref) is True
+            gone = f"agent of node {node.name} is gone"
+            seen = coordinator.process.log_path.read_text().count(gone)  # its first sight, maybe
+            stop.set()
+            renewer.join(timeout=10)
+            wait_for(
+                "the coordinator to take the agent for gone",
+                lambda: coordinator.process.log_path.read_text().count(gone) > seen,
+                timeout=30,
+            )
+        finally:
+            stop.set()
+            renewer.join(timeout=10)
+            leases.delete_namespaced_lease(name, AGENT_NAMESPACE)
 
 
 def _apply_all(testenv: TestEnv, manifests: list[dict[str, Any]]) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import json
 import random
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from common.reference import parse
 from coordinator.api import CacheList, CacheSpec, SpecError, parse_spec
 from coordinator.controller import agent_from_lease
 from coordinator.desired import CacheView
+from coordinator.model import observed
 from coordinator.pairs import PairPhase, PairState
 from coordinator.projection import CacheProjection
 from coordinator.secrets import SecretError, credentials_for, parse_secret
@@ -276,6 +278,44 @@ def test_the_spec_parser_reports_what_to_fix() -> None:
     ):
         with pytest.raises(SpecError, match=complaint):
             parse_spec({"spec": spec})
+
+
+def _lease(renew: datetime, acquired: str = "t0") -> dict[str, Any]:
+    return {
+        "metadata": {
+            "labels": {"kubefledged.io/node": "n1"},
+            "annotations": {"kubefledged.io/agent-endpoint": "10.0.0.5:9445"},
+        },
+        "spec": {
+            "holderIdentity": "n1",
+            "renewTime": renew.isoformat().replace("+00:00", "Z"),
+            "acquireTime": acquired,
+            "leaseDurationSeconds": 10,
+        },
+    }
+
+
+def test_agent_leases_are_judged_by_when_renewals_are_seen_not_by_the_nodes_clock() -> None:
+    now = datetime(2026, 12, 2, tzinfo=UTC)
+    behind = now - timedelta(minutes=5)  # the node's clock is five minutes slow
+    first = agent_from_lease(_lease(behind))
+    assert first is not None
+    seen = observed(first, None, now.timestamp())
+    assert not seen.alive(now.timestamp())  # first sight: dated by its renewTime
+    renewal = agent_from_lease(_lease(behind + timedelta(seconds=2)))
+    assert renewal is not None
+    later = now.timestamp() + 2
+    renewed_seen = observed(renewal, seen, later)
+    assert renewed_seen.expires == later + 10  # a renewal seen lasts a duration from now
+    again = observed(renewal, renewed_seen, later + 8)  # the same record again (a resync)
+    assert again.expires == later + 10
+    assert not again.alive(later + 11)  # renewals stopped: gone a duration after the last
+    ahead = agent_from_lease(_lease(now + timedelta(minutes=5)))  # a clock minutes fast
+    assert ahead is not None
+    assert observed(ahead, None, now.timestamp()).expires == now.timestamp() + 10
+    other = agent_from_lease(_lease(behind, acquired="t1"))  # a new process: first sight
+    assert other is not None
+    assert not observed(other, renewed_seen, later).alive(later)
 
 
 def test_agent_leases_give_endpoint_and_expiry() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kubernetes import client
@@ -89,3 +90,26 @@ async def test_the_status_writer_writes_nothing_once_leadership_lapsed() -> None
     writer.offer("ns/b", {"status": "Processing"}, Counts(1, 1, {}, {}))
     await writer._write_due()
     assert kube.writes == ["ns/a"]
+
+
+class Standby(LeaderElector):
+    def __init__(self) -> None:
+        super().__init__(client.ApiClient(), "ns", "lease", "standby", lease_duration=DEADLINE)
+
+
+async def test_a_standby_judges_the_leaders_lease_by_when_it_sees_it_change() -> None:
+    """The leader's renewTime says five minutes ago (its clock is slow): while it keeps
+    changing the Lease is held; once it stops changing, it runs out a duration later."""
+    standby = Standby()
+    behind = datetime.now(UTC) - timedelta(minutes=5)
+
+    def spec(renewed: datetime) -> client.V1LeaseSpec:
+        return client.V1LeaseSpec(holder_identity="leader", renew_time=renewed)
+
+    assert not standby._expired(spec(behind), DEADLINE)
+    await asyncio.sleep(DEADLINE * 0.6)
+    assert not standby._expired(spec(behind + timedelta(seconds=1)), DEADLINE)  # renewed
+    await asyncio.sleep(DEADLINE * 0.6)
+    assert not standby._expired(spec(behind + timedelta(seconds=1)), DEADLINE)
+    await asyncio.sleep(DEADLINE * 0.6)
+    assert standby._expired(spec(behind + timedelta(seconds=1)), DEADLINE)
