@@ -58,10 +58,15 @@ class NodeGate:
         self._observation = observation
         self._cache = cache
         self.gated: dict[str, float] = {}  # node -> its creation time
+        # Released by this process: counted at once, not when the Node's annotation
+        # comes back through the watch (a status written between would count it nowhere).
+        self.released: set[str] = set()
 
     def saw_node(self, name: str, obj: Obj | None) -> bool:
         """A Node appeared, changed or went: whether it waits behind the taint now."""
         taints = ((obj or {}).get("spec") or {}).get("taints") or []
+        if obj is None:
+            self.released.discard(name)
         if obj is None or not has_taint(taints, self.taint):
             self.gated.pop(name, None)
             return False
@@ -92,6 +97,7 @@ class NodeGate:
         self.gated.pop(name, None)
         if node is None:
             return  # gone, or someone else removed the taint first
+        self.released.add(name)
         text = message(decision, self._deadline_text)
         reason = EVENT_REASONS[decision.verdict]
         kind = "Normal" if decision.verdict is Verdict.READY else "Warning"
@@ -115,7 +121,7 @@ class NodeGate:
         for node in nodes:
             if node in self.gated:
                 gated += 1
-            elif GATE_RELEASED_ANNOTATION in (
+            elif node in self.released or GATE_RELEASED_ANNOTATION in (
                 (store.get(node) or {}).get("metadata", {}).get("annotations") or {}
             ):
                 released += 1

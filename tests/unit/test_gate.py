@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from coordinator.gate import Verdict, Wanted, decide, has_taint, message, without_taint
+from coordinator.gate import (
+    Decision,
+    Verdict,
+    Wanted,
+    decide,
+    has_taint,
+    message,
+    without_taint,
+)
+from coordinator.gating import NodeGate
 from coordinator.images import image_key
 from coordinator.model import Inventory, NodeImage, OrderPhase, PullRecord
 
@@ -85,3 +94,29 @@ def test_only_the_configured_taint_key_is_removed() -> None:
     assert has_taint(taints, "kubefledged.io/caching")
     assert without_taint(taints, "kubefledged.io/caching") == [taints[2]]
     assert not has_taint(taints[2:], "kubefledged.io/caching")
+
+
+class Writer:
+    """The Node API as the gate sees it: the taint goes, the Node was as given."""
+
+    def release_node(self, name: str, taint: str, annotation: tuple[str, str]) -> dict[str, object]:
+        return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}}
+
+    def event(self, *args: object) -> None:
+        return None
+
+
+async def test_a_released_node_counts_as_released_before_the_watch_shows_its_annotation() -> None:
+    """A status written between the release and the Node's watch event counted the node
+    neither gated nor released (a user saw nodesReleased 0 on a Ready cache)."""
+    gate = NodeGate(Writer(), "t", DEADLINE, "10m", lambda n: [], lambda n: None, lambda k: None)  # type: ignore[arg-type]
+    tainted = {
+        "metadata": {"name": "n1"},
+        "spec": {"taints": [{"key": "t", "effect": "NoSchedule"}]},
+    }
+    assert gate.saw_node("n1", tainted)
+    assert gate.counts(["n1"], {"n1": tainted}) == (1, 0)
+    await gate.release("n1", Decision(Verdict.READY))
+    assert gate.counts(["n1"], {"n1": tainted}) == (0, 1)  # the store still has the old Node
+    gate.saw_node("n1", None)  # the Node is deleted
+    assert gate.counts(["n1"], {}) == (0, 0)
