@@ -46,6 +46,8 @@ class LeaseRegistrar:
         self._version = version
         self._duration = duration
         self._interval = renew_interval
+        # A renewal that hangs (a half-open connection) ends by the next one's turn.
+        self._call_timeout = max(1.0, min(renew_interval, 10.0))
         self._acquired: datetime | None = None  # when this process took the Lease
 
     def _metadata(self, resource_version: str | None = None) -> client.V1ObjectMeta:
@@ -76,12 +78,16 @@ class LeaseRegistrar:
             acquire_time=self._acquired,
         )
         try:
-            current = self._api.read_namespaced_lease(self.name, self.namespace)
+            current = self._api.read_namespaced_lease(
+                self.name, self.namespace, _request_timeout=self._call_timeout
+            )
         except client.ApiException as err:
             if err.status != 404:
                 raise
             self._api.create_namespaced_lease(
-                self.namespace, client.V1Lease(metadata=self._metadata(), spec=spec)
+                self.namespace,
+                client.V1Lease(metadata=self._metadata(), spec=spec),
+                _request_timeout=self._call_timeout,
             )
             log.info(
                 "registered Lease %s/%s for endpoint %s", self.namespace, self.name, self._endpoint
@@ -98,6 +104,7 @@ class LeaseRegistrar:
                 ),
                 spec=spec,
             ),
+            _request_timeout=self._call_timeout,
         )
 
     async def run(self) -> None:

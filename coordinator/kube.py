@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 Obj = dict[str, Any]
 SECRET_TTL = 10.0  # seconds a pull Secret read is reused
+WATCH_SECONDS = 240  # the apiserver ends a watch after this long (a new one follows)
 Handler = Callable[[str, Obj | None, Obj | None], None]  # key, old, new
 
 
@@ -155,7 +156,10 @@ class Informer:
                     stream = watch.Watch(return_type="object").stream(  # type: ignore[no-untyped-call]
                         self._list,
                         resource_version=version,
-                        timeout_seconds=240,
+                        timeout_seconds=WATCH_SECONDS,
+                        # The apiserver ends each watch by then: silence past it is a
+                        # dead connection, to be relisted, not waited on for good.
+                        _request_timeout=(10, WATCH_SECONDS + 30),
                         allow_watch_bookmarks=True,
                         **self._kwargs,
                     )

@@ -32,6 +32,7 @@ class LeaderElector:
         self._duration = lease_duration
         self._deadline = renew_deadline
         self._retry = retry_period
+        self._call_timeout = renew_deadline / 2  # an attempt that hangs ends in time for the next
         self._renewed: float | None = None  # monotonic start of the last renewal that held
         # Another holder's record as last seen, and when (monotonic): its Lease runs out
         # a duration after we saw it change, whatever its renewTime says by its clock.
@@ -49,7 +50,9 @@ class LeaderElector:
         """One attempt (blocking). True while this identity holds the Lease."""
         now = datetime.now(UTC)
         try:
-            lease = self._api.read_namespaced_lease(self.name, self.namespace)
+            lease = self._api.read_namespaced_lease(
+                self.name, self.namespace, _request_timeout=self._call_timeout
+            )
         except client.ApiException as err:
             if err.status != 404:
                 raise
@@ -64,7 +67,9 @@ class LeaderElector:
                 ),
             )
             try:
-                self._api.create_namespaced_lease(self.namespace, body)
+                self._api.create_namespaced_lease(
+                    self.namespace, body, _request_timeout=self._call_timeout
+                )
                 return True
             except client.ApiException as create_err:
                 if create_err.status == 409:
@@ -83,7 +88,9 @@ class LeaderElector:
         spec.lease_duration_seconds = int(self._duration)
         lease.spec = spec
         try:
-            self._api.replace_namespaced_lease(self.name, self.namespace, lease)
+            self._api.replace_namespaced_lease(
+                self.name, self.namespace, lease, _request_timeout=self._call_timeout
+            )
         except client.ApiException as err:
             if err.status == 409:
                 return False  # someone else wrote first
@@ -129,11 +136,15 @@ class LeaderElector:
     def release(self) -> None:
         """Gives the Lease up on a clean shutdown so a standby takes over at once."""
         try:
-            lease = self._api.read_namespaced_lease(self.name, self.namespace)
+            lease = self._api.read_namespaced_lease(
+                self.name, self.namespace, _request_timeout=self._call_timeout
+            )
             if lease.spec is None or lease.spec.holder_identity != self.identity:
                 return
             lease.spec.holder_identity = None
             lease.spec.lease_duration_seconds = 1
-            self._api.replace_namespaced_lease(self.name, self.namespace, lease)
+            self._api.replace_namespaced_lease(
+                self.name, self.namespace, lease, _request_timeout=self._call_timeout
+            )
         except client.ApiException as err:
             log.warning("could not release leadership: %s", err.reason)

@@ -12,6 +12,7 @@ import time
 import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import timedelta
 
 import grpc
 import pytest
@@ -530,6 +531,46 @@ def test_agents_register_and_renew_their_leases(
         )
 
     agents["node-1"].process.wait_until(renewed, timeout=10, what="Lease renewal")
+
+
+def test_a_renewal_caught_on_a_silent_connection_ends_and_the_next_one_renews(
+    testenv: TestEnv,
+) -> None:
+    """A flaky link can leave the agent's connection to the apiserver half-open: no
+    answer, no error. The renewal caught on it times out, and the next goes over a new
+    connection (without a timeout the agent never renewed again, and its node was taken
+    for gone for good)."""
+    relay = RegistryProxy(testenv.apiserver.url.removeprefix("https://")).start()
+    try:
+        kubeconfig = testenv.workdir / "kubeconfig-agent-through-relay"
+        kubeconfig.write_text(
+            testenv.agent_identity()
+            .kubeconfig.read_text()
+            .replace(testenv.apiserver.url, f"https://{relay.host}")
+        )
+        node = unique("silent")
+        agent = testenv.start_agent(
+            testenv.nodes[0], node_name=node, kubeconfig=kubeconfig, name="agent-silent"
+        )
+        try:
+            agent.process.wait_until(
+                lambda: read_lease(testenv, node)[1].renew_time is not None,
+                timeout=10,
+                what="the Lease",
+            )
+            relay.black_hole()  # the connection the agent keeps goes silent
+            silenced = read_lease(testenv, node)[1].renew_time
+            assert silenced is not None
+
+            def renewed_after() -> bool:
+                later = read_lease(testenv, node)[1].renew_time
+                return later is not None and later > silenced + timedelta(seconds=3)
+
+            agent.process.wait_until(renewed_after, timeout=20, what="a renewal after the silence")
+        finally:
+            agent.stop()
+    finally:
+        relay.stop()
 
 
 def test_a_stopped_agent_deletes_its_lease(testenv: TestEnv) -> None:

@@ -150,15 +150,17 @@ class TestEnv:
         name: str | None = None,
         wait_serving: bool = True,
         namespace: str = AGENT_NAMESPACE,
+        kubeconfig: Path | None = None,
     ) -> AgentProcess:
         """Starts a real agent process; it is stopped with the environment.
 
         With `lease` it registers in `namespace` (as the least-privileged agent user in
-        the default namespace, as the admin elsewhere)."""
-        kubeconfig = None
-        if lease:
+        the default namespace, as the admin elsewhere), or as `kubeconfig` says."""
+        if lease and kubeconfig is None:
             default = namespace == AGENT_NAMESPACE
             kubeconfig = self.agent_identity().kubeconfig if default else self.kubeconfig
+        elif not lease:
+            kubeconfig = None
         agent = AgentProcess(
             self.workdir,
             node_name or (node.name if node else "unnamed"),

@@ -36,6 +36,11 @@ class RegistryProxy:
         self._server: asyncio.Server | None = None
         self._next_slot = 0.0  # the rate is shared by all connections, as one link would be
         self.open_connections = 0  # clients connected now (a cancelled pull closes its own)
+        # Drop what the connections open now carry, both ways, keeping them open: what a
+        # half-open connection does (new connections are not affected).
+        self._dropping: set[int] = set()
+        self._live: set[int] = set()
+        self._next_id = 0
 
     def start(self) -> RegistryProxy:
         self._thread.start()
@@ -89,11 +94,23 @@ class RegistryProxy:
         except OSError:
             writer.close()
             return
-        await asyncio.gather(
-            self._pipe(reader, up_writer, None),
-            self._pipe(up_reader, writer, self._throttle if self.rate else None),
-            return_exceptions=True,
-        )
+        self._next_id += 1
+        conn = self._next_id
+        self._live.add(conn)
+        try:
+            await asyncio.gather(
+                self._pipe(conn, reader, up_writer, None),
+                self._pipe(conn, up_reader, writer, self._throttle if self.rate else None),
+                return_exceptions=True,
+            )
+        finally:
+            self._live.discard(conn)
+            self._dropping.discard(conn)
+
+    def black_hole(self) -> None:
+        """The connections open now go silent (their bytes dropped), as after a link
+        failure no FIN crossed; connections made later work."""
+        self._loop.call_soon_threadsafe(lambda: self._dropping.update(self._live))
 
     async def _throttle(self, size: int) -> None:
         assert self.rate
@@ -101,8 +118,9 @@ class RegistryProxy:
         self._next_slot = max(self._next_slot, now) + size / self.rate
         await asyncio.sleep(self._next_slot - now)
 
-    @staticmethod
     async def _pipe(
+        self,
+        conn: int,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         throttle: Callable[[int], Awaitable[None]] | None,
@@ -110,6 +128,8 @@ class RegistryProxy:
         chunk = 16 * 1024
         try:
             while data := await reader.read(chunk):
+                if conn in self._dropping:
+                    continue
                 if throttle:
                     await throttle(len(data))
                 writer.write(data)
