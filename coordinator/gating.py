@@ -67,7 +67,10 @@ class NodeGate:
         taints = ((obj or {}).get("spec") or {}).get("taints") or []
         if obj is None:
             self.released.discard(name)
-        if obj is None or not has_taint(taints, self.taint):
+        # A node released here is not gated again: a watch event of a version from
+        # before our patch (the kubelet writes its Node status all the time) still shows
+        # the taint. The gate is for a node's start; a Node made anew starts over.
+        if obj is None or name in self.released or not has_taint(taints, self.taint):
             self.gated.pop(name, None)
             return False
         self.gated[name] = created_at(obj)

@@ -10,7 +10,14 @@ from typing import Any
 from kubernetes import client
 
 from tests.conftest import unique
-from tests.coordinator.helpers import apply, cache_manifest, stand_in, wait_for, wait_status
+from tests.coordinator.helpers import (
+    apply,
+    cache_manifest,
+    get_cache,
+    stand_in,
+    wait_for,
+    wait_status,
+)
 from tests.realnodes.conftest import kubelet_nodes
 from tests.realnodes.pods import pod_events
 from tests.testenv import TestEnv
@@ -104,8 +111,19 @@ def test_pods_wait_behind_the_taint_and_start_from_the_cache(
                     seen = pod_events(core, namespace, str(pod.metadata.name))
                     assert not [e for e in seen if e[0] == "Pulling"], seen
                     assert any(r == "Pulled" and "already present" in m for r, m in seen), seen
-                obj = wait_status(testenv, namespace, "gated", "Succeeded")
-                assert obj["status"]["nodesReleased"] == 1
+                wait_status(testenv, namespace, "gated", "Succeeded")
+                # The count follows within a status interval (only a change of state is
+                # written at once), so a pod may run before it shows.
+                wait_for(
+                    "the released node counted in status",
+                    lambda: (
+                        (get_cache(testenv, namespace, "gated") or {})
+                        .get("status", {})
+                        .get("nodesReleased")
+                        == 1
+                    ),
+                    timeout=10,
+                )
                 apps.delete_namespaced_deployment("gated", namespace)
     finally:
         proxy.stop()

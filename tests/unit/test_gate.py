@@ -118,5 +118,7 @@ async def test_a_released_node_counts_as_released_before_the_watch_shows_its_ann
     assert gate.counts(["n1"], {"n1": tainted}) == (1, 0)
     await gate.release("n1", Decision(Verdict.READY))
     assert gate.counts(["n1"], {"n1": tainted}) == (0, 1)  # the store still has the old Node
+    assert not gate.saw_node("n1", tainted)  # a version from before the release, late
+    assert gate.counts(["n1"], {"n1": tainted}) == (0, 1)
     gate.saw_node("n1", None)  # the Node is deleted
     assert gate.counts(["n1"], {}) == (0, 0)
