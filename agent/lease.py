@@ -125,7 +125,11 @@ class LeaseRegistrar:
     def release(self) -> None:
         """Deletes the Lease on shutdown so the coordinator knows at once."""
         try:
-            self._api.delete_namespaced_lease(self.name, self.namespace)
+            self._api.delete_namespaced_lease(
+                self.name, self.namespace, _request_timeout=self._call_timeout
+            )
         except client.ApiException as err:
             if err.status != 404:
                 log.warning("could not delete Lease %s/%s: %s", self.namespace, self.name, err)
+        except Exception as err:  # the apiserver out of reach: the Lease runs out instead
+            log.warning("could not delete Lease %s/%s: %s", self.namespace, self.name, err)

@@ -148,3 +148,5 @@ class LeaderElector:
             )
         except client.ApiException as err:
             log.warning("could not release leadership: %s", err.reason)
+        except Exception as err:  # the apiserver out of reach: the Lease runs out instead
+            log.warning("could not release leadership: %s", err)

@@ -567,6 +567,11 @@ def test_a_renewal_caught_on_a_silent_connection_ends_and_the_next_one_renews(
                 return later is not None and later > silenced + timedelta(seconds=3)
 
             agent.process.wait_until(renewed_after, timeout=20, what="a renewal after the silence")
+            relay.stop()  # now out of reach altogether: the agent still stops cleanly
+            agent.stop()
+            assert agent.process.proc is not None
+            assert agent.process.proc.returncode == 0, agent.process.log_tail()
+            assert "could not delete Lease" in agent.process.log_path.read_text()
         finally:
             agent.stop()
     finally:
