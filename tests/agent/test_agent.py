@@ -7,6 +7,7 @@ its SDK); the others exercise what only one runtime has (pinning, CRI health...)
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import urllib.request
@@ -574,6 +575,10 @@ def test_a_renewal_caught_on_a_silent_connection_ends_and_the_next_one_renews(
             assert "could not delete Lease" in agent.process.log_path.read_text()
         finally:
             agent.stop()
+            with contextlib.suppress(client.ApiException):  # left behind on purpose above
+                client.CoordinationV1Api(testenv.api_client()).delete_namespaced_lease(
+                    f"fledged-agent-{node}", AGENT_NAMESPACE
+                )
     finally:
         relay.stop()
 
