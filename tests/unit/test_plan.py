@@ -18,7 +18,7 @@ from coordinator.model import (
 )
 from coordinator.pairs import PairPhase
 from coordinator.plan import Settings
-from tests.unit.planning import plan_cache
+from tests.unit.planning import Plan, plan_cache
 
 NOW = 1_000_000.0
 A = ImageKey("reg.io/app/a:v1")
@@ -254,40 +254,27 @@ def test_content_another_cache_wants_under_another_name_is_never_removed() -> No
         pin_owned=True,
         size=10,
     )
-    wants_v2 = [other(everything_list(v2))]
 
-    untagged = plan_cache(
-        view(everything_list(A), applied=(everything_list(A, v1),)),
-        NODES,
-        {"n1": node(shared, image(A, True, True))},
-        Settings(),
-        NOW,
-        wants_v2,
-    )
+    def drop(key: ImageKey, held: NodeImage, wanted: ImageKey) -> Plan:
+        """This cache drops `key` from its list; another wants `wanted`."""
+        return plan_cache(
+            view(everything_list(A), applied=(everything_list(A, key),)),
+            NODES,
+            {"n1": node(held, image(A, True, True))},
+            Settings(),
+            NOW,
+            [other(everything_list(wanted))],
+        )
+
+    untagged = drop(v1, shared, v2)
     assert untagged.removals == {"n1": [v1]}
     assert not untagged.pins  # the content stays pinned for the other cache
 
-    by_digest = plan_cache(
-        view(everything_list(A), applied=(everything_list(A, digest),)),
-        NODES,
-        {"n1": node(shared, image(A, True, True))},
-        Settings(),
-        NOW,
-        wants_v2,
-    )
+    by_digest = drop(digest, shared, v2)
     assert not by_digest.removals
     assert by_digest.removing == ()
 
-    only_tag = replace(shared, tags=frozenset({v1}))
-    wants_digest = [other(everything_list(digest))]
-    last_tag = plan_cache(
-        view(everything_list(A), applied=(everything_list(A, v1),)),
-        NODES,
-        {"n1": node(only_tag, image(A, True, True))},
-        Settings(),
-        NOW,
-        wants_digest,
-    )
+    last_tag = drop(v1, replace(shared, tags=frozenset({v1})), digest)
     assert not last_tag.removals
     assert last_tag.removing == ()
 
