@@ -127,13 +127,14 @@ def plan_node(
         result.pairs[key] = pair
         result.basis[key] = (desire, record, present, obs.pinning_supported)
     lifting = _pins(result, desired, obs, inventory, held)
-    wanted = {
-        present.image_id
-        for key, present in held.items()
-        if present is not None and desired.items[key].want
-    }
-    for key, desire in desired.items.items():
-        if desire.remove or not desire.want:
+    letting_go = [(k, d) for k, d in desired.items.items() if d.remove or not d.want]
+    if letting_go:  # most plans let nothing go: the wanted ids only when one does
+        wanted = {
+            present.image_id
+            for key, present in held.items()
+            if present is not None and desired.items[key].want
+        }
+        for key, desire in letting_go:
             result.released[key] = _release(result, key, desire, obs, held[key], lifting, wanted)
     return result
 

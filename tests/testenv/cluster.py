@@ -156,11 +156,11 @@ class TestEnv:
 
         With `lease` it registers in `namespace` (as the least-privileged agent user in
         the default namespace, as the admin elsewhere), or as `kubeconfig` says."""
-        if lease and kubeconfig is None:
+        if not lease:
+            kubeconfig = None
+        elif kubeconfig is None:
             default = namespace == AGENT_NAMESPACE
             kubeconfig = self.agent_identity().kubeconfig if default else self.kubeconfig
-        elif not lease:
-            kubeconfig = None
         agent = AgentProcess(
             self.workdir,
             node_name or (node.name if node else "unnamed"),
