@@ -21,6 +21,7 @@ from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2
 from kubernetes import client
 
+from common.wire import lease_name
 from protos.fledged.agent.v1 import agent_pb2, agent_pb2_grpc
 from tests.conftest import unique
 from tests.testenv import AUTH_PASSWORD, AUTH_USER, PushedImage, TestEnv
@@ -503,7 +504,7 @@ def test_health_follows_the_runtime_down_and_back(testenv: TestEnv) -> None:
 
 def read_lease(testenv: TestEnv, node: str) -> tuple[client.V1ObjectMeta, client.V1LeaseSpec]:
     lease = client.CoordinationV1Api(testenv.api_client()).read_namespaced_lease(
-        f"fledged-agent-{node}", AGENT_NAMESPACE
+        lease_name(node), AGENT_NAMESPACE
     )
     assert lease.metadata is not None
     assert lease.spec is not None
@@ -577,7 +578,7 @@ def test_a_renewal_caught_on_a_silent_connection_ends_and_the_next_one_renews(
             agent.stop()
             with contextlib.suppress(client.ApiException):  # left behind on purpose above
                 client.CoordinationV1Api(testenv.api_client()).delete_namespaced_lease(
-                    f"fledged-agent-{node}", AGENT_NAMESPACE
+                    lease_name(node), AGENT_NAMESPACE
                 )
     finally:
         relay.stop()
