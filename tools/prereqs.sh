@@ -5,7 +5,7 @@
 # and iproute2 for the kubelet nodes, debootstrap for the project image's base. Fails
 # within seconds, with the command to run, when it cannot install them.
 set -euo pipefail
-packages=(docker.io docker-registry apache2-utils runc make gcc libc6-dev git
+packages=(docker.io containerd docker-registry apache2-utils runc make gcc libc6-dev git
   containernetworking-plugins iptables iproute2 debootstrap)
 missing=()
 for p in "${packages[@]}"; do

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Sequence
+import re
+import time
+from collections.abc import Callable, Sequence
 
 import grpc
 from google.protobuf import empty_pb2, field_mask_pb2
@@ -38,6 +40,8 @@ PINNED_VALUE = "pinned"
 OWNER_LABEL = "kubefledged.io/pinned"
 NAMESPACE_HEADER = "containerd-namespace"
 CALL_TIMEOUT = 30.0
+# How long a pin change waits for CRI to show it (milliseconds, as measured).
+SETTLE_SECONDS = 2.0
 
 
 def host_arch() -> str:
@@ -81,6 +85,13 @@ def _record(image: api_pb2.Image, pinning: bool, owned: bool = False) -> ImageRe
     )
 
 
+def honours_pins(containerd_version: str) -> bool:
+    """containerd's CRI reports `pinned` from the label since 1.7 (1.6 ignores it, as
+    measured on Debian 12's 1.6.20); a version it cannot read is taken as new."""
+    found = re.match(r"v?(\d+)\.(\d+)", containerd_version)
+    return not found or (int(found[1]), int(found[2])) >= (1, 7)
+
+
 def _names(image: api_pb2.Image | ImageRecord) -> set[str]:
     """Every containerd image record CRI keeps for one image."""
     return {*image.repo_tags, *image.repo_digests, image.id}
@@ -101,6 +112,7 @@ class CriRuntime:
             (NAMESPACE_HEADER, containerd_namespace),
         )
         self._is_containerd: bool | None = None
+        self._pins_honoured = False
 
     async def close(self) -> None:
         await self._channel.close()
@@ -109,13 +121,24 @@ class CriRuntime:
         """Whether containerd's own services answer on this socket (asked once)."""
         if self._is_containerd is None:
             try:
-                await self._ctr_version.Version(empty_pb2.Empty(), timeout=5)
+                version = await self._ctr_version.Version(empty_pb2.Empty(), timeout=5)
                 self._is_containerd = True
+                self._pins_honoured = honours_pins(version.version)
+                if not self._pins_honoured:
+                    log.warning(
+                        "containerd %s: its CRI ignores pin labels (1.7 or newer pins); "
+                        "images are pulled but not pinned",
+                        version.version,
+                    )
             except grpc.RpcError as err:
                 if err.code() == grpc.StatusCode.UNAVAILABLE:
                     raise classify_rpc_error(err) from err
                 self._is_containerd = False
         return self._is_containerd
+
+    async def _pinning(self) -> bool:
+        """Whether pins can be set here: containerd whose CRI honours the pin label."""
+        return await self._containerd() and self._pins_honoured
 
     async def info(self) -> RuntimeInfo:
         try:
@@ -127,7 +150,7 @@ class CriRuntime:
             name=version.runtime_name,
             version=version.runtime_version,
             api="cri+containerd" if containerd else "cri",
-            pinning_supported=containerd,
+            pinning_supported=await self._pinning(),
         )
 
     async def status(self, ref: str) -> ImageRecord | None:
@@ -140,7 +163,7 @@ class CriRuntime:
             raise classify_rpc_error(err) from err
         if not resp.HasField("image"):
             return None
-        if not await self._containerd():
+        if not await self._pinning():
             return _record(resp.image, False)
         if not resp.image.pinned:  # only a pinned image can have our pin: skip the lookup
             return _record(resp.image, True)
@@ -152,7 +175,7 @@ class CriRuntime:
             resp = await self._images.ListImages(api_pb2.ListImagesRequest(), timeout=CALL_TIMEOUT)
         except grpc.RpcError as err:
             raise classify_rpc_error(err) from err
-        if not await self._containerd():
+        if not await self._pinning():
             return [_record(image, False) for image in resp.images]
         owned = await self._owned_records()
         return [_record(image, True, bool(_names(image) & owned)) for image in resp.images]
@@ -247,6 +270,9 @@ class CriRuntime:
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.NOT_FOUND:
                 raise classify_rpc_error(err) from err
+        await self._settled(
+            ref, lambda now: now is None or name not in now.repo_tags, f"{name} untagged"
+        )
         log.info("untagged %s; its content stays for %s", name, ", ".join(others))
         return True
 
@@ -265,19 +291,45 @@ class CriRuntime:
         A pin someone else set stays theirs: pinning leaves it alone and unpinning
         does not lift it.
         """
-        if not await self._containerd():
+        if not await self._pinning():
             return PinState.UNSUPPORTED
         record = await self.status(ref)
         if record is None:
             raise AgentError(Category.NOT_FOUND, f"{ref} is not on this node")
-        foreign = record.pin == PinState.PINNED and not record.pin_owned
-        if not foreign:
-            for name in _names(record):
-                await self._label(name, pinned)
-        after = await self.status(ref)
+        if record.pin == PinState.PINNED and not record.pin_owned:
+            return PinState.PINNED
+        labelled = any([await self._label(name, pinned) for name in _names(record)])
+        after = await self._settled(
+            ref,
+            lambda now: now is None or (now.pin == PinState.PINNED) == labelled,
+            f"{ref} {'pinned' if labelled else 'unpinned'}",
+        )
         return after.pin if after else PinState.UNPINNED
 
-    async def _label(self, name: str, pinned: bool) -> None:
+    async def _settled(
+        self, ref: str, shown: Callable[[ImageRecord | None], bool], what: str
+    ) -> ImageRecord | None:
+        """The image's record once CRI shows a change made through containerd's API.
+
+        CRI's image cache learns of a label change or a deleted record from containerd's
+        event stream, a moment after the call returns: read at once, an unpin could
+        still answer PINNED (and a pull right after it skip re-pinning what is no longer
+        pinned), an untagged tag still be present. Bounded: a CRI that never shows the
+        change is answered as it stands."""
+        delay, ends = 0.002, time.monotonic() + SETTLE_SECONDS
+        while True:
+            record = await self.status(ref)
+            if shown(record):
+                return record
+            if time.monotonic() >= ends:
+                log.warning("CRI does not show %s %.1fs after it was made", what, SETTLE_SECONDS)
+                return record
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    async def _label(self, name: str, pinned: bool) -> bool:
+        """Sets or lifts our pin on one record: whether it carries the pin label after
+        (someone else's included; a record gone carries none)."""
         try:
             image = (
                 await self._ctr_images.Get(
@@ -286,10 +338,10 @@ class CriRuntime:
             ).image
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.NOT_FOUND:
-                return
+                return False
             raise classify_rpc_error(err) from err
         if (OWNER_LABEL in image.labels) == pinned:
-            return
+            return image.labels.get(PINNED_LABEL) == PINNED_VALUE
         if pinned:
             image.labels[PINNED_LABEL] = PINNED_VALUE
             image.labels[OWNER_LABEL] = "true"
@@ -307,6 +359,7 @@ class CriRuntime:
             await self._ctr_images.Update(request, metadata=self._metadata, timeout=10)
         except grpc.RpcError as err:
             raise classify_rpc_error(err) from err
+        return pinned
 
     async def image_fs(self) -> FsUsage:
         try:

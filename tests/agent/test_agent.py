@@ -26,7 +26,7 @@ from protos.fledged.agent.v1 import agent_pb2, agent_pb2_grpc
 from tests.conftest import unique
 from tests.testenv import AUTH_PASSWORD, AUTH_USER, PushedImage, TestEnv
 from tests.testenv.agents import AGENT_NAMESPACE, AgentProcess
-from tests.testenv.containerd import Containerd
+from tests.testenv.containerd import Containerd, DebianContainerd
 from tests.testenv.pki import CertFiles, CertificateAuthority
 from tests.testenv.procs import free_port, port_open
 from tests.testenv.proxy import RegistryProxy
@@ -362,6 +362,60 @@ def test_pin_and_unpin_are_visible_through_cri(
         assert mine
         assert mine[0].pin == A.PIN_STATE_PINNED
         assert mine[0].pinned_by_fledged
+
+
+def test_each_pin_change_answers_what_cri_shows_next(
+    testenv: TestEnv, agents: dict[str, AgentProcess]
+) -> None:
+    """CRI learns of a pin label change from containerd's events, a moment after the
+    label is written: an answer read at once could be the old state (an unpin once
+    answered PINNED in CI), and a pull right after an unpin took the stale pin for
+    someone else's and did not re-pin. Round after round, each answer holds."""
+    image = testenv.registry_client().push_image(unique("agent/pin-flip"), "v1")
+    agent = agents["node-1"]
+    assert final(agent.pull(order(image.ref, pin=True)), image.ref).pin == A.PIN_STATE_PINNED
+    with NodeRuntime(testenv.nodes[0].runtime_endpoint) as cri:
+        for _ in range(15):
+            resp = agent.call("SetPinned", A.SetPinnedRequest(images=[image.ref], pinned=False))
+            assert [r.pin for r in resp.results] == [A.PIN_STATE_UNPINNED]  # type: ignore[attr-defined]
+            status = cri.status(image.ref)
+            assert status is not None
+            assert not status.pinned
+            again = final(agent.pull(order(image.ref, pin=True)), image.ref)
+            assert (again.phase, again.pin) == (A.PHASE_ALREADY_PRESENT, A.PIN_STATE_PINNED)
+            status = cri.status(image.ref)
+            assert status is not None
+            assert status.pinned
+
+
+def test_containerd_1_6_pulls_but_does_not_claim_pins(testenv: TestEnv) -> None:
+    """Debian 12's containerd 1.6: its CRI ignores the pin label, so the agent says
+    pinning is unsupported there rather than pinning in vain (answered UNPINNED, while
+    the node info claimed support)."""
+    image = testenv.registry_client().push_image(unique("agent/legacy"), "v1")
+    containerd = DebianContainerd(testenv.workdir, "legacy-node", [testenv.registry.host])
+    containerd.start()
+    agent = testenv.start_agent(
+        node_name="legacy-node",
+        runtime_endpoint=containerd.endpoint,
+        lease=False,
+        name="agent-legacy",
+    )
+    try:
+        info = agent.call("GetNodeInfo", A.GetNodeInfoRequest())
+        assert info.runtime_version.startswith("1.6.")  # type: ignore[attr-defined]
+        assert info.runtime_api == "cri+containerd"  # type: ignore[attr-defined]
+        assert not info.pinning_supported  # type: ignore[attr-defined]
+        end = final(agent.pull(order(image.ref, pin=True)), image.ref)
+        assert (end.phase, end.pin) == (A.PHASE_SUCCEEDED, A.PIN_STATE_UNSUPPORTED)
+        resp = agent.call("SetPinned", A.SetPinnedRequest(images=[image.ref], pinned=True))
+        assert [r.pin for r in resp.results] == [A.PIN_STATE_UNSUPPORTED]  # type: ignore[attr-defined]
+        listed = agent.call("ListImages", A.ListImagesRequest())
+        mine = [i for i in listed.images if i.id == image.config_digest]  # type: ignore[attr-defined]
+        assert [i.pin for i in mine] == [A.PIN_STATE_UNSUPPORTED]
+    finally:
+        agent.stop()
+        containerd.stop()
 
 
 def test_a_pin_set_by_someone_else_is_never_lifted(

@@ -29,6 +29,8 @@ def write_hosts_toml(certs_d: Path, registry_hosts: Iterable[str]) -> None:
 class Containerd:
     """A containerd with the CRI plugin; `endpoint` is what an agent is given."""
 
+    BINARY: str | None = None  # None: the suite's own build (2.x)
+
     def __init__(
         self,
         workdir: Path,
@@ -51,7 +53,16 @@ class Containerd:
         self.certs_d = certs_d = self.dir / "certs.d"
         write_hosts_toml(certs_d, registry_hosts)
         config = self.dir / "config.toml"
-        config.write_text(
+        config.write_text(self._config(certs_d, extra_config))
+        self.process = ManagedProcess(
+            f"containerd-{name}",
+            [self.BINARY or binary("containerd"), "--config", config],
+            workdir / "logs" / f"containerd-{name}.log",
+            env=env,
+        )
+
+    def _config(self, certs_d: Path, extra_config: str) -> str:
+        return (
             "version = 3\n"
             f'root = "{self.root}"\n'
             f'state = "{self.dir / "state"}"\n'
@@ -88,12 +99,6 @@ class Containerd:
             '  snapshotter = "native"\n'
             '  differ = "walking"\n' + extra_config
         )
-        self.process = ManagedProcess(
-            f"containerd-{name}",
-            [binary("containerd"), "--config", config],
-            workdir / "logs" / f"containerd-{name}.log",
-            env=env,
-        )
 
     def run_under(self, prefix: Sequence[str]) -> None:
         """Runs the daemon under `prefix` (a kubelet node's own mount namespace)."""
@@ -124,3 +129,35 @@ class Containerd:
     def channel(self) -> grpc.Channel:
         """A synchronous channel to this containerd (CRI and containerd services alike)."""
         return grpc.insecure_channel(self.endpoint)
+
+
+class DebianContainerd(Containerd):
+    """Debian 12's own containerd package (1.6), whose CRI ignores pin labels: what a
+    node still on 1.6 runs. Its config is the version 2 format, CRI in one plugin."""
+
+    BINARY = "/usr/bin/containerd"
+
+    def _config(self, certs_d: Path, extra_config: str) -> str:
+        return (
+            "version = 2\n"
+            f'root = "{self.root}"\n'
+            f'state = "{self.dir / "state"}"\n'
+            "disabled_plugins = [\n"
+            '  "io.containerd.snapshotter.v1.btrfs",\n'
+            '  "io.containerd.snapshotter.v1.zfs",\n'
+            '  "io.containerd.snapshotter.v1.devmapper",\n'
+            '  "io.containerd.snapshotter.v1.aufs",\n'
+            '  "io.containerd.tracing.processor.v1.otlp",\n'
+            '  "io.containerd.internal.v1.tracing",\n'
+            "]\n\n"
+            "[grpc]\n"
+            f'  address = "{self.socket}"\n\n'
+            "[ttrpc]\n"
+            f'  address = "{self.socket}.ttrpc"\n\n'
+            '[plugins."io.containerd.internal.v1.opt"]\n'
+            f'  path = "{self.dir / "opt"}"\n\n'
+            '[plugins."io.containerd.grpc.v1.cri".containerd]\n'
+            '  snapshotter = "native"\n\n'
+            '[plugins."io.containerd.grpc.v1.cri".registry]\n'
+            f'  config_path = "{certs_d}"\n' + extra_config
+        )

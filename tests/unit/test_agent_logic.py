@@ -9,7 +9,7 @@ from agent.errors import Category, classify_message
 from agent.puller import disk_refusal
 from agent.runtime import Credentials
 from agent.runtime.containerd_progress import manifest_blobs, pick_platform_manifest
-from agent.runtime.cri import auth_config
+from agent.runtime.cri import auth_config, honours_pins
 from agent.runtime.docker import LayerProgress, docker_ref
 from common.units import parse_duration, parse_size
 
@@ -132,6 +132,21 @@ def test_cri_server_address_gets_a_scheme_and_docker_hub_its_api_host() -> None:
     hub = auth_config(Credentials(server_address="https://index.docker.io/v1/"))
     assert hub.server_address == "https://registry-1.docker.io"
     assert auth_config(Credentials(username="u")).server_address == ""
+
+
+@pytest.mark.parametrize(
+    ("version", "honoured"),
+    [
+        ("1.6.20~ds1", False),
+        ("v1.6.38", False),
+        ("1.7.24", True),
+        ("v2.2.0", True),
+        ("v10.0.1", True),
+        ("main-dev", True),
+    ],
+)
+def test_pins_count_from_containerd_1_7(version: str, honoured: bool) -> None:
+    assert honours_pins(version) is honoured
 
 
 def test_credentials_never_show_secrets_in_repr() -> None:
