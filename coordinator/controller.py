@@ -30,7 +30,7 @@ from . import api
 from .desired import CacheView, Desired, NodeDesired, Removal, ShareChange, open_removals
 from .gate import Wanted
 from .gating import NodeGate
-from .images import ImageKey, ref_of
+from .images import ImageKey
 from .kube import SECRET_TTL, Informer, KubeWriter, Obj, metadata_only, now_iso
 from .metrics import CoordinatorMetrics
 from .model import AgentInfo
@@ -38,7 +38,7 @@ from .nodes import NodeRegistry
 from .plan import NodeResult, Settings, plan_node
 from .projection import CacheProjection
 from .refresh import Refreshes
-from .secrets import RegistryAuth, SecretError, credentials_for, parse_secret
+from .secrets import RegistryAuth, SecretError, credentials_for_key, parse_secret
 from .status import build_status, comparable, next_purged_generation
 from .statuswriter import StatusWriter
 from .workqueue import WorkQueue
@@ -472,9 +472,9 @@ class Controller:
     def _dispatch(self, node: str, desired: NodeDesired, result: NodeResult) -> None:
         items = desired.items
 
-        def creds(image: str) -> list[RegistryAuth]:
+        def creds(image: str) -> tuple[RegistryAuth, ...]:
             desire = items.get(ImageKey(image))
-            return credentials_for(ref_of(ImageKey(image)), desire.auths) if desire else []
+            return credentials_for_key(image, desire.auths) if desire else ()
 
         if result.pulls:
             caches = {c for item in result.pulls for c in item.caches}

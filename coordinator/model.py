@@ -107,13 +107,20 @@ def shared_image(
 class Inventory:
     """The images on one node, looked up by key (tag or digest) or by id."""
 
-    def __init__(self, images: list[NodeImage], synced_at: float) -> None:
-        self.images = images
+    def __init__(self, images: Iterable[NodeImage], synced_at: float) -> None:
         self.synced_at = synced_at
-        self._by_name = {n: i for i in images for n in (*i.tags, *i.digests)}
+        self._by_id = {i.image_id: i for i in images}
+        self._by_name = {n: i for i in self._by_id.values() for n in (*i.tags, *i.digests)}
+
+    @property
+    def images(self) -> list[NodeImage]:
+        return list(self._by_id.values())
 
     def lookup(self, key: ImageKey) -> NodeImage | None:
         return self._by_name.get(lookup_name(key))
+
+    def by_id(self, image_id: str) -> NodeImage | None:
+        return self._by_id.get(image_id)
 
     def resolve(self, name: str) -> str:
         """The image id an order's name (a key or an id) stands for on this node."""
@@ -123,14 +130,27 @@ class Inventory:
 
     def same_images(self, other: Inventory) -> bool:
         """Equal holdings (images are shared objects, so mostly an identity check)."""
-        return len(self.images) == len(other.images) and {i.image_id: i for i in self.images} == {
-            i.image_id: i for i in other.images
-        }
+        return self._by_id == other._by_id
 
     def replace(self, image: NodeImage) -> Inventory:
-        """A copy where `image` (same id) replaces the old entry, or is added."""
-        rest = [i for i in self.images if i.image_id != image.image_id]
-        return Inventory([*rest, image], self.synced_at)
+        """A copy where `image` (same id) replaces the old entry, or is added. Copies
+        the maps whole (in C) instead of rebuilding them: every pull's answer makes one."""
+        copy = Inventory((), self.synced_at)
+        copy._by_id = dict(self._by_id)
+        copy._by_name = dict(self._by_name)
+        old = copy._by_id.pop(image.image_id, None)
+        copy._by_id[image.image_id] = image
+        for name in (*image.tags, *image.digests):
+            copy._by_name[name] = image
+        if old is not None:
+            for name in (old.tags | old.digests) - (image.tags | image.digests):
+                if copy._by_name.get(name) is old:  # another image holding it, if any
+                    holders = [i for i in copy._by_id.values() if name in i.tags | i.digests]
+                    if holders:
+                        copy._by_name[name] = holders[-1]
+                    else:
+                        del copy._by_name[name]
+        return copy
 
 
 class OrderPhase(StrEnum):
@@ -348,7 +368,7 @@ class NodeObservation:
         )
         self._record(key, record)
         if self.inventory is not None:
-            old = next((i for i in self.inventory.images if i.image_id == pulled.image_id), None)
+            old = self.inventory.by_id(pulled.image_id)
             tags, digests, owned = pulled.tags, pulled.digests, pulled.pinned
             if old is not None:
                 tags, digests, owned = (

@@ -10,6 +10,7 @@ gathered for `delay` seconds; nothing here decides what to order.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -75,6 +76,30 @@ def _credentials(auth: RegistryAuth) -> agent_pb2.RegistryCredentials:
     )
 
 
+@functools.lru_cache(maxsize=4096)
+def encoded_pull(
+    image: str,
+    always: bool,
+    pin: bool,
+    replace: bool,
+    auths: tuple[RegistryAuth, ...],
+    deadline: int,
+) -> bytes:
+    """One image's part of a serialized PullImagesRequest. Serialized messages append
+    their repeated fields when concatenated (the protobuf encoding's merge rule), so a
+    fleet-wide order encodes each image once, not once per node (100,000 messages built
+    and serialized for 5,000 nodes x 20 images)."""
+    item = agent_pb2.ImagePull(
+        image=image,
+        policy=agent_pb2.PULL_POLICY_ALWAYS if always else agent_pb2.PULL_POLICY_IF_NOT_PRESENT,
+        credentials=[_credentials(a) for a in auths],
+        deadline=duration_pb2.Duration(seconds=deadline),
+        pin=pin,
+        replace=replace,
+    )
+    return agent_pb2.PullImagesRequest(images=[item]).SerializeToString()
+
+
 def inventory_from(resp: agent_pb2.ListImagesResponse, now: float) -> Inventory:
     return Inventory(
         [
@@ -92,14 +117,24 @@ def inventory_from(resp: agent_pb2.ListImagesResponse, now: float) -> Inventory:
     )
 
 
+@functools.lru_cache(maxsize=16384)
+def _answer_names(image: str, digest: str) -> tuple[frozenset[ImageKey], frozenset[ImageKey]]:
+    """The tag and digest keys an answer adds (the same for every node of a fleet)."""
+    ref = ref_of(image_key(image))
+    return (
+        names([f"{ref.name}:{ref.tag}"] if ref.tag else []),
+        names([f"{ref.name}@{digest}"] if digest else []),
+    )
+
+
 def pulled_from(event: agent_pb2.PullEvent) -> Pulled:
     """A pull's answer: the image joins the node under its tag and its digest."""
-    ref = ref_of(image_key(event.image))
     digest = event.repo_digest
+    tags, digests = _answer_names(event.image, digest)
     return Pulled(
         image_id=event.image_id,
-        tags=names([f"{ref.name}:{ref.tag}"] if ref.tag else []),
-        digests=names([f"{ref.name}@{digest}"] if digest else []),
+        tags=tags,
+        digests=digests,
         pinned=event.pin == agent_pb2.PIN_STATE_PINNED,
         size=event.size,
         digest=digest,
@@ -312,7 +347,7 @@ class NodeRegistry:
     ) -> None:
         """One PullImages call per node. `detailed`: ask for WAITING and byte progress
         too, not only outcomes; `versions`: the pull Secrets each image goes with."""
-        deadline = duration_pb2.Duration(seconds=int(self._deadline))
+        deadline = int(self._deadline)
         progress = agent_pb2.PROGRESS_FULL if detailed else agent_pb2.PROGRESS_OUTCOMES
         now = time.time()
         for node, items in batches.items():
@@ -321,19 +356,17 @@ class NodeRegistry:
                 continue
             keys = [image_key(item.image) for item in items]
             obs.pulls_ordered(keys, versions or {}, now)
-            images = [
-                agent_pb2.ImagePull(
-                    image=item.image,
-                    policy=agent_pb2.PULL_POLICY_ALWAYS
-                    if item.always
-                    else agent_pb2.PULL_POLICY_IF_NOT_PRESENT,
-                    credentials=[_credentials(a) for a in credentials_for(item.image)],
-                    deadline=deadline,
-                    pin=item.pin,
-                    replace=item.replace,
+            images = b"".join(
+                encoded_pull(
+                    item.image,
+                    item.always,
+                    item.pin,
+                    item.replace,
+                    tuple(credentials_for(item.image)),
+                    deadline,
                 )
                 for item in items
-            ]
+            )
             caches = sorted({c for item in items for c in item.caches})
             label = (
                 (caches[0] if len(caches) == 1 else f"{caches[0]}+{len(caches) - 1}")
@@ -341,16 +374,15 @@ class NodeRegistry:
                 else node
             )
             request_id = f"{label}/{uuid.uuid4().hex[:8]}"
-            request = agent_pb2.PullImagesRequest(
-                request_id=request_id, progress=progress, images=images
-            )
+            head = agent_pb2.PullImagesRequest(request_id=request_id, progress=progress)
+            request = head.SerializeToString() + images
             log.debug("pull batch %s to %s: %d image(s)", request_id, node, len(items))
             waiting = {key: item.caches for key, item in zip(keys, items, strict=True)}
             for item in items:
                 self._open_orders.update(item.caches)
             gather = ANSWERS_GATHER if detailed else OUTCOMES_GATHER
             self._spawn(
-                self._stream_pull(node, obs.agent, request.SerializeToString(), waiting, gather),
+                self._stream_pull(node, obs.agent, request, waiting, gather),
                 f"pull {node} {request_id}",
             )
 

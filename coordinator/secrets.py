@@ -7,11 +7,12 @@ them. Credentials are never logged; errors name the secret, never its content.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from common.reference import DOCKER_HUB, ImageRef
+from common.reference import DOCKER_HUB, ImageRef, parse
 
 DOCKERCONFIGJSON = "kubernetes.io/dockerconfigjson"
 DOCKERCFG = "kubernetes.io/dockercfg"
@@ -95,6 +96,13 @@ def parse_secret(name: str, secret_type: str, data: Mapping[str, str]) -> list[R
             )
         )
     return out
+
+
+@functools.lru_cache(maxsize=4096)
+def credentials_for_key(key: str, auths: tuple[RegistryAuth, ...]) -> tuple[RegistryAuth, ...]:
+    """`credentials_for` by image key, remembered: each node of a fleet-wide order asks
+    the same question for each image."""
+    return tuple(credentials_for(parse(key), auths)) if auths else ()
 
 
 def credentials_for(ref: ImageRef, auths: Sequence[RegistryAuth]) -> list[RegistryAuth]:
