@@ -39,6 +39,7 @@ class CoordinatorConfig:
     node_gate_taint: str
     node_gate_deadline: float
     node_gate_deadline_text: str
+    liveness_stall_timeout: float = 30.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--leader-election-id", default="kube-fledged-coordinator", help="name of the leader Lease")
     a("--metrics-bind-address", default=":8080", help="Prometheus metrics; empty to disable")
     a("--health-probe-bind-address", default=":8081", help="/healthz and /readyz; empty to disable")
+    a(
+        "--liveness-stall-timeout",
+        default="30s",
+        help="/healthz fails once the event loop has not turned for this long (a wedged loop)",
+    )
     a("--log-format", choices=["json", "text"], default="text", help="log lines as text or JSON")
     a("--log-level", default="info", help="debug, info, warning or error")
     a("--agent-tls-ca", type=Path, help="CA that agent server certificates chain to (enables mTLS)")
@@ -125,6 +131,7 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         deadline = parse_duration(ns.image_pull_deadline_duration)
         refresh = parse_duration(ns.image_cache_refresh_frequency)
         gate_deadline = parse_duration(ns.node_gate_deadline)
+        stall = parse_duration(ns.liveness_stall_timeout)
     except ValueError as err:
         parser.error(str(err))
     return CoordinatorConfig(
@@ -141,6 +148,7 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         identity=f"{os.environ.get('POD_NAME') or socket.gethostname()}_{uuid.uuid4().hex[:8]}",
         metrics_bind_address=ns.metrics_bind_address or None,
         health_probe_bind_address=ns.health_probe_bind_address or None,
+        liveness_stall_timeout=stall,
         log_format=ns.log_format,
         log_level=ns.log_level.upper(),
         agent_tls_ca=ns.agent_tls_ca,

@@ -7,6 +7,8 @@ import gc
 import logging
 import sys
 import threading
+import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import start_http_server
@@ -33,21 +35,46 @@ def _split(address: str) -> tuple[str, int]:
 
 
 class Probes:
-    """/healthz: the process answers. /readyz: informers synced, or standing by for
-    leadership (a standby is ready by design)."""
+    """/healthz: the event loop turns (a wedged loop answers 503, so the kubelet restarts
+    the process; the probe server is a thread and would otherwise answer for ever).
+    /readyz: informers synced, or standing by for leadership (ready by design)."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, stall_after: float = 30.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.ready = threading.Event()
+        self._stall_after = stall_after
+        self._clock = clock
+        self._beat = clock()
+
+    def beat(self) -> None:
+        self._beat = self._clock()
+
+    def live(self) -> bool:
+        return self._clock() - self._beat <= self._stall_after
+
+    async def heartbeat(self) -> None:
+        """Beats from the loop itself, a few times per stall period."""
+        while True:
+            self.beat()
+            await asyncio.sleep(min(1.0, self._stall_after / 4))
+
+    def answer(self, path: str) -> tuple[int, bytes]:
+        if path == "/healthz":
+            return (200, b"ok\n") if self.live() else (503, b"event loop stalled\n")
+        if path == "/readyz" and self.ready.is_set():
+            return 200, b"ok\n"
+        return 503, b"not ready\n"
 
     def serve(self, address: str) -> ThreadingHTTPServer:
         probes = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                ok = self.path == "/healthz" or (self.path == "/readyz" and probes.ready.is_set())
-                self.send_response(200 if ok else 503)
+                code, body = probes.answer(self.path)
+                self.send_response(code)
                 self.end_headers()
-                self.wfile.write(b"ok\n" if ok else b"not ready\n")
+                self.wfile.write(body)
 
             def log_message(self, *args: object) -> None:
                 return
@@ -58,8 +85,16 @@ class Probes:
 
 
 async def run(cfg: CoordinatorConfig) -> int:
+    probes = Probes(cfg.liveness_stall_timeout)
+    heartbeat = asyncio.create_task(probes.heartbeat(), name="heartbeat")
+    try:
+        return await _serve(cfg, probes)
+    finally:
+        heartbeat.cancel()
+
+
+async def _serve(cfg: CoordinatorConfig, probes: Probes) -> int:
     api = kube_client(cfg.kubeconfig)
-    probes = Probes()
     metrics = CoordinatorMetrics()
     if cfg.health_probe_bind_address:
         probes.serve(cfg.health_probe_bind_address)

@@ -152,10 +152,15 @@ class CoordinatorProcess:
         return self
 
     def ready(self) -> bool:
+        """/readyz, and /healthz too: every start checks the event loop's heartbeat."""
         import urllib.request
 
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/readyz", timeout=2) as r:
-            return bool(r.status == 200)
+        for path in ("/readyz", "/healthz"):
+            url = f"http://127.0.0.1:{self.health_port}{path}"
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status != 200:
+                    return False
+        return True
 
     def metric(self, name: str) -> float:
         return read_metric(self.metrics_port, name)
