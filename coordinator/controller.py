@@ -243,8 +243,12 @@ class Controller:
 
     def node_changed(self, node: str, delay: float = 0.0) -> None:
         """The registry's callback: something changed on `node`; answers that close no
-        cache's orders gather for `delay` seconds before the node is planned again."""
-        self.queue.add_after((NODE, node), delay)
+        cache's orders gather for `delay` seconds before the node is planned again. A
+        node plan arms its own retry again, so planning now supersedes a pending one."""
+        if delay <= 0:
+            self.queue.add_now((NODE, node))
+        else:
+            self.queue.add_after((NODE, node), delay)
 
     def orders_answered(self, key: str) -> None:
         """The registry's callback: every pull order serving cache `key` has its answer.

@@ -40,6 +40,16 @@ class WorkQueue(Generic[K]):
         self._queue.append(key)
         self._wakeup.set()
 
+    def add_now(self, key: K) -> None:
+        """Adds `key` and drops its pending delayed add: for keys whose reconcile reads
+        everything so far and arms again whatever later wake-up it still needs (a node
+        whose last answer came in, with its earlier answers' gather timer still set,
+        would otherwise be planned a second time for nothing)."""
+        timer = self._timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+        self.add(key)
+
     def add_after(self, key: K, delay: float) -> None:
         """Adds `key` after `delay` seconds; an earlier pending add wins."""
         if delay <= 0:

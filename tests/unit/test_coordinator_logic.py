@@ -354,3 +354,18 @@ async def test_the_work_queue_dedups_requeues_dirty_keys_and_delays() -> None:
     assert await asyncio.wait_for(queue.get(), 1) == "b"
     queue.shutdown()
     assert await queue.get() is None
+
+
+async def test_adding_a_key_now_drops_its_pending_delayed_add() -> None:
+    """A node's last answer plans it at once; the gather timer its earlier answers set
+    would plan it once more for nothing (a node plan arms its own retry again)."""
+    queue: WorkQueue[str] = WorkQueue()
+    queue.add_after("n1", 0.05)
+    queue.add_after("n2", 0.05)
+    queue.add_now("n1")
+    assert await queue.get() == "n1"
+    queue.done("n1")
+    assert await asyncio.wait_for(queue.get(), 1) == "n2"
+    queue.done("n2")
+    await asyncio.sleep(0.1)
+    assert len(queue) == 0  # n1's timer is gone: planned once, not twice
