@@ -40,7 +40,8 @@ PINNED_VALUE = "pinned"
 OWNER_LABEL = "kubefledged.io/pinned"
 NAMESPACE_HEADER = "containerd-namespace"
 CALL_TIMEOUT = 30.0
-# How long a pin change waits for CRI to show it (milliseconds, as measured).
+# At most how long a pin change or an untag waits for CRI to show it (it takes a few
+# milliseconds: CRI catches up from containerd's events).
 SETTLE_SECONDS = 2.0
 
 

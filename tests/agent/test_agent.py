@@ -11,7 +11,7 @@ import contextlib
 import threading
 import time
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -76,6 +76,26 @@ def final(events: Iterable[agent_pb2.PullEvent], image: str) -> agent_pb2.PullEv
     ends = [e for e in events if e.image == image and e.phase in TERMINAL]
     assert len(ends) == 1, f"expected one terminal event for {image}, got {ends}"
     return ends[0]
+
+
+@contextlib.contextmanager
+def own_node(
+    testenv: TestEnv, name: str, kind: type[Containerd] = Containerd
+) -> Iterator[tuple[Containerd, AgentProcess]]:
+    """A node of the test's own: its containerd (of `kind`) and an agent without a
+    Lease, both stopped afterwards."""
+    containerd = kind(testenv.workdir, name, [testenv.registry.host])
+    containerd.start()
+    try:
+        agent = testenv.start_agent(
+            node_name=name, runtime_endpoint=containerd.endpoint, lease=False, name=f"agent-{name}"
+        )
+        try:
+            yield containerd, agent
+        finally:
+            agent.stop()
+    finally:
+        containerd.stop()
 
 
 def order(image: str, **kw: object) -> agent_pb2.ImagePull:
@@ -393,15 +413,7 @@ def test_containerd_1_6_pulls_but_does_not_claim_pins(testenv: TestEnv) -> None:
     pinning is unsupported there rather than pinning in vain (answered UNPINNED, while
     the node info claimed support)."""
     image = testenv.registry_client().push_image(unique("agent/legacy"), "v1")
-    containerd = DebianContainerd(testenv.workdir, "legacy-node", [testenv.registry.host])
-    containerd.start()
-    agent = testenv.start_agent(
-        node_name="legacy-node",
-        runtime_endpoint=containerd.endpoint,
-        lease=False,
-        name="agent-legacy",
-    )
-    try:
+    with own_node(testenv, "legacy-node", DebianContainerd) as (_, agent):
         info = agent.call("GetNodeInfo", A.GetNodeInfoRequest())
         assert info.runtime_version.startswith("1.6.")  # type: ignore[attr-defined]
         assert info.runtime_api == "cri+containerd"  # type: ignore[attr-defined]
@@ -413,9 +425,6 @@ def test_containerd_1_6_pulls_but_does_not_claim_pins(testenv: TestEnv) -> None:
         listed = agent.call("ListImages", A.ListImagesRequest())
         mine = [i for i in listed.images if i.id == image.config_digest]  # type: ignore[attr-defined]
         assert [i.pin for i in mine] == [A.PIN_STATE_UNSUPPORTED]
-    finally:
-        agent.stop()
-        containerd.stop()
 
 
 def test_a_pin_set_by_someone_else_is_never_lifted(
@@ -530,15 +539,7 @@ def test_node_info_reports_containerd_and_its_image_filesystem(
 
 
 def test_health_follows_the_runtime_down_and_back(testenv: TestEnv) -> None:
-    containerd = Containerd(testenv.workdir, "health-node", [testenv.registry.host])
-    containerd.start()
-    agent = testenv.start_agent(
-        node_name="health-node",
-        runtime_endpoint=containerd.endpoint,
-        lease=False,
-        name="agent-health",
-    )
-    try:
+    with own_node(testenv, "health-node") as (containerd, agent):
         assert agent.health() == health_pb2.HealthCheckResponse.SERVING
         assert agent.health("fledged.agent.v1.Agent") == health_pb2.HealthCheckResponse.SERVING
         containerd.stop()
@@ -551,9 +552,6 @@ def test_health_follows_the_runtime_down_and_back(testenv: TestEnv) -> None:
         agent.process.wait_until(
             agent.serving, timeout=15, what="SERVING after containerd returned"
         )
-    finally:
-        agent.stop()
-        containerd.stop()
 
 
 def read_lease(testenv: TestEnv, node: str) -> tuple[client.V1ObjectMeta, client.V1LeaseSpec]:

@@ -61,6 +61,12 @@ class Containerd:
             env=env,
         )
 
+    def _listen(self) -> str:
+        """Where the daemon listens, the same in every config format."""
+        return (
+            f'[grpc]\n  address = "{self.socket}"\n\n[ttrpc]\n  address = "{self.socket}.ttrpc"\n\n'
+        )
+
     def _config(self, certs_d: Path, extra_config: str) -> str:
         return (
             "version = 3\n"
@@ -77,12 +83,7 @@ class Containerd:
             '  "io.containerd.snapshotter.v1.erofs",\n'
             '  "io.containerd.tracing.processor.v1.otlp",\n'
             '  "io.containerd.internal.v1.tracing",\n'
-            "]\n\n"
-            "[grpc]\n"
-            f'  address = "{self.socket}"\n\n'
-            "[ttrpc]\n"
-            f'  address = "{self.socket}.ttrpc"\n\n'
-            "[debug]\n"
+            "]\n\n" + self._listen() + "[debug]\n"
             '  level = "info"\n\n'
             '[plugins."io.containerd.internal.v1.opt"]\n'
             f'  path = "{self.dir / "opt"}"\n\n'
@@ -149,12 +150,7 @@ class DebianContainerd(Containerd):
             '  "io.containerd.snapshotter.v1.aufs",\n'
             '  "io.containerd.tracing.processor.v1.otlp",\n'
             '  "io.containerd.internal.v1.tracing",\n'
-            "]\n\n"
-            "[grpc]\n"
-            f'  address = "{self.socket}"\n\n'
-            "[ttrpc]\n"
-            f'  address = "{self.socket}.ttrpc"\n\n'
-            '[plugins."io.containerd.internal.v1.opt"]\n'
+            "]\n\n" + self._listen() + '[plugins."io.containerd.internal.v1.opt"]\n'
             f'  path = "{self.dir / "opt"}"\n\n'
             '[plugins."io.containerd.grpc.v1.cri".containerd]\n'
             '  snapshotter = "native"\n\n'
