@@ -31,7 +31,15 @@ from .desired import CacheView, Desired, NodeDesired, Removal, ShareChange, open
 from .gate import Wanted
 from .gating import NodeGate
 from .images import ImageKey
-from .kube import SECRET_TTL, Informer, KubeWriter, Obj, metadata_only, now_iso
+from .kube import (
+    SECRET_TTL,
+    Informer,
+    KubeWriter,
+    Obj,
+    metadata_only,
+    now_iso,
+    without_managed_fields,
+)
 from .metrics import CoordinatorMetrics
 from .model import AgentInfo
 from .nodes import NodeRegistry
@@ -201,6 +209,7 @@ class Controller:
             api_client,
             client.CoordinationV1Api(api_client).list_namespaced_lease,
             self._on_lease,
+            transform=without_managed_fields,
             namespace=config.agent_namespace,
             label_selector=AGENT_LEASE_SELECTOR,
         )

@@ -198,7 +198,7 @@ def stamp() -> int:
     return next(_VERSIONS)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Pulled:
     """A pull's successful answer, as the agent reported it."""
 
@@ -355,16 +355,16 @@ class NodeObservation:
         self._changed()
 
     def pull_succeeded(self, key: ImageKey, pulled: Pulled, now: float) -> None:
-        record = replace(
-            self._pull_record(key, now),
-            phase=OrderPhase.DONE,
+        before = self._pull_record(key, now)
+        # Built whole rather than with dataclasses.replace: one per pull answered.
+        record = PullRecord(
+            OrderPhase.DONE,
+            started=before.started,
             finished=now,
-            failures=0,
-            category="",
-            message="",
-            digest=pulled.digest,
             bytes_done=pulled.bytes_done,
             bytes_total=pulled.bytes_total,
+            digest=pulled.digest,
+            credentials=before.credentials,
         )
         self._record(key, record)
         if self.inventory is not None:

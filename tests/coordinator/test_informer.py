@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes import client
 
-from coordinator.kube import Informer, Obj
+from common.wire import COMPONENT_LABELS, ENDPOINT_ANNOTATION, NODE_LABEL
+from coordinator.controller import agent_from_lease
+from coordinator.kube import Informer, Obj, without_managed_fields
 from tests.testenv import TestEnv
 
 CHURN = 150  # ConfigMaps created, updated and deleted while the store is read
@@ -86,3 +89,56 @@ async def test_the_store_changes_only_on_its_readers_loop_while_objects_churn(
     assert handled == {loop_thread}
     updated = store[f"{namespace}/cm-3"]
     assert updated["data"] == {"n": "1"}
+
+
+async def test_agent_leases_are_kept_without_their_managed_fields(
+    testenv: TestEnv, namespace: str
+) -> None:
+    """5,000 agents' Leases: their field owners' bookkeeping is not kept, what the
+    coordinator reads of them is, and a renewal comes through trimmed too."""
+    api = testenv.api_client()
+    leases = client.CoordinationV1Api(api)
+    body = client.V1Lease(
+        metadata=client.V1ObjectMeta(
+            name="agent-n1",
+            labels={**COMPONENT_LABELS, NODE_LABEL: "n1"},
+            annotations={ENDPOINT_ANNOTATION: "10.0.0.1:50051"},
+        ),
+        spec=client.V1LeaseSpec(
+            holder_identity="n1", lease_duration_seconds=40, renew_time=datetime.now(UTC)
+        ),
+    )
+    created = leases.create_namespaced_lease(namespace, body)
+    assert created.metadata.managed_fields  # the server keeps them: there is work to do
+    informer = Informer(
+        "leases",
+        api,
+        leases.list_namespaced_lease,
+        lambda *_: None,
+        transform=without_managed_fields,
+        namespace=namespace,
+    )
+    informer.start(post=asyncio.get_running_loop().call_soon_threadsafe)
+    try:
+        assert await asyncio.to_thread(informer.synced.wait, 30)
+        key = f"{namespace}/agent-n1"
+        listed = informer.store[key]
+        leases.patch_namespaced_lease(
+            "agent-n1", namespace, {"spec": {"renewTime": datetime.now(UTC).isoformat()}}
+        )
+        for _ in range(300):
+            if (
+                informer.store[key]["metadata"]["resourceVersion"]
+                != created.metadata.resource_version
+            ):
+                break
+            await asyncio.sleep(0.05)
+        renewed = informer.store[key]
+    finally:
+        informer.stop()
+    for obj in (listed, renewed):
+        assert "managedFields" not in obj["metadata"]
+        agent = agent_from_lease(obj)
+        assert agent is not None
+        assert (agent.node, agent.endpoint, agent.duration) == ("n1", "10.0.0.1:50051", 40.0)
+    assert renewed["metadata"]["resourceVersion"] != created.metadata.resource_version
