@@ -34,9 +34,18 @@ IMAGES = 20
 class _MallInfo2(ctypes.Structure):
     _fields_ = [
         (name, ctypes.c_size_t)
-        for name in (
-            "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
-        ).split()
+        for name in [
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        ]
     ]
 
 
@@ -72,7 +81,7 @@ async def _client(endpoints: list[str]) -> dict[str, Any]:
     ).SerializeToString()
     streams = [c.pull(f"sim-{i:05d}", request, limit=600) for i, c in enumerate(clients)]
     # Each waits for its first event (the simulated pulls take an hour): all stay open.
-    tasks = [asyncio.create_task(anext(s)) for s in streams]
+    tasks = [asyncio.ensure_future(anext(s)) for s in streams]
     await asyncio.sleep(3)
     rss2, used2 = _usage()
     for task in tasks:

@@ -108,8 +108,9 @@ async def test_agent_leases_are_kept_without_their_managed_fields(
             holder_identity="n1", lease_duration_seconds=40, renew_time=datetime.now(UTC)
         ),
     )
-    created = leases.create_namespaced_lease(namespace, body)
-    assert created.metadata.managed_fields  # the server keeps them: there is work to do
+    created = leases.create_namespaced_lease(namespace, body).metadata
+    assert created is not None
+    assert created.managed_fields  # the server keeps them: there is work to do
     informer = Informer(
         "leases",
         api,
@@ -127,10 +128,7 @@ async def test_agent_leases_are_kept_without_their_managed_fields(
             "agent-n1", namespace, {"spec": {"renewTime": datetime.now(UTC).isoformat()}}
         )
         for _ in range(300):
-            if (
-                informer.store[key]["metadata"]["resourceVersion"]
-                != created.metadata.resource_version
-            ):
+            if informer.store[key]["metadata"]["resourceVersion"] != created.resource_version:
                 break
             await asyncio.sleep(0.05)
         renewed = informer.store[key]
@@ -141,4 +139,4 @@ async def test_agent_leases_are_kept_without_their_managed_fields(
         agent = agent_from_lease(obj)
         assert agent is not None
         assert (agent.node, agent.endpoint, agent.duration) == ("n1", "10.0.0.1:50051", 40.0)
-    assert renewed["metadata"]["resourceVersion"] != created.metadata.resource_version
+    assert renewed["metadata"]["resourceVersion"] != created.resource_version
