@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Final
 
 
 class PairPhase(StrEnum):
@@ -37,38 +38,39 @@ ACTIVE_PHASES = frozenset({PairPhase.PULLING, PairPhase.WAITING})
 _COUNTED = frozenset({PairPhase.READY, PairPhase.PULLING, *FAILED_PHASES})
 
 
-@dataclass(frozen=True, slots=True)
+# Immutable as model.PullRecord is: Final fields rather than frozen (made per pair).
+@dataclass(slots=True, unsafe_hash=True)
 class PullItem:
-    image: str  # the image's key
-    always: bool
-    pin: bool
-    replace: bool = False  # a refresh: the agent retires what the tag named before
-    caches: tuple[str, ...] = ()  # the caches waiting for its answer
+    image: Final[str]  # the image's key
+    always: Final[bool]
+    pin: Final[bool]
+    replace: Final[bool] = False  # a refresh: the agent retires what the tag named before
+    caches: Final[tuple[str, ...]] = ()  # the caches waiting for its answer
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class PairState:
-    node: str
-    image: str
-    phase: PairPhase
-    reason: str = ""
-    message: str = ""
-    bytes_done: int = 0
-    bytes_total: int = 0
-    digest: str = ""
-    pinned: bool = False
-    retry_at: float | None = None
+    node: Final[str]
+    image: Final[str]
+    phase: Final[PairPhase]
+    reason: Final[str] = ""
+    message: Final[str] = ""
+    bytes_done: Final[int] = 0
+    bytes_total: Final[int] = 0
+    digest: Final[str] = ""
+    pinned: Final[bool] = False
+    retry_at: Final[float | None] = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class NodePlan:
     """One cache's pairs on one node, with the counts the sums are kept from."""
 
-    pairs: tuple[PairState, ...]
-    ready: int = 0
-    open: int = 0  # pairs not yet done
-    retry_at: float | None = None
-    unknown: bool = False  # the node never listed yet: what it holds is not known
+    pairs: Final[tuple[PairState, ...]]
+    ready: Final[int] = 0
+    open: Final[int] = 0  # pairs not yet done
+    retry_at: Final[float | None] = None
+    unknown: Final[bool] = False  # the node never listed yet: what it holds is not known
 
     @classmethod
     def of(cls, pairs: Iterable[PairState], unknown: bool = False) -> NodePlan:
