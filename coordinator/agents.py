@@ -66,13 +66,11 @@ class AgentClient:
         """Calls still running get `grace` seconds to end (None: cancelled now)."""
         await self._channel.close(grace)
 
-    async def pull(
-        self, node: str, request: bytes, limit: float
-    ) -> AsyncIterator[agent_pb2.PullEvent]:
-        """`request`: a serialized PullImagesRequest."""
+    def pull(self, node: str, request: bytes, limit: float) -> AsyncIterator[agent_pb2.PullEvent]:
+        """`request`: a serialized PullImagesRequest. The call itself is iterated (no
+        generator of ours around it: one layer less for each of a fleet's answers)."""
         call = self._pull_bytes(request, timeout=limit, metadata=_for(node))
-        async for event in call:
-            yield event
+        return cast(AsyncIterator[agent_pb2.PullEvent], call)
 
     async def _unary(
         self, method: str, request: Any, response: Any, node: str, limit: float
