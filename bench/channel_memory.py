@@ -8,6 +8,8 @@ fleet's servers would otherwise count in its RSS); malloc's own count of the byt
 use is reported beside RSS, to tell gRPC's allocations from the allocator's overhead.
 
     .venv/bin/python -m bench.channel_memory --nodes 2000
+    .venv/bin/python -m bench.channel_memory --nodes 2000 --tls \
+        --results bench/results/channel_memory_tls.md
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import grpc
 
 from bench.fleet import Fleet
 
@@ -62,12 +66,12 @@ def _usage() -> tuple[float, float]:
     return float(rss), (info.uordblks + info.hblkhd) / 1024
 
 
-async def _client(endpoints: list[str]) -> dict[str, Any]:
-    from coordinator.agents import AgentPool
+async def _client(endpoints: list[str], tls: list[str] | None) -> dict[str, Any]:
+    from coordinator.agents import AgentPool, TlsConfig
     from protos.fledged.agent.v1 import agent_pb2
 
     n = len(endpoints)
-    pool = AgentPool(None)
+    pool = AgentPool(TlsConfig(Path(tls[0]), Path(tls[1]), Path(tls[2])) if tls else None)
     rss0, used0 = _usage()
     clients = [pool.get(e) for e in endpoints]
     await asyncio.gather(*(c.node_info(f"sim-{i:05d}") for i, c in enumerate(clients)))
@@ -81,7 +85,7 @@ async def _client(endpoints: list[str]) -> dict[str, Any]:
     ).SerializeToString()
     streams = [c.pull(f"sim-{i:05d}", request, limit=600) for i, c in enumerate(clients)]
     # Each waits for its first event (the simulated pulls take an hour): all stay open.
-    tasks = [asyncio.ensure_future(anext(s)) for s in streams]
+    tasks = [asyncio.ensure_future(anext(aiter(s))) for s in streams]
     await asyncio.sleep(3)
     rss2, used2 = _usage()
     for task in tasks:
@@ -96,17 +100,34 @@ async def _client(endpoints: list[str]) -> dict[str, Any]:
     }
 
 
-def run(nodes: int) -> dict[str, Any]:
+def _certificates(directory: Path) -> tuple[grpc.ServerCredentials, list[str]]:
+    """The agents' server credentials, and the coordinator's CA, cert and key files."""
+    from tests.testenv.pki import CertificateAuthority
+
+    ca = CertificateAuthority(directory)
+    server = ca.issue("agent", "fledged-agent", dns_names=("fledged-agent",), server=True)
+    client = ca.issue("coordinator", "fledged-coordinator", client=True)
+    credentials = grpc.ssl_server_credentials(
+        [(server.key.read_bytes(), server.cert.read_bytes())],
+        root_certificates=ca.cert_path.read_bytes(),
+        require_client_auth=True,
+    )
+    return credentials, [str(ca.cert_path), str(client.cert), str(client.key)]
+
+
+def run(nodes: int, tls: bool) -> dict[str, Any]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 2 * nodes + 4096)), hard))
-    fleet = Fleet(max(1, nodes // 40), 3600.0, nodes).start()
-    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
-        json.dump(fleet.endpoints, f)
-        f.flush()
+    with tempfile.TemporaryDirectory() as tmp:
+        credentials, client_files = _certificates(Path(tmp)) if tls else (None, [])
+        fleet = Fleet(max(1, nodes // 40), 3600.0, nodes, credentials).start()
+        endpoints = Path(tmp) / "endpoints.json"
+        endpoints.write_text(json.dumps(fleet.endpoints))
         out = subprocess.run(
-            [sys.executable, "-m", "bench.channel_memory", "--client", f.name],
+            [sys.executable, "-m", "bench.channel_memory", "--client", str(endpoints)]
+            + [f"--client-tls={f}" for f in client_files],
             check=True,
-            capture_output=True,
+            stdout=subprocess.PIPE,
             text=True,
             cwd=Path(__file__).parent.parent,
         )
@@ -117,22 +138,25 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--nodes", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tls", action="store_true", help="mTLS, as --agent-tls-auto")
     parser.add_argument("--client", help=argparse.SUPPRESS)
+    parser.add_argument("--client-tls", action="append", help=argparse.SUPPRESS)
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.client:
         endpoints = json.loads(Path(args.client).read_text())
-        print(json.dumps(asyncio.run(_client(endpoints))), flush=True)
+        print(json.dumps(asyncio.run(_client(endpoints, args.client_tls))), flush=True)
         os._exit(0)  # the open streams need no goodbye
     rounds = []
     for _ in range(args.rounds):
-        rounds.append(run(args.nodes))
+        rounds.append(run(args.nodes, args.tls))
         print(json.dumps(rounds[-1]), flush=True)
     lines = [
         "# What one agent connection costs the coordinator",
         "",
-        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {args.nodes} simulated "
-        "agents, one endpoint each (bench/fleet.py), reached through the coordinator's "
+        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {args.nodes} simulated agents"
+        + (" serving mTLS (as under --agent-tls-auto)" if args.tls else "")
+        + ", one endpoint each (bench/fleet.py), reached through the coordinator's "
         "AgentPool; a connection is a channel after one GetNodeInfo, a stream a PullImages "
         f"of {IMAGES} images left open. KiB per node; malloc's bytes in use beside RSS. "
         "Each row is one round in a fresh process.",

@@ -194,8 +194,17 @@ class Fleet:
     """`servers` gRPC servers in a thread of their own, sharing one FakeAgent, with
     `endpoints` endpoints over them (one per simulated node, each its own address)."""
 
-    def __init__(self, servers: int, pull_seconds: float, endpoints: int) -> None:
+    def __init__(
+        self,
+        servers: int,
+        pull_seconds: float,
+        endpoints: int,
+        credentials: grpc.ServerCredentials | None = None,
+    ) -> None:
+        """`credentials`: serve TLS (as agents do under --agent-tls-auto) instead of
+        plaintext."""
         self.agent = FakeAgent(pull_seconds)
+        self._credentials = credentials
         self.servers = max(1, min(servers, endpoints))
         self.size = endpoints
         self.endpoints: list[str] = []
@@ -223,7 +232,12 @@ class Fleet:
         for _ in range(self.servers):
             server = grpc.aio.server(options=[("grpc.max_concurrent_streams", 10_000)])
             agent_pb2_grpc.add_AgentServicer_to_server(self.agent, server)
-            ports.append(server.add_insecure_port("0.0.0.0:0"))  # every loopback address
+            address = "0.0.0.0:0"  # every loopback address
+            ports.append(
+                server.add_secure_port(address, self._credentials)
+                if self._credentials is not None
+                else server.add_insecure_port(address)
+            )
             await server.start()
             servers.append(server)
         # node i on server i % servers: neighbours spread out

@@ -4,7 +4,7 @@ configured. Thin: requests in, responses and event streams out."""
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -51,6 +51,9 @@ class AgentClient:
         ]
         if tls is not None:
             options.append(("grpc.ssl_target_name_override", tls.server_name))
+            # TLS frames of 4 KiB, not 16: the frame protector's buffers are per
+            # connection (12 KiB less each, of ~120; orders and answers are small).
+            options.append(("grpc.tsi.max_frame_size", 4096))
             self._channel = grpc.aio.secure_channel(endpoint, tls.credentials(), options=options)
         else:
             self._channel = grpc.aio.insecure_channel(endpoint, options=options)
@@ -66,11 +69,11 @@ class AgentClient:
         """Calls still running get `grace` seconds to end (None: cancelled now)."""
         await self._channel.close(grace)
 
-    def pull(self, node: str, request: bytes, limit: float) -> AsyncIterator[agent_pb2.PullEvent]:
+    def pull(self, node: str, request: bytes, limit: float) -> AsyncIterable[agent_pb2.PullEvent]:
         """`request`: a serialized PullImagesRequest. The call itself is iterated (no
         generator of ours around it: one layer less for each of a fleet's answers)."""
         call = self._pull_bytes(request, timeout=limit, metadata=_for(node))
-        return cast(AsyncIterator[agent_pb2.PullEvent], call)
+        return cast(AsyncIterable[agent_pb2.PullEvent], call)
 
     async def _unary(
         self, method: str, request: Any, response: Any, node: str, limit: float
