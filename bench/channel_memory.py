@@ -27,9 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import grpc
-
-from bench.fleet import Fleet
+from bench.fleet import Fleet, mtls
 
 RESULTS = Path(__file__).parent / "results" / "channel_memory.md"
 IMAGES = 20
@@ -100,26 +98,11 @@ async def _client(endpoints: list[str], tls: list[str] | None) -> dict[str, Any]
     }
 
 
-def _certificates(directory: Path) -> tuple[grpc.ServerCredentials, list[str]]:
-    """The agents' server credentials, and the coordinator's CA, cert and key files."""
-    from tests.testenv.pki import CertificateAuthority
-
-    ca = CertificateAuthority(directory)
-    server = ca.issue("agent", "fledged-agent", dns_names=("fledged-agent",), server=True)
-    client = ca.issue("coordinator", "fledged-coordinator", client=True)
-    credentials = grpc.ssl_server_credentials(
-        [(server.key.read_bytes(), server.cert.read_bytes())],
-        root_certificates=ca.cert_path.read_bytes(),
-        require_client_auth=True,
-    )
-    return credentials, [str(ca.cert_path), str(client.cert), str(client.key)]
-
-
 def run(nodes: int, tls: bool) -> dict[str, Any]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 2 * nodes + 4096)), hard))
     with tempfile.TemporaryDirectory() as tmp:
-        credentials, client_files = _certificates(Path(tmp)) if tls else (None, [])
+        credentials, client_files = mtls(Path(tmp)) if tls else (None, [])
         fleet = Fleet(max(1, nodes // 40), 3600.0, nodes, credentials).start()
         endpoints = Path(tmp) / "endpoints.json"
         endpoints.write_text(json.dumps(fleet.endpoints))

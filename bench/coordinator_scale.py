@@ -12,6 +12,8 @@ requests during the operation (from its /metrics). Results: results/coordinator_
     .venv/bin/python -m bench.coordinator_scale --nodes 100 1000 5000
     .venv/bin/python -m bench.coordinator_scale --nodes 1000 --wave 50 \
         --results bench/results/coordinator_wave.md
+    .venv/bin/python -m bench.coordinator_scale --nodes 1000 5000 --tls \
+        --results bench/results/coordinator_scale_tls.md
 """
 
 from __future__ import annotations
@@ -33,8 +35,14 @@ from typing import Any
 
 from kubernetes import client
 
-from bench.fleet import Fleet
-from common.wire import COMPONENT_LABELS, ENDPOINT_ANNOTATION, NODE_LABEL, lease_name
+from bench.fleet import Fleet, mtls
+from common.wire import (
+    COMPONENT_LABELS,
+    ENDPOINT_ANNOTATION,
+    NODE_LABEL,
+    TLS_ANNOTATION,
+    lease_name,
+)
 from tests.coordinator.helpers import apply, cache_manifest, wait_for, wait_status
 from tests.testenv import TestEnv
 from tests.testenv.agents import AGENT_NAMESPACE
@@ -82,7 +90,7 @@ def proc_usage(pid: int) -> tuple[float, float]:
     return hwm / 1024, (int(fields[11]) + int(fields[12])) / tick
 
 
-def make_fleet(env: TestEnv, nodes: int, fleet: Fleet) -> None:
+def make_fleet(env: TestEnv, nodes: int, fleet: Fleet, tls: bool) -> None:
     core = client.CoreV1Api(env.api_client())
     leases = client.CoordinationV1Api(env.api_client())
     now = datetime.now(UTC)
@@ -100,7 +108,10 @@ def make_fleet(env: TestEnv, nodes: int, fleet: Fleet) -> None:
                 metadata=client.V1ObjectMeta(
                     name=lease_name(name),
                     labels={**COMPONENT_LABELS, NODE_LABEL: name},
-                    annotations={ENDPOINT_ANNOTATION: fleet.endpoint_for(i)},
+                    annotations={
+                        ENDPOINT_ANNOTATION: fleet.endpoint_for(i),
+                        **({TLS_ANNOTATION: "true"} if tls else {}),
+                    },
                 ),
                 # Not renewed during the run: long enough to outlive it.
                 spec=client.V1LeaseSpec(
@@ -131,17 +142,23 @@ def open_files(needed: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(needed, hard), hard))
 
 
-def run_one(nodes: int, pull_seconds: float, servers: int, wave: int | None) -> dict[str, Any]:
+def run_one(
+    nodes: int, pull_seconds: float, servers: int, wave: int | None, tls: bool
+) -> dict[str, Any]:
     open_files(nodes + 4096)
     env = TestEnv(nodes=0, with_docker=False)
     env.start()
     try:
         env.install_crds()
-        fleet = Fleet(servers, pull_seconds, nodes).start()
+        credentials, files = mtls(env.workdir / "agent-tls") if tls else (None, [])
+        fleet = Fleet(servers, pull_seconds, nodes, credentials).start()
         started = time.monotonic()
-        make_fleet(env, nodes, fleet)
+        make_fleet(env, nodes, fleet, tls)
         print(f"{nodes} nodes and Leases created in {time.monotonic() - started:.0f}s", flush=True)
-        coordinator = env.start_coordinator(("--log-level=info", "--workers=4"))
+        tls_flags = [
+            f"--agent-tls-{k}={f}" for k, f in zip(("ca", "cert", "key"), files, strict=True)
+        ]
+        coordinator = env.start_coordinator(("--log-level=info", "--workers=4", *tls_flags))
         listed = time.monotonic()
         wait_for(
             "the coordinator to list the fleet",
@@ -179,6 +196,7 @@ def run_one(nodes: int, pull_seconds: float, servers: int, wave: int | None) -> 
         result = {
             "nodes": nodes,
             "wave": wave,
+            "tls": tls,
             "connections": len(set(fleet.endpoints)),
             "ready_s": elapsed,
             "ideal_s": ideal,
@@ -249,7 +267,8 @@ def write(
         writes = ", ".join(f"{k}: {v:.0f}" for k, v in sorted(r["writes"].items()))
         ordered, pulling = r["ordered_s"], r["pulling_s"]
         lines.append(
-            f"| {r['nodes']} | {r['connections']} | {r['ready_s']:.1f}s | "
+            f"| {r['nodes']} | {r['connections']}{' (mTLS)' if r.get('tls') else ''} | "
+            f"{r['ready_s']:.1f}s | "
             f"{r['ideal_s']:.0f}s | {r['ratio']:.2f} | "
             f"{r['rss_mib']:.0f} MiB | {r['cpu_s']:.1f}s ({r['operation_cpu_s']:.1f}s) | "
             f"{r['fleet_cpu_s']:.1f}s | {r['node_plans']:.0f} | "
@@ -269,9 +288,12 @@ def main() -> int:
     parser.add_argument("--wave", type=int, default=0, help="maxConcurrentNodesPerImage")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--note", default="", help="a sentence for the results' header")
+    parser.add_argument(
+        "--tls", action="store_true", help="agents serve mTLS (the chart's default)"
+    )
     args = parser.parse_args()
     wave = args.wave or None
-    results = [run_one(n, args.pull_seconds, args.servers, wave) for n in args.nodes]
+    results = [run_one(n, args.pull_seconds, args.servers, wave, args.tls) for n in args.nodes]
     write(results, args.pull_seconds, args.servers, wave, args.results, args.note)
     return 0
 

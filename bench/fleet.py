@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -182,6 +183,22 @@ class FakeAgent(agent_pb2_grpc.AgentServicer):
             for i in request.images
         ]
         return A.RemoveImagesResponse(results=results)
+
+
+def mtls(directory: Path) -> tuple[grpc.ServerCredentials, list[str]]:
+    """Certificates as --agent-tls-auto makes them: the agents' server credentials
+    (client certificates required), and the coordinator's CA, cert and key files."""
+    from tests.testenv.pki import CertificateAuthority
+
+    ca = CertificateAuthority(directory)
+    server = ca.issue("agent", "fledged-agent", dns_names=("fledged-agent",), server=True)
+    client = ca.issue("coordinator", "fledged-coordinator", client=True)
+    credentials = grpc.ssl_server_credentials(
+        [(server.key.read_bytes(), server.cert.read_bytes())],
+        root_certificates=ca.cert_path.read_bytes(),
+        require_client_auth=True,
+    )
+    return credentials, [str(ca.cert_path), str(client.cert), str(client.key)]
 
 
 def node_address(index: int) -> str:
