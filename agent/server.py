@@ -43,10 +43,17 @@ def make_runtime(cfg: AgentConfig) -> Runtime:
 def server_credentials(cfg: AgentConfig) -> grpc.ServerCredentials | None:
     if not (cfg.tls_cert and cfg.tls_key):
         return None
-    key, cert = Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes()
-    ca = Path(cfg.tls_client_ca).read_bytes() if cfg.tls_client_ca else None
+    client_ca = Path(cfg.tls_client_ca) if cfg.tls_client_ca else None
+    return tls_credentials(Path(cfg.tls_cert), Path(cfg.tls_key), client_ca)
+
+
+def tls_credentials(cert: Path, key: Path, client_ca: Path | None) -> grpc.ServerCredentials:
+    """With `client_ca`, callers must present a certificate it signed (mTLS)."""
+    ca = client_ca.read_bytes() if client_ca is not None else None
     return grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+        [(key.read_bytes(), cert.read_bytes())],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
     )
 
 

@@ -188,16 +188,14 @@ class FakeAgent(agent_pb2_grpc.AgentServicer):
 def mtls(directory: Path) -> tuple[grpc.ServerCredentials, list[str]]:
     """Certificates as --agent-tls-auto makes them: the agents' server credentials
     (client certificates required), and the coordinator's CA, cert and key files."""
+    from agent.server import tls_credentials
+    from coordinator.tlsbootstrap import SERVER_NAME
     from tests.testenv.pki import CertificateAuthority
 
     ca = CertificateAuthority(directory)
-    server = ca.issue("agent", "fledged-agent", dns_names=("fledged-agent",), server=True)
+    server = ca.issue("agent", SERVER_NAME, dns_names=(SERVER_NAME,), server=True)
     client = ca.issue("coordinator", "fledged-coordinator", client=True)
-    credentials = grpc.ssl_server_credentials(
-        [(server.key.read_bytes(), server.cert.read_bytes())],
-        root_certificates=ca.cert_path.read_bytes(),
-        require_client_auth=True,
-    )
+    credentials = tls_credentials(server.cert, server.key, ca.cert_path)
     return credentials, [str(ca.cert_path), str(client.cert), str(client.key)]
 
 

@@ -7,15 +7,17 @@ import logging
 from collections.abc import AsyncIterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import grpc
+from google.protobuf.message import Message
 
 from common.wire import NODE_HEADER
 from protos.fledged.agent.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
 
+R = TypeVar("R", bound=Message)
 SERVICE = "/" + agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name
 
 
@@ -76,8 +78,8 @@ class AgentClient:
         return cast(AsyncIterable[agent_pb2.PullEvent], call)
 
     async def _unary(
-        self, method: str, request: Any, response: Any, node: str, limit: float
-    ) -> Any:
+        self, method: str, request: Message, response: type[R], node: str, limit: float
+    ) -> R:
         """A multicallable made for the call, not kept: a stub's five would cost a few
         KiB per channel for calls made once a resync period."""
         call = self._channel.unary_unary(
@@ -88,36 +90,22 @@ class AgentClient:
         return await call(request, timeout=limit, metadata=_for(node))
 
     async def list_images(self, node: str) -> agent_pb2.ListImagesResponse:
-        return cast(
-            agent_pb2.ListImagesResponse,
-            await self._unary(
-                "ListImages", agent_pb2.ListImagesRequest(), agent_pb2.ListImagesResponse, node, 30
-            ),
-        )
+        request = agent_pb2.ListImagesRequest()
+        return await self._unary("ListImages", request, agent_pb2.ListImagesResponse, node, 30)
 
     async def node_info(self, node: str) -> agent_pb2.NodeInfo:
-        return cast(
-            agent_pb2.NodeInfo,
-            await self._unary(
-                "GetNodeInfo", agent_pb2.GetNodeInfoRequest(), agent_pb2.NodeInfo, node, 30
-            ),
-        )
+        request = agent_pb2.GetNodeInfoRequest()
+        return await self._unary("GetNodeInfo", request, agent_pb2.NodeInfo, node, 30)
 
     async def set_pinned(
         self, node: str, images: Sequence[str], pinned: bool
     ) -> agent_pb2.SetPinnedResponse:
         request = agent_pb2.SetPinnedRequest(images=images, pinned=pinned)
-        return cast(
-            agent_pb2.SetPinnedResponse,
-            await self._unary("SetPinned", request, agent_pb2.SetPinnedResponse, node, 60),
-        )
+        return await self._unary("SetPinned", request, agent_pb2.SetPinnedResponse, node, 60)
 
     async def remove(self, node: str, images: Sequence[str]) -> agent_pb2.RemoveImagesResponse:
         request = agent_pb2.RemoveImagesRequest(images=images)
-        return cast(
-            agent_pb2.RemoveImagesResponse,
-            await self._unary("RemoveImages", request, agent_pb2.RemoveImagesResponse, node, 300),
-        )
+        return await self._unary("RemoveImages", request, agent_pb2.RemoveImagesResponse, node, 300)
 
 
 class AgentPool:
