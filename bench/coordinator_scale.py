@@ -1,7 +1,8 @@
 """Coordinator at scale: create -> Ready for one ImageCache of 20 images over a
 simulated fleet of N nodes, against the real apiserver and the real coordinator.
 
-Node objects and agent Leases are real API objects; the agents are bench/fleet.py's
+Node objects (shaped as kubelets register them: bench/nodes.py) and agent Leases
+are real API objects; the agents are bench/fleet.py's
 simulated ones, one gRPC endpoint per node as with real agents (pulls take
 --pull-seconds, at most 2 at once per node, as the real agent's default). With
 --wave, the cache sets maxConcurrentNodesPerImage: a fleet-wide wave rollout.
@@ -36,6 +37,7 @@ from typing import Any
 from kubernetes import client
 
 from bench.fleet import Fleet, mtls
+from bench.nodes import kubelet_node
 from common.wire import (
     COMPONENT_LABELS,
     ENDPOINT_ANNOTATION,
@@ -97,11 +99,8 @@ def make_fleet(env: TestEnv, nodes: int, fleet: Fleet, tls: bool) -> None:
 
     def one(i: int) -> None:
         name = f"sim-{i:05d}"
-        core.create_node(
-            client.V1Node(
-                metadata=client.V1ObjectMeta(name=name, labels={"kubernetes.io/hostname": name})
-            )
-        )
+        body: Any = kubelet_node(name, i)  # the client sends a dict body as it is
+        core.create_node(body)
         leases.create_namespaced_lease(
             AGENT_NAMESPACE,
             client.V1Lease(
@@ -155,9 +154,11 @@ def run_one(
         started = time.monotonic()
         make_fleet(env, nodes, fleet, tls)
         print(f"{nodes} nodes and Leases created in {time.monotonic() - started:.0f}s", flush=True)
-        tls_flags = [
-            f"--agent-tls-{k}={f}" for k, f in zip(("ca", "cert", "key"), files, strict=True)
-        ]
+        tls_flags = (
+            [f"--agent-tls-{k}={f}" for k, f in zip(("ca", "cert", "key"), files, strict=True)]
+            if tls
+            else []
+        )
         coordinator = env.start_coordinator(("--log-level=info", "--workers=4", *tls_flags))
         listed = time.monotonic()
         wait_for(

@@ -140,3 +140,46 @@ async def test_agent_leases_are_kept_without_their_managed_fields(
         assert agent is not None
         assert (agent.node, agent.endpoint, agent.duration) == ("n1", "10.0.0.1:50051", 40.0)
     assert renewed["metadata"]["resourceVersion"] != created.resource_version
+
+
+async def test_a_list_is_read_in_pages_each_trimmed_before_the_next(
+    testenv: TestEnv, namespace: str
+) -> None:
+    """5,000 real Nodes are ~75 MB of JSON in one list: the informer asks for pages and
+    trims each page's objects before it asks for the next, so it never holds more than
+    a page of untrimmed objects; what it keeps is the whole list all the same."""
+    api = testenv.api_client()
+    core = client.CoreV1Api(api)
+    for i in range(7):
+        body = client.V1ConfigMap(metadata=client.V1ObjectMeta(name=f"p-{i}"), data={"n": "x"})
+        core.create_namespaced_config_map(namespace, body)
+    steps: list[str] = []
+
+    def list_fn(**kwargs: Any) -> Any:
+        if not kwargs.get("watch"):
+            steps.append(f"page limit={kwargs.get('limit')} from={bool(kwargs.get('_continue'))}")
+        return core.list_namespaced_config_map(**kwargs)
+
+    def trim(obj: Obj) -> Obj:
+        steps.append("trim")
+        return {"metadata": obj["metadata"]}
+
+    informer = Informer(
+        "pages", api, list_fn, lambda *_: None, transform=trim, page=3, namespace=namespace
+    )
+    informer.start(post=asyncio.get_running_loop().call_soon_threadsafe)
+    try:
+        assert await asyncio.to_thread(informer.synced.wait, 30)
+        store = dict(informer.store)
+    finally:
+        informer.stop()
+    listed = {k for k in store if "/p-" in k}
+    assert listed == {f"{namespace}/p-{i}" for i in range(7)}
+    assert all("data" not in obj for obj in store.values())
+    pages = [s for s in steps if s.startswith("page")]
+    assert pages[0] == "page limit=3 from=False"
+    assert len(pages) >= 3  # 7 objects, 3 a page
+    assert all(p == "page limit=3 from=True" for p in pages[1:])
+    # every page's objects are trimmed before the next page is requested
+    first, second = steps.index(pages[0]), steps.index(pages[1])
+    assert steps[first + 1 : second] == ["trim"] * 3
