@@ -3,7 +3,8 @@
 A real Node carries kilobytes of status: capacity, conditions, addresses, nodeInfo
 and the images the node holds (the kubelet reports up to 50, --node-status-max-images).
 With bare Nodes a benchmark never sees what listing or watching 5,000 real ones costs
-the coordinator (the first to show it: an unpaginated list held ~420 MiB at 5,000).
+the coordinator (the first to show it: with the whole list read at once, 5,000 of
+them took it to 592 MiB at rest, 289 MiB paged; results/idle_fleet*.md).
 This one is ~12.5 KB of JSON before the apiserver adds managedFields.
 """
 

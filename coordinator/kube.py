@@ -126,9 +126,10 @@ class Informer:
 
     def _relist(self) -> str:
         """Lists in pages, each trimmed before the next is read: a real Node is ~15 KB
-        of JSON and ten times that parsed, so 5,000 of them listed at once would hold
-        ~1 GB for the moment of the list (the store keeps a trimmed copy). The pages
-        are one snapshot: an expired continue token (410) relists from the start."""
+        of JSON, and 5,000 of them parsed at once took the coordinator at rest to
+        592 MiB against 289 paged (bench/idle_fleet.py); the store keeps trimmed
+        copies. The pages are one snapshot: an expired continue token (410) relists
+        from the start."""
         seen: set[str] = set()
         token: str | None = None
         while True:
