@@ -706,7 +706,7 @@ class Controller:
             if annotated:
                 done.append(api.REFRESH_ANNOTATION)
         elif annotated and self.refreshes.echoing(key, time.monotonic()):
-            done.append(api.REFRESH_ANNOTATION)  # removed already, or the removal failed
+            await self._remove_echo(key, meta)
         if done:
             await asyncio.sleep(self._config.status_interval)  # let the final status land first
             await asyncio.to_thread(
@@ -716,6 +716,27 @@ class Controller:
                 {"annotations": {a: None for a in done}},
             )
             log.info("%s: %s done", key, ", ".join(done))
+
+    async def _remove_echo(self, key: str, meta: Obj) -> None:
+        """Our copy still shows the annotation of a refresh that has ended: removed
+        already (the watch has not shown it yet), or the removal failed. It is removed
+        again only from the object our copy shows: if the cache changed since, the
+        annotation on it may be a new request set meanwhile (a blind removal erased
+        one in CI), which its own watch event brings as new."""
+        removal: Obj = {
+            "annotations": {api.REFRESH_ANNOTATION: None},
+            "resourceVersion": meta["resourceVersion"],
+        }
+        try:
+            await asyncio.to_thread(
+                self._kube.patch_metadata, meta["namespace"], meta["name"], removal
+            )
+        except client.ApiException as err:
+            if err.status not in (404, 409):
+                raise
+            log.debug("%s: the refresh annotation changed since our copy; left alone", key)
+            return
+        log.info("%s: %s done", key, api.REFRESH_ANNOTATION)
 
 
 def _annotations(obj: Obj) -> Mapping[str, Any]:

@@ -37,7 +37,8 @@ class Refreshes:
 
     def echoing(self, key: str, clock: float) -> bool:
         """A refresh asked by the annotation ended within ECHO and its removal has not
-        been seen: if the annotation still shows, removing it again is safe."""
+        been seen: if the annotation still shows, removing it again from that copy (on
+        condition of its resourceVersion) is safe."""
         ended = self._done.get(key)
         return ended is not None and clock - ended < ECHO
 

@@ -20,7 +20,7 @@ def test_the_annotation_still_in_our_copy_after_the_end_is_no_new_refresh() -> N
     wait = refreshes.seen(KEY, True, now=103.5, clock=3.5)  # our removal not back yet
     assert refreshes.since(KEY) is None
     assert wait == ECHO - 0.5  # looked at again then, in case the removal never shows
-    assert refreshes.echoing(KEY, clock=3.5)  # removing the annotation again is safe
+    assert refreshes.echoing(KEY, clock=3.5)  # removed again, on condition of this copy
     refreshes.removed(KEY)  # the watch shows it gone
     assert not refreshes.echoing(KEY, clock=4.0)
     refreshes.seen(KEY, True, now=110.0, clock=10.0)  # set again: a new request
