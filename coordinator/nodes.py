@@ -118,19 +118,24 @@ def inventory_from(resp: agent_pb2.ListImagesResponse, now: float) -> Inventory:
 
 
 @functools.lru_cache(maxsize=16384)
-def _answer_names(image: str, digest: str) -> tuple[frozenset[ImageKey], frozenset[ImageKey]]:
-    """The tag and digest keys an answer adds (the same for every node of a fleet)."""
+def _answer_names(image: str, digest: str) -> tuple[frozenset[ImageKey], frozenset[ImageKey], str]:
+    """The tag and digest keys an answer adds, and its digest: one object for each for
+    the whole fleet (each answer's strings are new; a pull record keeps the digest)."""
     ref = ref_of(image_key(image))
     return (
         names([f"{ref.name}:{ref.tag}"] if ref.tag else []),
         names([f"{ref.name}@{digest}"] if digest else []),
+        digest,
     )
+
+
+# One int object for each size the fleet reports alike (pull records keep two).
+_shared_size = functools.lru_cache(maxsize=16384)(int)
 
 
 def pulled_from(event: agent_pb2.PullEvent) -> Pulled:
     """A pull's answer: the image joins the node under its tag and its digest."""
-    digest = event.repo_digest
-    tags, digests = _answer_names(event.image, digest)
+    tags, digests, digest = _answer_names(event.image, event.repo_digest)
     return Pulled(
         image_id=event.image_id,
         tags=tags,
@@ -138,8 +143,8 @@ def pulled_from(event: agent_pb2.PullEvent) -> Pulled:
         pinned=event.pin == agent_pb2.PIN_STATE_PINNED,
         size=event.size,
         digest=digest,
-        bytes_done=event.bytes_done,
-        bytes_total=event.bytes_total,
+        bytes_done=_shared_size(event.bytes_done),
+        bytes_total=_shared_size(event.bytes_total),
     )
 
 
