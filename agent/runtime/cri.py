@@ -132,10 +132,21 @@ class CriRuntime:
                         version.version,
                     )
             except grpc.RpcError as err:
-                if err.code() == grpc.StatusCode.UNAVAILABLE:
+                # Only "no such service" says it is another runtime (CRI-O, cri-dockerd).
+                # Anything else (a busy node's timeout at boot) is asked again next time:
+                # taken for an answer, it would turn pins and safe untags off for good.
+                if err.code() != grpc.StatusCode.UNIMPLEMENTED:
                     raise classify_rpc_error(err) from err
                 self._is_containerd = False
         return self._is_containerd
+
+    async def _containerd_or_not(self) -> bool:
+        """For what only byte progress needs: not knowing yet must not fail a pull."""
+        try:
+            return await self._containerd()
+        except AgentError as err:
+            log.warning("containerd's version not read (%s): no byte progress", err.message)
+            return False
 
     async def _pinning(self) -> bool:
         """Whether pins can be set here: containerd whose CRI honours the pin label."""
@@ -202,7 +213,7 @@ class CriRuntime:
     ) -> ImageRecord:
         parsed = parse_reference(ref)
         tracker = None
-        if await self._containerd():
+        if await self._containerd_or_not():
             tracker = PullProgressTracker(
                 self._ctr_content, self._metadata, parsed, host_arch(), on_progress
             )

@@ -1,0 +1,81 @@
+"""Which runtime answers on the socket is read once from containerd's Version service.
+Only "no such service" means another runtime; a failed call (a busy node's timeout at
+boot) must be asked again, not cached as "not containerd" for the agent's life (that
+turned pins and safe untags off until a restart). The runtime here is a stand-in
+serving only containerd's Version call: what is tested is the agent's reading of it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+
+from agent.errors import AgentError
+from agent.runtime.cri import CriRuntime
+from protos.containerd.services.version.v1 import version_pb2, version_pb2_grpc
+
+
+class _Version(version_pb2_grpc.VersionServicer):
+    def __init__(self, failures: list[grpc.StatusCode]) -> None:
+        self.failures = failures
+        self.calls = 0
+
+    async def Version(
+        self, request: object, context: grpc.aio.ServicerContext[object, object]
+    ) -> version_pb2.VersionResponse:
+        self.calls += 1
+        if self.failures:
+            await context.abort(self.failures.pop(0), "busy")
+        return version_pb2.VersionResponse(version="v1.7.24")
+
+
+async def _serve(tmp_path: Path, servicer: _Version | None) -> tuple[grpc.aio.Server, str]:
+    server = grpc.aio.server()
+    if servicer is not None:
+        version_pb2_grpc.add_VersionServicer_to_server(servicer, server)
+    endpoint = f"unix://{tmp_path}/runtime.sock"
+    server.add_insecure_port(endpoint)
+    await server.start()
+    return server, endpoint
+
+
+@pytest.mark.parametrize("failure", [grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN])
+async def test_a_failed_version_call_is_asked_again(
+    tmp_path: Path, failure: grpc.StatusCode
+) -> None:
+    servicer = _Version([failure])
+    server, endpoint = await _serve(tmp_path, servicer)
+    runtime = CriRuntime(endpoint)
+    try:
+        with pytest.raises(AgentError):
+            await runtime._pinning()
+        assert await runtime._pinning() is True
+        assert await runtime._pinning() is True
+        assert servicer.calls == 2  # asked again once, then known
+    finally:
+        await runtime.close()
+        await server.stop(None)
+
+
+async def test_no_version_service_means_another_runtime(tmp_path: Path) -> None:
+    server, endpoint = await _serve(tmp_path, None)
+    runtime = CriRuntime(endpoint)
+    try:
+        assert await runtime._pinning() is False
+        assert await runtime._containerd_or_not() is False
+    finally:
+        await runtime.close()
+        await server.stop(None)
+
+
+async def test_a_pull_is_not_failed_by_a_version_call_that_failed(tmp_path: Path) -> None:
+    """Byte progress is the only thing a pull wants of it."""
+    server, endpoint = await _serve(tmp_path, _Version([grpc.StatusCode.DEADLINE_EXCEEDED]))
+    runtime = CriRuntime(endpoint)
+    try:
+        assert await runtime._containerd_or_not() is False
+        assert await runtime._containerd_or_not() is True
+    finally:
+        await runtime.close()
+        await server.stop(None)
