@@ -35,7 +35,7 @@ class AgentError(Exception):
 
 
 # Checked in order: the first pattern found in the lower-cased message wins.
-_PATTERNS: tuple[tuple[Category, tuple[str, ...]], ...] = (
+_PATTERNS: tuple[tuple[Category, tuple[str | re.Pattern[str], ...]], ...] = (
     (Category.INSUFFICIENT_DISK, ("no space left on device", "disk quota exceeded")),
     (
         Category.INVALID_REFERENCE,
@@ -62,7 +62,18 @@ _PATTERNS: tuple[tuple[Category, tuple[str, ...]], ...] = (
     ),
     (
         Category.NOT_FOUND,
-        ("manifest unknown", "not found", "name unknown", "no matching manifest", "404"),
+        (
+            "manifest unknown",
+            "name unknown",
+            "no matching manifest",
+            "404",
+            # A bare "not found" only where the registry said it of the reference:
+            # containerd also says it of its own content and snapshots ("content digest
+            # sha256:...: not found" when a layer is collected during an unpack), a race
+            # that must be retried, not taken for a missing image for good.
+            re.compile(r"failed to resolve (?:reference|image)\b.*: not found"),
+            re.compile(r"manifest for \S+ not found"),
+        ),
     ),
     (Category.DEADLINE_EXCEEDED, ("context deadline exceeded", "deadline exceeded")),
     (
@@ -89,9 +100,11 @@ _PATTERNS: tuple[tuple[Category, tuple[str, ...]], ...] = (
 )
 
 
-def _matcher(pattern: str) -> re.Pattern[str]:
+def _matcher(pattern: str | re.Pattern[str]) -> re.Pattern[str]:
     """A status code counts only as a word of its own: a port (`:44047`), an address or a
     digest that happens to hold "404" must not read as an HTTP answer."""
+    if isinstance(pattern, re.Pattern):
+        return pattern
     text = re.escape(pattern)
     if pattern[0].isdigit():
         text = r"(?<![\w.:/@-])" + text + r"(?!\d)"

@@ -48,6 +48,31 @@ from common.units import parse_duration, parse_size
             '404a": dial tcp: connection reset by peer',
             Category.REGISTRY_UNAVAILABLE,
         ),
+        # containerd's own records missing mid-pull (a layer collected during an unpack,
+        # a parent snapshot gone): a race to retry, not a missing image.
+        (
+            'failed to pull and unpack image "r/x:v1": failed to extract layer sha256:'
+            + "a" * 64
+            + ": failed to get reader from content store: content digest sha256:"
+            + "b" * 64
+            + ": not found",
+            Category.INTERNAL,
+        ),
+        (
+            'failed to pull and unpack image "r/x:v1": failed to prepare extraction snapshot '
+            '"extract-1-sha256:c": parent snapshot sha256:d does not exist: not found',
+            Category.INTERNAL,
+        ),
+        (
+            'failed to pull and unpack image "r/x:v1": failed to resolve reference "r/x:v1": '
+            "r/x:v1: not found",
+            Category.NOT_FOUND,
+        ),
+        # containerd 2's words for the same
+        (
+            'failed to pull and unpack image "r/x:v1": failed to resolve image: r/x:v1: not found',
+            Category.NOT_FOUND,
+        ),
         ("unexpected status code 404 (Not Found)", Category.NOT_FOUND),
         ("unexpected status code: 404", Category.NOT_FOUND),
     ],
