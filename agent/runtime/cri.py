@@ -247,6 +247,14 @@ class CriRuntime:
         record = await self.status(ref)
         if record is None:
             return False
+        if record.pin == PinState.PINNED and not record.pin_owned:
+            # containerd pins its sandbox image: removed (or untagged), every new pod on
+            # an air-gapped node would fail. The kubelet's GC spares pins; so do we.
+            raise AgentError(
+                Category.INTERNAL,
+                f"{ref} not removed: it is pinned by someone else (containerd pins its "
+                "sandbox image); lift that pin to remove it",
+            )
         if await self._untag(ref, record):
             return True
         if record.pin_owned:

@@ -446,6 +446,39 @@ def test_a_pin_set_by_someone_else_is_never_lifted(
         assert not mine[0].pinned_by_fledged
 
 
+def _until_cri_shows(cri: NodeRuntime, ref: str, pinned: bool) -> None:
+    """CRI learns of a label change from containerd's events, a moment after it."""
+    deadline = time.monotonic() + 5
+    while (status := cri.status(ref)) is None or status.pinned != pinned:
+        assert time.monotonic() < deadline, f"CRI never showed {ref} pinned={pinned}"
+        time.sleep(0.02)
+
+
+def test_an_image_someone_else_pinned_is_not_removed(
+    testenv: TestEnv, agents: dict[str, AgentProcess]
+) -> None:
+    """containerd pins its sandbox image; a cache that listed it and was purged or edited
+    must not take it from the node (new pods there would need a registry)."""
+    image = testenv.registry_client().push_image(unique("agent/foreign-keep"), "v1")
+    agent = agents["node-2"]
+    assert final(agent.pull(order(image.ref)), image.ref).phase == A.PHASE_SUCCEEDED
+    with NodeRuntime(testenv.nodes[1].runtime_endpoint) as cri:
+        cri.set_label(image.ref, PINNED_LABEL, "pinned")  # as the runtime does for its sandbox
+        _until_cri_shows(cri, image.ref, pinned=True)
+        resp = agent.call("RemoveImages", A.RemoveImagesRequest(images=[image.ref]))
+        result = resp.results[0]  # type: ignore[attr-defined]
+        assert result.error_category == A.ERROR_CATEGORY_INTERNAL
+        assert "pinned by someone else" in result.error_message
+        status = cri.status(image.ref)
+        assert status is not None
+        assert status.pinned
+        cri.set_label(image.ref, PINNED_LABEL, None)  # the pin lifted: it can go
+        _until_cri_shows(cri, image.ref, pinned=False)
+        resp = agent.call("RemoveImages", A.RemoveImagesRequest(images=[image.ref]))
+        assert [(r.was_present, r.error_category) for r in resp.results] == [(True, 0)]  # type: ignore[attr-defined]
+        assert cri.status(image.ref) is None
+
+
 def test_remove_unpins_removes_and_is_idempotent(testenv: TestEnv, backend: Backend) -> None:
     image = testenv.registry_client().push_image(unique("agent/remove"), "v1")
     agent = backend.agent
