@@ -221,11 +221,18 @@ class CriRuntime:
 
         async def attempt(auth: api_pb2.AuthConfig | None, left: float) -> None:
             request = api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=ref), auth=auth)
+            ends = time.monotonic() + left
             try:
                 await self._images.PullImage(request, timeout=left)
             except grpc.RpcError as err:
                 failure = classify_rpc_error(err)
-                if failure.category == Category.DEADLINE_EXCEEDED:
+                # Ours only if our deadline is what ran out: a runtime that gave up on
+                # the registry early (CRI-O's "pinging container registry ...: context
+                # deadline exceeded") said which registry and why; that stays.
+                if (
+                    failure.category == Category.DEADLINE_EXCEEDED
+                    and time.monotonic() >= ends - 0.1
+                ):
                     raise AgentError(
                         Category.DEADLINE_EXCEEDED,
                         f"pull of {ref} did not finish within {deadline:g}s",
@@ -341,7 +348,7 @@ class CriRuntime:
             record = await self.status(ref)
             if shown(record):
                 return record
-            if time.monotonic() >= ends:
+            if time.monotonic() >= ends - 0.1:
                 log.warning("CRI does not show %s %.1fs after it was made", what, SETTLE_SECONDS)
                 return record
             await asyncio.sleep(delay)

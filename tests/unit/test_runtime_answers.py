@@ -1,19 +1,23 @@
-"""Which runtime answers on the socket is read once from containerd's Version service.
+"""How the agent reads its runtime's answers. Which runtime answers on the socket is
+read once from containerd's Version service.
 Only "no such service" means another runtime; a failed call (a busy node's timeout at
 boot) must be asked again, not cached as "not containerd" for the agent's life (that
-turned pins and safe untags off until a restart). The runtime here is a stand-in
-serving only containerd's Version call: what is tested is the agent's reading of it."""
+turned pins and safe untags off until a restart). A pull the runtime gave up early
+with DeadlineExceeded keeps the runtime's words. The runtime here is a stand-in serving
+only those calls: what is tested is the agent's reading of them."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import grpc
 import pytest
 
-from agent.errors import AgentError
+from agent.errors import AgentError, Category
 from agent.runtime.cri import CriRuntime
 from protos.containerd.services.version.v1 import version_pb2, version_pb2_grpc
+from protos.cri.runtime.v1 import api_pb2, api_pb2_grpc
 
 
 class _Version(version_pb2_grpc.VersionServicer):
@@ -30,10 +34,36 @@ class _Version(version_pb2_grpc.VersionServicer):
         return version_pb2.VersionResponse(version="v1.7.24")
 
 
-async def _serve(tmp_path: Path, servicer: _Version | None) -> tuple[grpc.aio.Server, str]:
+class _Images(api_pb2_grpc.ImageServiceServicer):
+    """PullImage only: gives up at once as CRI-O does on an unreachable registry, or
+    takes longer than any deadline."""
+
+    def __init__(self, hang: bool) -> None:
+        self.hang = hang
+
+    async def PullImage(
+        self, request: api_pb2.PullImageRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> api_pb2.PullImageResponse:
+        if self.hang:
+            await asyncio.sleep(30)
+        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, CRIO_GAVE_UP)
+        raise AssertionError("abort returns never")
+
+
+CRIO_GAVE_UP = (
+    "initializing source docker://reg.example/app:v1: pinging container registry "
+    'reg.example: Get "https://reg.example/v2/": context deadline exceeded'
+)
+
+
+async def _serve(
+    tmp_path: Path, servicer: _Version | None, images: _Images | None = None
+) -> tuple[grpc.aio.Server, str]:
     server = grpc.aio.server()
     if servicer is not None:
         version_pb2_grpc.add_VersionServicer_to_server(servicer, server)
+    if images is not None:
+        api_pb2_grpc.add_ImageServiceServicer_to_server(images, server)
     endpoint = f"unix://{tmp_path}/runtime.sock"
     server.add_insecure_port(endpoint)
     await server.start()
@@ -76,6 +106,24 @@ async def test_a_pull_is_not_failed_by_a_version_call_that_failed(tmp_path: Path
     try:
         assert await runtime._containerd_or_not() is False
         assert await runtime._containerd_or_not() is True
+    finally:
+        await runtime.close()
+        await server.stop(None)
+
+
+@pytest.mark.parametrize("hang", [False, True])
+async def test_a_deadline_is_ours_only_when_ours_ran_out(tmp_path: Path, hang: bool) -> None:
+    images = _Images(hang)  # type: ignore[abstract]  # its other calls are never made
+    server, endpoint = await _serve(tmp_path, None, images)
+    runtime = CriRuntime(endpoint)
+    try:
+        with pytest.raises(AgentError) as failed:
+            await runtime.pull("reg.example/app:v1", [], 0.5, lambda progress: None)
+        assert failed.value.category == Category.DEADLINE_EXCEEDED
+        if hang:
+            assert failed.value.message == "pull of reg.example/app:v1 did not finish within 0.5s"
+        else:
+            assert failed.value.message == CRIO_GAVE_UP
     finally:
         await runtime.close()
         await server.stop(None)
