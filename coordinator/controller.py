@@ -136,6 +136,7 @@ class CacheState:
     restart: RestartState
     projection: CacheProjection = field(default_factory=CacheProjection)
     spec: tuple[str, api.CacheSpec | None, str] = ("", None, "")  # version, spec, error
+    valid: api.CacheSpec | None = None  # the last valid spec: its Secrets while one is not
     cost: float = 0.0  # seconds its last reconcile took on the event loop
     answered: bool = False  # its last pull order was answered: project at once
     done: bool = False  # no pair open when last projected: more of that is no news
@@ -555,12 +556,15 @@ class Controller:
         if echo:  # our removal not seen yet; if it never shows, the annotation is new then
             self.queue.add_after((CACHE, key), echo)
         spec, spec_error = self._spec(state, obj)
+        state.valid = spec or state.valid
         auths: list[RegistryAuth] = []
         secret_errors: list[str] = []
         credentials = ""
-        if spec is not None and spec.pull_secrets and not deleting:
+        # An invalid spec holds the lists last applied, with the Secrets they came with.
+        secrets_of = state.valid
+        if secrets_of is not None and secrets_of.pull_secrets and not deleting:
             auths, secret_errors, credentials = await asyncio.to_thread(
-                self._credentials, meta["namespace"], spec
+                self._credentials, meta["namespace"], secrets_of
             )
         restart = state.restart
         view = CacheView(

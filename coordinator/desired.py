@@ -29,7 +29,9 @@ class CacheView:
 
     key: str
     generation: int
-    spec: CacheSpec | None  # None when the spec is invalid
+    # None when the spec is invalid: the lists last applied are then held as they were
+    # (an edit the coordinator refuses changes nothing on the nodes, pins included).
+    spec: CacheSpec | None
     applied: tuple[CacheList, ...] = ()
     removing: tuple[Removal, ...] = ()
     deleting: bool = False
@@ -52,7 +54,7 @@ class CacheView:
 
     @property
     def wants(self) -> bool:
-        return self.spec is not None and not self.deleting and not self.purge and not self.dormant
+        return not self.deleting and not self.purge and not self.dormant
 
 
 def list_pairs(lists: Iterable[CacheList]) -> set[Removal]:
@@ -90,7 +92,7 @@ class CacheForm:
 
     def __init__(self, view: CacheView) -> None:
         self.view = view
-        self.lists = view.spec.lists if view.spec is not None else ()
+        self.lists = view.spec.lists if view.spec is not None else view.applied
         self.removals = open_removals(view) if view.spec is not None else ()
         self._selectors = sorted({sel for _, sel in self.removals})
         self._deleting = sorted(
@@ -109,8 +111,6 @@ class CacheForm:
             entries = self._deleting
             matched = tuple(i for i, (_, sel) in enumerate(entries) if _matches(sel, labels))
             selectors: tuple[Selector, ...] = ()
-        elif view.spec is None:
-            return None
         else:
             matched = tuple(i for i, cl in enumerate(self.lists) if cl.matches(labels))
             selectors = tuple(s for s in self._selectors if _matches(s, labels))

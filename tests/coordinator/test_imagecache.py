@@ -512,6 +512,28 @@ def test_a_node_that_leaves_a_selector_has_its_pin_lifted(
         core.patch_node("node-1", {"metadata": {"labels": {"fledged.test/pool": None}}})
 
 
+def test_an_edit_the_coordinator_refuses_changes_nothing_on_the_nodes(
+    testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
+) -> None:
+    """The apiserver takes a list naming one image twice in two spellings (`x` and
+    `x:latest` are different strings); the coordinator refuses it. Refused, the edit must
+    leave the nodes as they were: it lifted every pin of the cache on every node."""
+    image = testenv.registry_client().push_image(unique("ic/refused"), "latest")
+    bare = image.ref.removesuffix(":latest")
+    apply(testenv, cache_manifest("refused", namespace, [{"images": [image.ref]}]))
+    wait_status(testenv, namespace, "refused", "Succeeded")
+    assert all(node_images(testenv, n).get(image.ref) is True for n in ALL)
+    apply(testenv, cache_manifest("refused", namespace, [{"images": [image.ref, bare]}]))
+    obj = wait_status(testenv, namespace, "refused", "Failed", "CacheSpecValidationFailed")
+    assert "twice" in obj["status"]["message"]
+    time.sleep(3)  # the old code's unpin orders went out in the same reconcile
+    pinned = {n: node_images(testenv, n).get(image.ref) for n in ALL}
+    assert pinned == dict.fromkeys(ALL, True)
+    apply(testenv, cache_manifest("refused", namespace, [{"images": [image.ref]}]))
+    wait_status(testenv, namespace, "refused", "Succeeded")
+    assert all(node_images(testenv, n).get(image.ref) is True for n in ALL)
+
+
 def test_a_wrong_password_fails_as_unauthorized_everywhere_and_leaks_nowhere(
     testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
 ) -> None:
