@@ -66,6 +66,14 @@ OUTCOMES_GATHER = 5.0
 CredentialsFor = Callable[[str], Sequence[RegistryAuth]]  # image -> what may log in for it
 
 
+def _cancelling() -> bool:
+    """Whether this task itself is being cancelled. grpc.aio ends the calls of a channel
+    we closed with CancelledError too (an endpoint no node uses any more), which is the
+    agent lost, not a stop."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 def _credentials(auth: RegistryAuth) -> agent_pb2.RegistryCredentials:
     return agent_pb2.RegistryCredentials(
         server_address=auth.server_address,
@@ -433,8 +441,13 @@ class NodeRegistry:
                     self._notify(node, delay=0.0 if last or not waiting else gather)
                 else:
                     self._notify(node, progress_only=True, delay=ANSWERS_GATHER)
-        except grpc.RpcError as err:
-            detail = err.details() if hasattr(err, "details") else err
+        except (grpc.RpcError, asyncio.CancelledError) as err:
+            if isinstance(err, asyncio.CancelledError):
+                if _cancelling():
+                    raise  # we are stopping: nothing to record
+                detail: object = "its channel was closed (the agent moved)"
+            else:
+                detail = err.details() if hasattr(err, "details") else err
             message = f"lost the agent at {agent.endpoint}: {detail}"
             log.warning("pull batch on %s broke: %s", node, message)
             obs.pulls_lost(waiting, message, time.time())
@@ -487,8 +500,10 @@ class NodeRegistry:
                                 node,
                                 result.error_message,
                             )
-        except grpc.RpcError as err:
-            log.warning("pin changes on %s failed: %s", node, err)
+        except (grpc.RpcError, asyncio.CancelledError) as err:
+            if isinstance(err, asyncio.CancelledError) and _cancelling():
+                raise
+            log.warning("pin changes on %s failed: %s", node, str(err) or "channel closed")
         finally:
             obs.pins_answered(ids)
         if not await self.sync(node, abilities=False):
@@ -517,8 +532,10 @@ class NodeRegistry:
                     )
                 else:
                     removed.append(key)
-        except grpc.RpcError as err:
-            log.warning("removals on %s failed: %s", node, err)
+        except (grpc.RpcError, asyncio.CancelledError) as err:
+            if isinstance(err, asyncio.CancelledError) and _cancelling():
+                raise
+            log.warning("removals on %s failed: %s", node, str(err) or "channel closed")
         finally:
             obs.removals_answered(images, removed, errors)
         changed = await self.sync(node, abilities=False)

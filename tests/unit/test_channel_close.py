@@ -1,0 +1,77 @@
+"""An agent's endpoint changes while its old process still serves a pull (a DaemonSet
+surge, a Lease deleted and re-created): the old channel is closed after a grace, and
+grpc.aio then ends the calls still open on it with asyncio.CancelledError, not an
+RpcError. Those orders must count as lost with the agent (to be sent again), not stay
+in flight for ever (the pair Pulling, the cache Processing, its wave slot held). The
+agent here is a stand-in whose pulls never end, reached through the coordinator's own
+AgentPool over real grpc.aio channels."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+import pytest
+
+from coordinator import nodes
+from coordinator.agents import AgentPool
+from coordinator.images import ImageKey
+from coordinator.model import AGENT_UNAVAILABLE, AgentInfo, Inventory, OrderPhase
+from coordinator.nodes import NodeRegistry
+from coordinator.pairs import PullItem
+from protos.fledged.agent.v1 import agent_pb2, agent_pb2_grpc
+
+IMAGE = "r.io/slow:1"
+
+
+class _SlowAgent(agent_pb2_grpc.AgentServicer):
+    async def PullImages(self, request: Any, context: Any) -> Any:
+        yield agent_pb2.PullEvent(image=request.images[0].image, phase=agent_pb2.PHASE_PULLING)
+        await asyncio.sleep(3600)
+
+    async def ListImages(self, request: Any, context: Any) -> Any:
+        return agent_pb2.ListImagesResponse()
+
+    async def GetNodeInfo(self, request: Any, context: Any) -> Any:
+        return agent_pb2.NodeInfo()
+
+
+async def _wait(check: Any, what: str, seconds: float = 10) -> None:
+    for _ in range(int(seconds / 0.02)):
+        if check():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_a_pull_cut_by_our_own_channel_close_is_lost_not_in_flight_for_ever(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(nodes, "CHANNEL_CLOSE_GRACE", 0.2)
+    server = grpc.aio.server()
+    agent_pb2_grpc.add_AgentServicer_to_server(_SlowAgent(), server)  # type: ignore[abstract]
+    old, new = (f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}" for _ in range(2))
+    await server.start()
+    pool = AgentPool(None)
+    registry = NodeRegistry(pool, lambda node, delay: None, pull_deadline=60)
+    try:
+        registry.set_agent("n1", AgentInfo("n1", old, False, expires=1e12, acquired="a"))
+        obs = registry.observation("n1")
+        obs.listed(Inventory([], 0), True)
+        key = ImageKey(IMAGE)
+        registry.submit_pulls(
+            {"n1": [PullItem(IMAGE, False, True, caches=("ns/c",))]}, lambda i: []
+        )
+        await _wait(lambda: obs.pulls[key].phase is OrderPhase.PULLING, "the pull to start")
+        # The same node's agent is now reached at another address: the old channel goes.
+        registry.set_agent("n1", AgentInfo("n1", new, False, expires=1e12, acquired="a"))
+        await _wait(lambda: not obs.pulls[key].in_flight, "the cut pull to end", seconds=5)
+        record = obs.pulls[key]
+        assert record.phase is OrderPhase.FAILED
+        assert record.category == AGENT_UNAVAILABLE
+        assert old in record.message
+    finally:
+        await registry.close()
+        await pool.close()
+        await server.stop(None)
