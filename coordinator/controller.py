@@ -134,6 +134,7 @@ class CacheState:
     """The controller's own record of one cache."""
 
     restart: RestartState
+    uid: str = ""  # the object's: a cache deleted and made again under its name is new
     projection: CacheProjection = field(default_factory=CacheProjection)
     spec: tuple[str, api.CacheSpec | None, str] = ("", None, "")  # version, spec, error
     valid: api.CacheSpec | None = None  # the last valid spec: its Secrets while one is not
@@ -545,9 +546,17 @@ class Controller:
         """The cache as it asks now, turned into its shares of the nodes. Returns the
         view, the controller's record, the spec's error and the Secrets' errors."""
         meta = obj["metadata"]
+        uid = str(meta.get("uid") or "")
         state = self._caches.get(key)
+        if state is not None and state.uid != uid:
+            # Deleted and made again before a reconcile saw it gone (the two events met
+            # in the queue): nothing of the old one (its applied lists, its purge) is
+            # the new one's.
+            self._forget(key)
+            state = None
         if state is None:
-            state = self._caches[key] = CacheState(RestartState.read(obj.get("status") or {}))
+            state = CacheState(RestartState.read(obj.get("status") or {}), uid)
+            self._caches[key] = state
         deleting = bool(meta.get("deletionTimestamp"))
         annotations = meta.get("annotations") or {}
         echo = self.refreshes.seen(
