@@ -22,6 +22,7 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import Any
 
+import urllib3
 from kubernetes import client
 
 from common.wire import AGENT_LEASE_SELECTOR, ENDPOINT_ANNOTATION, NODE_LABEL, TLS_ANNOTATION
@@ -529,7 +530,18 @@ class Controller:
         errors = []
         versions = []
         for name in spec.pull_secrets:
-            secret = self._kube.get_secret(namespace, name)
+            try:
+                secret = self._kube.get_secret(namespace, name)
+            except (client.ApiException, urllib3.exceptions.HTTPError) as err:
+                # Forbidden, or the apiserver failing with none read before: said in the
+                # status (it was an exception that failed every reconcile of the cache,
+                # and the coordinator's start) and asked again with the next reconcile.
+                why = f"{err.status} {err.reason}" if isinstance(err, client.ApiException) else err
+                errors.append(
+                    f"imagePullSecret {name!r} in namespace {namespace!r} cannot be read: {why}"
+                )
+                versions.append(f"{name}=?")
+                continue
             meta = secret.metadata if secret is not None else None
             versions.append(f"{name}={meta.resource_version if meta is not None else '-'}")
             if secret is None:

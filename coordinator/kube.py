@@ -269,6 +269,9 @@ class KubeWriter:
             secret = self._core.read_namespaced_secret(name, namespace)
         except client.ApiException as err:
             if err.status != 404:
+                if cached is not None and err.status is not None and err.status >= 500:
+                    log.warning("reading Secret %s/%s: %s; using the last read", *key, err)
+                    return cached[1]  # the apiserver failing is no news about the Secret
                 raise
             secret = None
         self._secrets[key] = (now, secret)
