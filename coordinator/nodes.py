@@ -424,7 +424,11 @@ class NodeRegistry:
         nothing gather before the node is planned again."""
         obs = self.observation(node)
         client = self._pool.get(agent.endpoint)
-        overall = self._deadline * len(waiting) + 60  # the agent enforces each pull's deadline
+        # The agent enforces each pull's deadline, from when the pull starts there: the
+        # node's earlier batches still running go first, so the limit counts them too
+        # (a batch of one behind a long one was cut, "lost the agent", while it waited).
+        running = sum(1 for record in obs.pulls.values() if record.in_flight)
+        overall = self._deadline * max(len(waiting), running) + 60
         try:
             async for event in client.pull(node, request, limit=overall):
                 key = image_key(event.image)

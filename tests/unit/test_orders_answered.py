@@ -88,3 +88,32 @@ def test_a_cheap_cache_is_replanned_soon_and_a_costly_one_once_a_status_interval
     assert replan_delay(0.010, 1.0) <= NODE_CHANGE_BATCH
     assert replan_delay(0.05, 1.0) == 1.0  # thousands of nodes: no more than its status
     assert replan_delay(0.8, 1.0) == 1.6
+
+
+async def test_a_batch_behind_a_running_one_is_given_time_for_both() -> None:
+    """The agent times each pull from its start; a batch queued there behind another
+    waits for it first, so its stream must not be cut at its own pulls' deadline."""
+    limits: list[float] = []
+
+    class Recording(FakeClient):
+        def pull(self, node: str, request: bytes, limit: float) -> AsyncIterator[Any]:
+            limits.append(limit)
+            return super().pull(node, request, limit)
+
+    gate = asyncio.Event()  # never set: every pull stays running
+    registry = NodeRegistry(
+        FakePool({"a:1": Recording(gate, breaks=False)}),  # type: ignore[arg-type]
+        lambda node, delay: None,
+        pull_deadline=100,
+    )
+    obs = registry.observation("n1")
+    obs.set_agent(AgentInfo("n1", "a:1", False, expires=1e12), 0)
+    obs.listed(Inventory([], 0), True)
+    long = [PullItem(f"r.io/big-{i}:1", False, True) for i in range(10)]
+    registry.submit_pulls({"n1": long}, lambda image: [])
+    await asyncio.sleep(0.02)
+    registry.submit_pulls({"n1": [PullItem("r.io/small:1", False, True)]}, lambda image: [])
+    await asyncio.sleep(0.02)
+    assert limits[0] == 100 * 10 + 60
+    assert limits[1] == 100 * 11 + 60  # its one pull may start only after the ten
+    await registry.close()
