@@ -85,17 +85,23 @@ def disk_refusal(free: int, capacity: int, threshold: DiskThreshold) -> str | No
     )
 
 
+# What orders may share one runtime pull: the image and the credentials it is pulled
+# with (an order with other credentials, say a fixed Secret, must not join a pull that
+# started with the old ones and fail with them).
+_Slot = tuple[str, tuple[Credentials, ...]]
+
+
 class _SharedPull:
     """One runtime pull and the orders waiting on it."""
 
-    def __init__(self, manager: PullManager, key: str, order: PullOrder) -> None:
+    def __init__(self, manager: PullManager, key: _Slot, order: PullOrder) -> None:
         self._manager = manager
         self._key = key
         self._order = order
         self._queues: list[asyncio.Queue[PullEvent]] = []
         self._latest: PullEvent | None = None
         self._last_progress = 0.0
-        self.task = asyncio.create_task(self._run(), name=f"pull {key}")
+        self.task = asyncio.create_task(self._run(), name=f"pull {key[0]}")
 
     def _publish(self, event: PullEvent) -> None:
         self._latest = event
@@ -191,7 +197,7 @@ class PullManager:
         self.min_free_disk = min_free_disk
         self.default_deadline = default_deadline
         self.metrics = metrics or AgentMetrics()
-        self.inflight: dict[str, _SharedPull] = {}
+        self.inflight: dict[_Slot, _SharedPull] = {}
         self._fs: tuple[float, FsUsage] | None = None
 
     async def image_fs(self) -> FsUsage:
@@ -237,9 +243,10 @@ class PullManager:
                 yield await self._finish(order, Phase.ALREADY_PRESENT, present, present.size)
                 return
         before = await self._replaced_candidate(order)
-        shared = self.inflight.get(key)
+        slot = (key, order.credentials)
+        shared = self.inflight.get(slot)
         if shared is None:
-            shared = self.inflight[key] = _SharedPull(self, key, order)
+            shared = self.inflight[slot] = _SharedPull(self, slot, order)
         async for event in shared.events():
             event = replace(event, image=order.image)
             if event.phase == Phase.SUCCEEDED and event.record is not None:

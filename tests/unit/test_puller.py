@@ -21,6 +21,7 @@ class ScriptedRuntime:
     def __init__(self, free: int = 10**9, capacity: int = 10**10) -> None:
         self.images: dict[str, ImageRecord] = {}
         self.pulls: list[str] = []
+        self.logins: list[tuple[str, ...]] = []  # each pull's credentials, by user name
         self.release = asyncio.Event()
         self.fs = FsUsage(used=0, capacity=capacity, available=free)
         self.fail: AgentError | None = None
@@ -42,6 +43,7 @@ class ScriptedRuntime:
         on_progress: ProgressCallback,
     ) -> ImageRecord:
         self.pulls.append(ref)
+        self.logins.append(tuple(c.username for c in credentials))
         on_progress(Progress(0, 100))
         await self.release.wait()
         if self.fail:
@@ -88,6 +90,22 @@ async def test_overlapping_orders_for_one_image_share_one_runtime_pull() -> None
     assert runtime.pulls == ["r.io/a:1"]
     assert a[-1].phase == b[-1].phase == Phase.SUCCEEDED
     assert a[-1].pin == PinState.PINNED  # each order applies its own pin wish
+
+
+async def test_an_order_with_other_credentials_does_not_join_a_running_pull() -> None:
+    """A Secret fixed while a pull with the old one waits or runs on the agent: the order
+    sent again with the new one pulls with it, not with the old one's failure."""
+    runtime = ScriptedRuntime()
+    manager = manager_for(runtime)
+    old = (Credentials("r.io", "old", "wrong"),)
+    new = (Credentials("r.io", "new", "right"),)
+    first = asyncio.create_task(collect(manager, PullOrder("r.io/a:1", credentials=old)))
+    same = asyncio.create_task(collect(manager, PullOrder("r.io/a:1", credentials=old)))
+    fixed = asyncio.create_task(collect(manager, PullOrder("r.io/a:1", credentials=new)))
+    await asyncio.sleep(0.05)
+    runtime.release.set()
+    await asyncio.gather(first, same, fixed)
+    assert sorted(runtime.logins) == [("new",), ("old",)]  # the same credentials shared one
 
 
 async def test_the_cap_queues_pulls_as_waiting() -> None:
