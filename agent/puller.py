@@ -101,6 +101,11 @@ class _SharedPull:
         self._queues: list[asyncio.Queue[PullEvent]] = []
         self._latest: PullEvent | None = None
         self._last_progress = 0.0
+        # What the tag named before, for orders that replace it: retired here, by the
+        # pull, not by the orders, which may be gone by then (a stream cut mid-pull; the
+        # order sent again sees the new content only and had nothing left to retire).
+        self.retire: dict[str, ImageRecord] = {}
+        self.retired = False  # done with them: an order joining later retires its own
         self.task = asyncio.create_task(self._run(), name=f"pull {key[0]}")
 
     def _publish(self, event: PullEvent) -> None:
@@ -160,6 +165,11 @@ class _SharedPull:
                     )
                 m.metrics.pull_duration.observe(time.monotonic() - started)
                 m.metrics.bytes_pulled.inc(record.size)
+            while self.retire:  # orders may join while one is retired
+                _, old = self.retire.popitem()
+                if old.id != record.id:
+                    await m.retire(old, image)
+            self.retired = True
             done = self._latest.bytes_total if self._latest else 0
             self._publish(
                 PullEvent(
@@ -247,11 +257,14 @@ class PullManager:
         shared = self.inflight.get(slot)
         if shared is None:
             shared = self.inflight[slot] = _SharedPull(self, slot, order)
+        if before is not None and not shared.retired:
+            shared.retire.setdefault(before.id, before)
+            before = None
         async for event in shared.events():
             event = replace(event, image=order.image)
             if event.phase == Phase.SUCCEEDED and event.record is not None:
                 if before is not None and before.id != event.record.id:
-                    await self._retire(before, order.image)
+                    await self.retire(before, order.image)  # joined after the pull's own
                 event = await self._finish(order, Phase.SUCCEEDED, event.record, event.bytes_total)
             yield event
 
@@ -266,7 +279,7 @@ class PullManager:
         except (AgentError, InvalidReference):
             return None  # the pull itself will say what is wrong
 
-    async def _retire(self, old: ImageRecord, image: str) -> None:
+    async def retire(self, old: ImageRecord, image: str) -> None:
         """The tag moved: the content it named goes, pin first, unless it is still used.
 
         Best effort: the pull succeeded whatever happens here; what stays is listed."""

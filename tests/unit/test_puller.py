@@ -108,6 +108,64 @@ async def test_an_order_with_other_credentials_does_not_join_a_running_pull() ->
     assert sorted(runtime.logins) == [("new",), ("old",)]  # the same credentials shared one
 
 
+class MovingTagRuntime(ScriptedRuntime):
+    """Each pull of the tag brings new content; the old content loses the tag."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_id: dict[str, ImageRecord] = {}
+        self.removed: list[str] = []
+        self.serial = 0
+
+    async def status(self, ref: str) -> ImageRecord | None:
+        return self.by_id.get(ref) or self.images.get(ref)
+
+    async def pull(
+        self,
+        ref: str,
+        credentials: Sequence[Credentials],
+        deadline: float,
+        on_progress: ProgressCallback,
+    ) -> ImageRecord:
+        self.pulls.append(ref)
+        on_progress(Progress(0, 100))
+        await self.release.wait()
+        self.serial += 1
+        old = self.images.get(ref)
+        if old is not None:  # untagged: only its id names it now
+            self.by_id[old.id] = ImageRecord(old.id, (), (), 100, PinState.UNPINNED)
+        record = ImageRecord(f"sha256:{self.serial}", (ref,), (), 100, PinState.UNPINNED)
+        self.images[ref] = self.by_id[record.id] = record
+        return record
+
+    async def remove(self, ref: str) -> bool:
+        self.removed.append(ref)
+        return self.by_id.pop(ref, None) is not None
+
+
+async def test_a_replacing_pull_retires_the_old_content_though_its_order_is_gone() -> None:
+    """A refresh's stream cut mid-pull (the coordinator restarted): the pull goes on and
+    must still retire what the tag named before; the order sent again finds only the new
+    content and has nothing left to compare."""
+    runtime = MovingTagRuntime()
+    manager = manager_for(runtime)
+    runtime.release.set()
+    await collect(manager, PullOrder("r.io/a:1"))  # the content the tag names first
+    first = runtime.images["r.io/a:1"].id
+    runtime.release.clear()
+    order = PullOrder("r.io/a:1", policy=Policy.ALWAYS, replace=True)
+    cut = asyncio.create_task(collect(manager, order))
+    await asyncio.sleep(0.05)
+    cut.cancel()  # the stream goes; the runtime pull does not
+    await asyncio.sleep(0.01)
+    runtime.release.set()
+    for _ in range(100):
+        if not manager.inflight:
+            break
+        await asyncio.sleep(0.01)
+    assert runtime.removed == [first]
+
+
 async def test_the_cap_queues_pulls_as_waiting() -> None:
     runtime = ScriptedRuntime()
     manager = manager_for(runtime, cap=1)
