@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import docker
@@ -63,6 +64,35 @@ def docker_ref(ref: str) -> str:
 # its clear DeadlineExceeded) always comes first.
 READ_TIMEOUT_SLACK = 5.0
 Responses = list[requests.Response]  # (`list` is also a method of DockerRuntime)
+
+
+def _in_daemon_thread(fn: Callable[[], None], name: str) -> asyncio.Future[None]:
+    """A pull holds a thread for its whole length, so a thread of its own: pulls never
+    queue the Lease renewal, health checks and listings behind them (the default pool
+    has cpus + 4 threads), and a daemon one: the agent stopping does not wait for a
+    pull still waiting on the daemon's first answer (the interpreter's exit waits for
+    every other thread, past the kubelet's grace)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if not done.done():
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+
+    def run() -> None:
+        error: BaseException | None = None
+        try:
+            fn()
+        except BaseException as err:  # handed to the awaiting task, as to_thread does
+            error = err
+        with contextlib.suppress(RuntimeError):  # the loop already closed: nobody waits
+            loop.call_soon_threadsafe(settle, error)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return done
 
 
 def _hang_up(response: requests.Response) -> None:
@@ -187,15 +217,22 @@ class DockerRuntime:
         async def attempt(auth: dict[str, str] | None, left: float) -> None:
             stop = threading.Event()
             held: Responses = []
-            work = asyncio.to_thread(
-                self._pull_blocking, repository, tag, auth, progress, report, stop, left, held
+            work = _in_daemon_thread(
+                functools.partial(
+                    self._pull_blocking, repository, tag, auth, progress, report, stop, left, held
+                ),
+                f"docker-pull {ref}",
             )
             try:
                 await asyncio.wait_for(work, timeout=left)
-            except TimeoutError as err:
+            except (TimeoutError, asyncio.CancelledError) as err:
                 stop.set()
                 for response in held:
                     _hang_up(response)  # the daemon cancels a pull whose client is gone
+                if isinstance(err, asyncio.CancelledError):
+                    # The agent stopping: its thread ends now, not when the pull would
+                    # have (the interpreter's exit waits for every thread).
+                    raise
                 raise AgentError(
                     Category.DEADLINE_EXCEEDED, f"pull of {ref} did not finish within {deadline:g}s"
                 ) from err

@@ -8,6 +8,8 @@ its SDK); the others exercise what only one runtime has (pinning, CRI health...)
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import threading
 import time
 import urllib.request
@@ -21,6 +23,7 @@ from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2
 from kubernetes import client
 
+from agent.server import SHUTDOWN_GRACE
 from common.wire import lease_name
 from protos.fledged.agent.v1 import agent_pb2, agent_pb2_grpc
 from tests.conftest import unique
@@ -272,6 +275,39 @@ def test_a_stalling_registry_hits_the_pull_deadline(testenv: TestEnv, backend: B
         backend.agent.process.wait_until(
             lambda: stall.open_connections == 0, timeout=20, what="the runtime to hang up"
         )
+
+
+def test_a_docker_agent_stops_at_once_with_a_pull_under_way(testenv: TestEnv) -> None:
+    """Docker pulls run in threads; stopping must hang up on them, not wait for the pull
+    (the interpreter's exit waits for every thread): the kubelet would SIGKILL it."""
+    assert testenv.dockerd is not None
+    with RegistryProxy(testenv.registry.host, stall=True) as stall:
+        agent = testenv.start_agent(
+            node_name="docker-stopping",
+            runtime_endpoint=testenv.dockerd.endpoint,
+            runtime="docker",
+            lease=False,
+            name="agent-docker-stopping",
+        )
+        ref = f"{stall.host}/agent/stopping:v1"
+        deadline = duration_pb2.Duration(seconds=120)
+
+        def pull() -> None:
+            with contextlib.suppress(grpc.RpcError):  # the agent going ends the call
+                agent.pull(order(ref, deadline=deadline))
+
+        threading.Thread(target=pull, daemon=True).start()
+        agent.process.wait_until(
+            lambda: stall.open_connections > 0, timeout=30, what="docker to reach the registry"
+        )
+        proc = agent.process.proc
+        assert proc is not None
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=SHUTDOWN_GRACE + 10)
+        finally:
+            agent.process.kill()
+        assert code == 0, agent.process.log_tail()
 
 
 def test_concurrent_orders_for_one_image_share_one_runtime_pull(
