@@ -348,7 +348,7 @@ class CriRuntime:
             record = await self.status(ref)
             if shown(record):
                 return record
-            if time.monotonic() >= ends - 0.1:
+            if time.monotonic() >= ends:
                 log.warning("CRI does not show %s %.1fs after it was made", what, SETTLE_SECONDS)
                 return record
             await asyncio.sleep(delay)
