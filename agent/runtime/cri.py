@@ -98,6 +98,10 @@ def _names(image: api_pb2.Image | ImageRecord) -> set[str]:
     return {*image.repo_tags, *image.repo_digests, image.id}
 
 
+# How close to our deadline a runtime's failure counts as our deadline running out.
+DEADLINE_SLACK = 0.25
+
+
 class CriRuntime:
     def __init__(self, endpoint: str, containerd_namespace: str = "k8s.io") -> None:
         self.endpoint = endpoint
@@ -228,11 +232,11 @@ class CriRuntime:
                 failure = classify_rpc_error(err)
                 # Ours only if our deadline is what ran out: a runtime that gave up on
                 # the registry early (CRI-O's "pinging container registry ...: context
-                # deadline exceeded") said which registry and why; that stays.
-                if (
-                    failure.category == Category.DEADLINE_EXCEEDED
-                    and time.monotonic() >= ends - 0.1
-                ):
+                # deadline exceeded") said which registry and why; that stays. At our
+                # deadline, the runtime's side of it may come first, as a reset stream
+                # ("Stream removed", CANCELLED): that is our deadline too.
+                ran_out = time.monotonic() >= ends - DEADLINE_SLACK
+                if ran_out and failure.category in (Category.DEADLINE_EXCEEDED, Category.INTERNAL):
                     raise AgentError(
                         Category.DEADLINE_EXCEEDED,
                         f"pull of {ref} did not finish within {deadline:g}s",

@@ -38,14 +38,18 @@ class _Images(api_pb2_grpc.ImageServiceServicer):
     """PullImage only: gives up at once as CRI-O does on an unreachable registry, or
     takes longer than any deadline."""
 
-    def __init__(self, hang: bool) -> None:
+    def __init__(self, hang: bool, reset_at: float = 0.0) -> None:
         self.hang = hang
+        self.reset_at = reset_at
 
     async def PullImage(
         self, request: api_pb2.PullImageRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> api_pb2.PullImageResponse:
         if self.hang:
             await asyncio.sleep(30)
+        if self.reset_at:  # the runtime's end of the deadline, a moment before ours
+            await asyncio.sleep(self.reset_at)
+            await context.abort(grpc.StatusCode.CANCELLED, "Stream removed")
         await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, CRIO_GAVE_UP)
         raise AssertionError("abort returns never")
 
@@ -124,6 +128,22 @@ async def test_a_deadline_is_ours_only_when_ours_ran_out(tmp_path: Path, hang: b
             assert failed.value.message == "pull of reg.example/app:v1 did not finish within 0.5s"
         else:
             assert failed.value.message == CRIO_GAVE_UP
+    finally:
+        await runtime.close()
+        await server.stop(None)
+
+
+async def test_a_stream_reset_at_our_deadline_is_our_deadline(tmp_path: Path) -> None:
+    """Seen in CI: containerd reset the stream at the deadline just before the client's
+    own timer fired ("Stream removed", CANCELLED), which read as an Internal failure."""
+    images = _Images(hang=False, reset_at=0.4)  # type: ignore[abstract]  # its other calls are never made
+    server, endpoint = await _serve(tmp_path, None, images)
+    runtime = CriRuntime(endpoint)
+    try:
+        with pytest.raises(AgentError) as failed:
+            await runtime.pull("reg.example/app:v1", [], 0.5, lambda progress: None)
+        assert failed.value.category == Category.DEADLINE_EXCEEDED
+        assert failed.value.message == "pull of reg.example/app:v1 did not finish within 0.5s"
     finally:
         await runtime.close()
         await server.stop(None)
