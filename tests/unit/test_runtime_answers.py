@@ -9,6 +9,8 @@ only those calls: what is tested is the agent's reading of them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -60,9 +62,11 @@ CRIO_GAVE_UP = (
 )
 
 
-async def _serve(
+@contextlib.asynccontextmanager
+async def _runtime(
     tmp_path: Path, servicer: _Version | None, images: _Images | None = None
-) -> tuple[grpc.aio.Server, str]:
+) -> AsyncIterator[CriRuntime]:
+    """The agent's CriRuntime against a stand-in serving only the given calls."""
     server = grpc.aio.server()
     if servicer is not None:
         version_pb2_grpc.add_VersionServicer_to_server(servicer, server)
@@ -71,7 +75,12 @@ async def _serve(
     endpoint = f"unix://{tmp_path}/runtime.sock"
     server.add_insecure_port(endpoint)
     await server.start()
-    return server, endpoint
+    runtime = CriRuntime(endpoint)
+    try:
+        yield runtime
+    finally:
+        await runtime.close()
+        await server.stop(None)
 
 
 @pytest.mark.parametrize("failure", [grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN])
@@ -79,48 +88,31 @@ async def test_a_failed_version_call_is_asked_again(
     tmp_path: Path, failure: grpc.StatusCode
 ) -> None:
     servicer = _Version([failure])
-    server, endpoint = await _serve(tmp_path, servicer)
-    runtime = CriRuntime(endpoint)
-    try:
+    async with _runtime(tmp_path, servicer) as runtime:
         with pytest.raises(AgentError):
             await runtime._pinning()
         assert await runtime._pinning() is True
         assert await runtime._pinning() is True
         assert servicer.calls == 2  # asked again once, then known
-    finally:
-        await runtime.close()
-        await server.stop(None)
 
 
 async def test_no_version_service_means_another_runtime(tmp_path: Path) -> None:
-    server, endpoint = await _serve(tmp_path, None)
-    runtime = CriRuntime(endpoint)
-    try:
+    async with _runtime(tmp_path, None) as runtime:
         assert await runtime._pinning() is False
         assert await runtime._containerd_or_not() is False
-    finally:
-        await runtime.close()
-        await server.stop(None)
 
 
 async def test_a_pull_is_not_failed_by_a_version_call_that_failed(tmp_path: Path) -> None:
     """Byte progress is the only thing a pull wants of it."""
-    server, endpoint = await _serve(tmp_path, _Version([grpc.StatusCode.DEADLINE_EXCEEDED]))
-    runtime = CriRuntime(endpoint)
-    try:
+    async with _runtime(tmp_path, _Version([grpc.StatusCode.DEADLINE_EXCEEDED])) as runtime:
         assert await runtime._containerd_or_not() is False
         assert await runtime._containerd_or_not() is True
-    finally:
-        await runtime.close()
-        await server.stop(None)
 
 
 @pytest.mark.parametrize("hang", [False, True])
 async def test_a_deadline_is_ours_only_when_ours_ran_out(tmp_path: Path, hang: bool) -> None:
     images = _Images(hang)  # type: ignore[abstract]  # its other calls are never made
-    server, endpoint = await _serve(tmp_path, None, images)
-    runtime = CriRuntime(endpoint)
-    try:
+    async with _runtime(tmp_path, None, images) as runtime:
         with pytest.raises(AgentError) as failed:
             await runtime.pull("reg.example/app:v1", [], 0.5, lambda progress: None)
         assert failed.value.category == Category.DEADLINE_EXCEEDED
@@ -128,22 +120,14 @@ async def test_a_deadline_is_ours_only_when_ours_ran_out(tmp_path: Path, hang: b
             assert failed.value.message == "pull of reg.example/app:v1 did not finish within 0.5s"
         else:
             assert failed.value.message == CRIO_GAVE_UP
-    finally:
-        await runtime.close()
-        await server.stop(None)
 
 
 async def test_a_stream_reset_at_our_deadline_is_our_deadline(tmp_path: Path) -> None:
     """Seen in CI: containerd reset the stream at the deadline just before the client's
     own timer fired ("Stream removed", CANCELLED), which read as an Internal failure."""
     images = _Images(hang=False, reset_at=0.4)  # type: ignore[abstract]  # its other calls are never made
-    server, endpoint = await _serve(tmp_path, None, images)
-    runtime = CriRuntime(endpoint)
-    try:
+    async with _runtime(tmp_path, None, images) as runtime:
         with pytest.raises(AgentError) as failed:
             await runtime.pull("reg.example/app:v1", [], 0.5, lambda progress: None)
         assert failed.value.category == Category.DEADLINE_EXCEEDED
         assert failed.value.message == "pull of reg.example/app:v1 did not finish within 0.5s"
-    finally:
-        await runtime.close()
-        await server.stop(None)
