@@ -61,21 +61,15 @@ class AgentConfig:
     log_format: Literal["json", "text"]
     log_level: str
 
-    @property
-    def listen_port(self) -> int:
-        return int(self.listen.rsplit(":", 1)[1])
-
-    @property
-    def endpoint(self) -> str:
-        """host:port the coordinator dials, as published in the Lease."""
+    def endpoint(self, port: int) -> str:
+        """host:port the coordinator dials, as published in the Lease (`port`: the one
+        bound, which --listen may leave to the system). An IPv6 address goes in
+        brackets: unbracketed, gRPC dials it as a bare host on port 443, and no agent
+        of an IPv6 cluster could be reached."""
         host = self.advertise_address or self.listen.rsplit(":", 1)[0]
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
-        return f"{host}:{self.listen_port}"
-
-    @property
-    def tls_enabled(self) -> bool:
-        return bool(self.tls_cert and self.tls_key)
+        return f"{host}:{port}"
 
 
 def _env(flag: str, default: str | None = None) -> str | None:
@@ -123,8 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a(
         "--min-free-disk",
-        default=_env("min-free-disk", "10%"),
-        help="refuse pulls when the image filesystem has less free space (10%%, 5Gi)",
+        default=_env("min-free-disk", "15%"),
+        help="refuse pulls when the image filesystem has less free space (15%%, 5Gi): at or "
+        "above the kubelet's imagefs eviction threshold (15%% by default)",
     )
     a(
         "--default-pull-deadline",

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 from kubernetes import client
@@ -49,6 +51,15 @@ class LeaseRegistrar:
         # A renewal that hangs (a half-open connection) ends by the next one's turn.
         self._call_timeout = max(1.0, min(renew_interval, 10.0))
         self._acquired: datetime | None = None  # when this process took the Lease
+        # A renewal runs in a thread that cancelling its task does not stop: the lock
+        # and the flag keep one from writing the Lease back after `release` deleted it.
+        self._writing = threading.Lock()
+        self._released = False
+        self._written = ""  # the resourceVersion of our last write
+        # A thread of its own: the default pool's threads can all be held by runtime
+        # calls (a hung Docker daemon: each SDK call waits 60 s), and the Lease must be
+        # renewed whatever the runtime does, or the node's agent is taken for gone.
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lease")
 
     def _metadata(self, resource_version: str | None = None) -> client.V1ObjectMeta:
         return client.V1ObjectMeta(
@@ -65,6 +76,11 @@ class LeaseRegistrar:
 
     def renew_once(self) -> None:
         """Creates the Lease or renews it (blocking; run in a thread)."""
+        with self._writing:
+            if not self._released:
+                self._renew()
+
+    def _renew(self) -> None:
         now = datetime.now(UTC)
         taking_over = self._acquired is None
         if self._acquired is None:
@@ -84,18 +100,19 @@ class LeaseRegistrar:
         except client.ApiException as err:
             if err.status != 404:
                 raise
-            self._api.create_namespaced_lease(
+            created = self._api.create_namespaced_lease(
                 self.namespace,
                 client.V1Lease(metadata=self._metadata(), spec=spec),
                 _request_timeout=self._call_timeout,
             )
+            self._written = _version(created)
             log.info(
                 "registered Lease %s/%s for endpoint %s", self.namespace, self.name, self._endpoint
             )
             return
         transitions = (current.spec.lease_transitions or 0) if current.spec else 0
         spec.lease_transitions = transitions + 1 if taking_over else transitions
-        self._api.replace_namespaced_lease(
+        replaced = self._api.replace_namespaced_lease(
             self.name,
             self.namespace,
             client.V1Lease(
@@ -106,13 +123,14 @@ class LeaseRegistrar:
             ),
             _request_timeout=self._call_timeout,
         )
+        self._written = _version(replaced)
 
     async def run(self) -> None:
         """Renews every interval until cancelled; API errors are retried, not fatal."""
         failing = False
         while True:
             try:
-                await asyncio.to_thread(self.renew_once)
+                await asyncio.get_running_loop().run_in_executor(self._thread, self.renew_once)
                 if failing:
                     log.info("Lease renewal works again")
                 failing = False
@@ -123,13 +141,33 @@ class LeaseRegistrar:
             await asyncio.sleep(self._interval)
 
     def release(self) -> None:
-        """Deletes the Lease on shutdown so the coordinator knows at once."""
+        """Deletes the Lease on shutdown so the coordinator knows at once: after any
+        renewal under way, and none after it (a renewal during the server's grace
+        period found the Lease gone and made it again, so the coordinator took the
+        agent for alive for a Lease duration after it exited). Only the Lease as we
+        last wrote it: one a newer agent process of the node took over is its own."""
+        with self._writing:
+            self._released = True
+            written = self._written
+        if not written:
+            return  # never registered
         try:
             self._api.delete_namespaced_lease(
-                self.name, self.namespace, _request_timeout=self._call_timeout
+                self.name,
+                self.namespace,
+                body=client.V1DeleteOptions(
+                    preconditions=client.V1Preconditions(resource_version=written)
+                ),
+                _request_timeout=self._call_timeout,
             )
         except client.ApiException as err:
-            if err.status != 404:
+            if err.status == 409:
+                log.info("Lease %s/%s taken over: left to its holder", self.namespace, self.name)
+            elif err.status != 404:
                 log.warning("could not delete Lease %s/%s: %s", self.namespace, self.name, err)
         except Exception as err:  # the apiserver out of reach: the Lease runs out instead
             log.warning("could not delete Lease %s/%s: %s", self.namespace, self.name, err)
+
+
+def _version(lease: client.V1Lease) -> str:
+    return str(lease.metadata.resource_version or "") if lease.metadata else ""

@@ -290,7 +290,9 @@ class PullManager:
             if now.repo_tags:
                 log.info("%s moved; its old content %s keeps tags %s", image, old.id, now.repo_tags)
                 return
-            if now.pin == PinState.PINNED and not now.pin_owned:
+            if now.pin_foreign:
+                if now.pin_owned:  # ours goes; theirs stays
+                    await self.runtime.set_pinned(old.id, False)
                 log.info("%s moved; its old content %s stays: pinned by another", image, old.id)
                 return
             if await self.runtime.in_use(old.id):

@@ -13,6 +13,8 @@ import logging
 from pathlib import Path
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2_grpc
 from prometheus_client import start_http_server
 
@@ -48,12 +50,63 @@ def server_credentials(cfg: AgentConfig) -> grpc.ServerCredentials | None:
 
 
 def tls_credentials(cert: Path, key: Path, client_ca: Path | None) -> grpc.ServerCredentials:
-    """With `client_ca`, callers must present a certificate it signed (mTLS)."""
-    ca = client_ca.read_bytes() if client_ca is not None else None
-    return grpc.ssl_server_credentials(
-        [(key.read_bytes(), cert.read_bytes())],
-        root_certificates=ca,
-        require_client_auth=ca is not None,
+    """With `client_ca`, callers must present a certificate it signed (mTLS). The files
+    are read again at each new connection's handshake: a certificate the coordinator
+    issued anew (before expiry, or from a new CA) reaches the DaemonSet's mounted Secret
+    within a minute or two and is served from then on, with no restart."""
+    files = CertificateFiles(cert, key, client_ca)
+    return grpc.dynamic_ssl_server_credentials(
+        files.configuration(),
+        files.changed,  # type: ignore[arg-type]  # None means "unchanged" (gRPC's docs)
+        require_client_authentication=client_ca is not None,
+    )
+
+
+class CertificateFiles:
+    """The serving certificate, its key and the client CA, as last loaded."""
+
+    def __init__(self, cert: Path, key: Path, client_ca: Path | None) -> None:
+        self._paths = (cert, key, client_ca)
+        self._loaded = self._read()
+
+    def _read(self) -> tuple[bytes, bytes, bytes | None]:
+        cert, key, ca = self._paths
+        return cert.read_bytes(), key.read_bytes(), ca.read_bytes() if ca is not None else None
+
+    def configuration(self) -> grpc.ServerCertificateConfiguration:
+        cert, key, ca = self._loaded
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+    def changed(self) -> grpc.ServerCertificateConfiguration | None:
+        """gRPC's fetcher: a new configuration if the files changed, else None (kept).
+        Files caught mid-update (unreadable, or a key that is not the certificate's)
+        keep the last good ones until the next handshake."""
+        try:
+            now = self._read()
+        except OSError as err:
+            log.warning("TLS files unreadable (%s); serving the ones loaded before", err)
+            return None
+        if now == self._loaded:
+            return None
+        if not _key_matches(now[0], now[1]):
+            log.warning("TLS certificate and key do not match (mid-update?); not loaded yet")
+            return None
+        self._loaded = now
+        log.info("TLS certificate files changed: serving the new ones")
+        return self.configuration()
+
+
+def _key_matches(cert_pem: bytes, key_pem: bytes) -> bool:
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):
+        return False
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    encoding = serialization.Encoding.PEM
+    return bool(
+        cert.public_key().public_bytes(encoding, public)
+        == key.public_key().public_bytes(encoding, public)
     )
 
 
@@ -76,8 +129,7 @@ async def serve(cfg: AgentConfig, register_lease: bool) -> int:
         server.add_secure_port(cfg.listen, creds) if creds else server.add_insecure_port(cfg.listen)
     )
     await server.start()
-    host = cfg.advertise_address or cfg.listen.rsplit(":", 1)[0]
-    endpoint = f"{host}:{port}"
+    endpoint = cfg.endpoint(port)
     log.info(
         "agent %s for node %s serving on %s (%s, runtime %s at %s)",
         __version__,
@@ -134,7 +186,11 @@ async def serve(cfg: AgentConfig, register_lease: bool) -> int:
     await stopping.wait()
     await health_servicer.enter_graceful_shutdown()
     if registrar is not None:
-        await asyncio.to_thread(registrar.release)
+        renewals = tasks.pop("lease")
+        renewals.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await renewals
+        await asyncio.to_thread(registrar.release)  # after a renewal under way, if any
     await server.stop(SHUTDOWN_GRACE)
     if health_server is not None:
         await health_server.stop(1)

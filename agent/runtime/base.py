@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol, TypeVar
 
+from common.reference import InvalidReference, parse
+
 from ..errors import AgentError, Category
 
 Auth = TypeVar("Auth")
@@ -51,15 +53,29 @@ class ImageRecord:
     repo_digests: tuple[str, ...]
     size: int
     pin: PinState
-    pin_owned: bool = False  # pinned by kube-fledged, not by someone else
+    pin_owned: bool = False  # pinned by kube-fledged (on some record of the image)
+    # Some record carries a pin kube-fledged did not set (containerd's sandbox image,
+    # an operator's `ctr images label`): the content is not ours to remove.
+    pin_foreign: bool = False
 
     def digest_for(self, name: str) -> str:
-        """The repo digest (sha256:...) under repository `name`, or the first one."""
+        """The repo digest (sha256:...) under repository `name` (normalized, as `parse`
+        gives it); "" if the image has none there. Docker lists Docker Hub's
+        repositories short (`nginx@sha256:...`), so each entry is normalized before it
+        is compared: content stored under several repositories has a manifest digest in
+        each, and another repository's is not this one's."""
         for entry in self.repo_digests:
             repo, _, digest = entry.partition("@")
-            if repo == name:
+            if repo == name or _repository(repo) == name:
                 return digest
-        return self.repo_digests[0].partition("@")[2] if self.repo_digests else ""
+        return ""
+
+
+def _repository(repo: str) -> str:
+    try:
+        return parse(repo).name
+    except InvalidReference:
+        return repo
 
 
 @dataclass(frozen=True)

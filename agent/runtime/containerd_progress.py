@@ -107,6 +107,9 @@ class PullProgressTracker:
                 await self.poll_once()
             except grpc.RpcError as err:  # progress is best effort; the pull decides
                 log.debug("progress poll failed: %s", err)
+            except Exception:  # a manifest we cannot read: no byte progress for this pull
+                log.warning("byte progress of %s given up", self._ref, exc_info=True)
+                return
 
     async def poll_once(self) -> None:
         resp = await self._content.ListStatuses(
@@ -221,5 +224,6 @@ async def tracking(tracker: PullProgressTracker | None) -> AsyncIterator[None]:
         yield
     finally:
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        # Whatever became of the tracker, the block's own outcome (the pull's) stands.
+        with contextlib.suppress(asyncio.CancelledError, Exception):
             await task

@@ -8,7 +8,8 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import grpc
 from google.protobuf import empty_pb2, field_mask_pb2
@@ -43,6 +44,7 @@ CALL_TIMEOUT = 30.0
 # At most how long a pin change or an untag waits for CRI to show it (it takes a few
 # milliseconds: CRI catches up from containerd's events).
 SETTLE_SECONDS = 2.0
+IDENTITY_SECONDS = 60.0  # the runtime's identity (containerd's version) is read again after
 
 
 def host_arch() -> str:
@@ -71,7 +73,9 @@ def auth_config(creds: Credentials) -> api_pb2.AuthConfig:
     )
 
 
-def _record(image: api_pb2.Image, pinning: bool, owned: bool = False) -> ImageRecord:
+def _record(
+    image: api_pb2.Image, pinning: bool, owned: bool = False, foreign: bool = False
+) -> ImageRecord:
     if pinning:
         pin = PinState.PINNED if image.pinned else PinState.UNPINNED
     else:
@@ -83,7 +87,29 @@ def _record(image: api_pb2.Image, pinning: bool, owned: bool = False) -> ImageRe
         size=int(image.size),
         pin=pin,
         pin_owned=owned and image.pinned,
+        # a pinned image none of whose pins is known as ours is someone else's
+        pin_foreign=image.pinned and (foreign or not owned),
     )
+
+
+@dataclass(frozen=True)
+class Pins:
+    """containerd's image records carrying the pin label, by who set it."""
+
+    ours: frozenset[str] = frozenset()  # with our owner label too
+    theirs: frozenset[str] = frozenset()
+
+    def of(self, names: set[str]) -> tuple[bool, bool]:
+        return bool(names & self.ours), bool(names & self.theirs)
+
+
+def _pins(records: Iterable[images_pb2.Image]) -> Pins:
+    ours: set[str] = set()
+    theirs: set[str] = set()
+    for image in records:
+        if image.labels.get(PINNED_LABEL) == PINNED_VALUE:
+            (ours if OWNER_LABEL in image.labels else theirs).add(image.name)
+    return Pins(frozenset(ours), frozenset(theirs))
 
 
 def honours_pins(containerd_version: str) -> bool:
@@ -118,31 +144,38 @@ class CriRuntime:
         )
         self._is_containerd: bool | None = None
         self._pins_honoured = False
+        self._identity_at = 0.0  # monotonic: when the runtime's identity was read
 
     async def close(self) -> None:
         await self._channel.close()
 
     async def _containerd(self) -> bool:
-        """Whether containerd's own services answer on this socket (asked once)."""
-        if self._is_containerd is None:
-            try:
-                version = await self._ctr_version.Version(empty_pb2.Empty(), timeout=5)
-                self._is_containerd = True
-                self._pins_honoured = honours_pins(version.version)
-                if not self._pins_honoured:
-                    log.warning(
-                        "containerd %s: its CRI ignores pin labels (1.7 or newer pins); "
-                        "images are pulled but not pinned",
-                        version.version,
-                    )
-            except grpc.RpcError as err:
-                # Only "no such service" says it is another runtime (CRI-O, cri-dockerd).
-                # Anything else (a busy node's timeout at boot) is asked again next time:
-                # taken for an answer, it would turn pins and safe untags off for good.
-                if err.code() != grpc.StatusCode.UNIMPLEMENTED:
-                    raise classify_rpc_error(err) from err
-                self._is_containerd = False
-        return self._is_containerd
+        """Whether containerd's own services answer on this socket, and whether its CRI
+        honours pins. Asked again after IDENTITY_SECONDS: a runtime upgraded in place
+        (containerd 1.6 to 1.7 under a running agent) pins from then on."""
+        now = time.monotonic()
+        if self._is_containerd is not None and now - self._identity_at < IDENTITY_SECONDS:
+            return self._is_containerd
+        try:
+            version = await self._ctr_version.Version(empty_pb2.Empty(), timeout=5)
+        except grpc.RpcError as err:
+            # Only "no such service" says it is another runtime (CRI-O, cri-dockerd).
+            # Anything else (a busy node's timeout at boot) is asked again next time:
+            # taken for an answer, it would turn pins and safe untags off for good.
+            if err.code() == grpc.StatusCode.UNIMPLEMENTED:
+                self._is_containerd, self._identity_at = False, now
+            elif self._is_containerd is None:
+                raise classify_rpc_error(err) from err
+            return self._is_containerd  # what we knew stands meanwhile
+        honoured = honours_pins(version.version)
+        if not honoured and (self._pins_honoured or self._is_containerd is None):
+            log.warning(
+                "containerd %s: its CRI ignores pin labels (1.7 or newer pins); "
+                "images are pulled but not pinned",
+                version.version,
+            )
+        self._is_containerd, self._pins_honoured, self._identity_at = True, honoured, now
+        return True
 
     async def _containerd_or_not(self) -> bool:
         """For what only byte progress needs: not knowing yet must not fail a pull."""
@@ -183,8 +216,9 @@ class CriRuntime:
             return _record(resp.image, False)
         if not resp.image.pinned:  # only a pinned image can have our pin: skip the lookup
             return _record(resp.image, True)
-        owned = await self._owned_records()
-        return _record(resp.image, True, bool(_names(resp.image) & owned))
+        names = _names(resp.image)
+        records = await asyncio.gather(*(self._ctr_record(name) for name in names))
+        return _record(resp.image, True, *_pins(r for r in records if r is not None).of(names))
 
     async def list(self) -> list[ImageRecord]:
         try:
@@ -193,20 +227,34 @@ class CriRuntime:
             raise classify_rpc_error(err) from err
         if not await self._pinning():
             return [_record(image, False) for image in resp.images]
-        owned = await self._owned_records()
-        return [_record(image, True, bool(_names(image) & owned)) for image in resp.images]
+        pins = await self._pinned_records()
+        return [_record(image, True, *pins.of(_names(image))) for image in resp.images]
 
-    async def _owned_records(self) -> set[str]:
-        """Names of the containerd image records whose pin kube-fledged set."""
+    async def _pinned_records(self) -> Pins:
+        """Every containerd image record that carries the pin label, ours or not."""
         try:
             resp = await self._ctr_images.List(
-                images_pb2.ListImagesRequest(filters=[f'labels."{OWNER_LABEL}"']),
+                images_pb2.ListImagesRequest(filters=[f'labels."{PINNED_LABEL}"']),
                 metadata=self._metadata,
                 timeout=CALL_TIMEOUT,
             )
         except grpc.RpcError as err:
             raise classify_rpc_error(err) from err
-        return {image.name for image in resp.images}
+        return _pins(resp.images)
+
+    async def _ctr_record(self, name: str) -> images_pb2.Image | None:
+        """One containerd image record (a tag, a digest reference or an id), if any.
+        An image's own records are looked up by name: listing every pinned record for
+        each image asked about grew with the node's pins (a refresh asks of each)."""
+        try:
+            resp = await self._ctr_images.Get(
+                images_pb2.GetImageRequest(name=name), metadata=self._metadata, timeout=10
+            )
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise classify_rpc_error(err) from err
+        return resp.image
 
     async def pull(
         self,
@@ -258,9 +306,10 @@ class CriRuntime:
         record = await self.status(ref)
         if record is None:
             return False
-        if record.pin == PinState.PINNED and not record.pin_owned:
+        if record.pin_foreign:
             # containerd pins its sandbox image: removed (or untagged), every new pod on
-            # an air-gapped node would fail. The kubelet's GC spares pins; so do we.
+            # an air-gapped node would fail. The kubelet's GC spares pins; so do we,
+            # though we pinned the same content under another name too.
             raise AgentError(
                 Category.INTERNAL,
                 f"{ref} not removed: it is pinned by someone else (containerd pins its "
@@ -361,18 +410,18 @@ class CriRuntime:
     async def _label(self, name: str, pinned: bool) -> bool:
         """Sets or lifts our pin on one record: whether it carries the pin label after
         (someone else's included; a record gone carries none)."""
-        try:
-            image = (
-                await self._ctr_images.Get(
-                    images_pb2.GetImageRequest(name=name), metadata=self._metadata, timeout=10
-                )
-            ).image
-        except grpc.RpcError as err:
-            if err.code() == grpc.StatusCode.NOT_FOUND:
-                return False
-            raise classify_rpc_error(err) from err
-        if (OWNER_LABEL in image.labels) == pinned:
-            return image.labels.get(PINNED_LABEL) == PINNED_VALUE
+        image = await self._ctr_record(name)
+        if image is None:
+            return False
+        owned = OWNER_LABEL in image.labels
+        carries = image.labels.get(PINNED_LABEL) == PINNED_VALUE
+        if pinned and carries:
+            return True  # ours, or someone else's that stays theirs (never taken over)
+        if not pinned and not owned:
+            return carries  # someone else's pin, or none: not ours to lift
+        # Pinning where the pin label is missing, our owner label or not: that is also
+        # a pin lifted by hand (`ctr images label X io.cri-containerd.pinned=`), to be
+        # put back or the kubelet may collect the image.
         if pinned:
             image.labels[PINNED_LABEL] = PINNED_VALUE
             image.labels[OWNER_LABEL] = "true"

@@ -7,6 +7,7 @@ its SDK); the others exercise what only one runtime has (pinning, CRI health...)
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -23,8 +24,10 @@ from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2
 from kubernetes import client
 
+from agent.runtime.cri import OWNER_LABEL
 from agent.server import SHUTDOWN_GRACE
 from common.wire import lease_name
+from coordinator.agents import AgentPool
 from protos.fledged.agent.v1 import agent_pb2, agent_pb2_grpc
 from tests.conftest import unique
 from tests.testenv import AUTH_PASSWORD, AUTH_USER, PushedImage, TestEnv
@@ -444,6 +447,41 @@ def test_each_pin_change_answers_what_cri_shows_next(
             assert status.pinned
 
 
+def test_a_pin_label_stripped_by_hand_is_put_back(
+    testenv: TestEnv, agents: dict[str, AgentProcess]
+) -> None:
+    """`ctr images label X io.cri-containerd.pinned=` lifts the pin but leaves our owner
+    label: the agent took the owner label for the pin in place, answered UNPINNED to
+    every pin order, and the kubelet's image GC could take the image."""
+    image = testenv.registry_client().push_image(unique("agent/pin-stripped"), "v1")
+    agent = agents["node-1"]
+    assert final(agent.pull(order(image.ref, pin=True)), image.ref).pin == A.PIN_STATE_PINNED
+    with NodeRuntime(testenv.nodes[0].runtime_endpoint) as cri:
+
+        def strip() -> None:
+            records = cri.records()
+            assert records[image.ref].get(PINNED_LABEL) == "pinned"
+            for name in (image.ref, image.digest_ref, image.config_digest):
+                if PINNED_LABEL in records.get(name, {}):
+                    cri.set_label(name, PINNED_LABEL, None)
+            _until_cri_shows(cri, image.ref, pinned=False)
+
+        strip()
+        resp = agent.call("SetPinned", A.SetPinnedRequest(images=[image.ref], pinned=True))
+        assert [r.pin for r in resp.results] == [A.PIN_STATE_PINNED]  # type: ignore[attr-defined]
+        status = cri.status(image.ref)
+        assert status is not None
+        assert status.pinned
+        # ... and so does a pull's pin order for an image already present
+        strip()
+        again = final(agent.pull(order(image.ref, pin=True)), image.ref)
+        assert (again.phase, again.pin) == (A.PHASE_ALREADY_PRESENT, A.PIN_STATE_PINNED)
+        status = cri.status(image.ref)
+        assert status is not None
+        assert status.pinned
+        assert cri.records()[image.ref].get(PINNED_LABEL) == "pinned"
+
+
 def test_containerd_1_6_pulls_but_does_not_claim_pins(testenv: TestEnv) -> None:
     """Debian 12's containerd 1.6: its CRI ignores the pin label, so the agent says
     pinning is unsupported there rather than pinning in vain (answered UNPINNED, while
@@ -480,6 +518,36 @@ def test_a_pin_set_by_someone_else_is_never_lifted(
         mine = [i for i in listed.images if i.id == image.config_digest]  # type: ignore[attr-defined]
         assert mine[0].pin == A.PIN_STATE_PINNED
         assert not mine[0].pinned_by_fledged
+
+
+def test_someone_elses_pin_on_content_we_pinned_too_stays_theirs(
+    testenv: TestEnv, agents: dict[str, AgentProcess]
+) -> None:
+    """The same content under our name and under a name someone else pinned (containerd
+    pulling its sandbox image from a mirror): a pin order took their record over (our
+    owner label added), so dropping the image later lifted their pin, and a removal
+    deleted their record with ours (RemoveImage takes every name of the content)."""
+    registry = testenv.registry_client()
+    repository = unique("agent/shared-pin")
+    ours = registry.push_image(repository, "ours", seed=repository)
+    theirs = registry.push_image(repository + "-mirror", "theirs", seed=repository)
+    assert ours.config_digest == theirs.config_digest
+    agent = agents["node-2"]
+    assert final(agent.pull(order(ours.ref, pin=True)), ours.ref).pin == A.PIN_STATE_PINNED
+    with NodeRuntime(testenv.nodes[1].runtime_endpoint) as cri:
+        cri.pull(theirs.ref)
+        cri.set_label(theirs.ref, PINNED_LABEL, "pinned")
+        resp = agent.call("SetPinned", A.SetPinnedRequest(images=[ours.ref], pinned=True))
+        assert [r.pin for r in resp.results] == [A.PIN_STATE_PINNED]  # type: ignore[attr-defined]
+        assert OWNER_LABEL not in cri.records()[theirs.ref]
+        resp = agent.call("SetPinned", A.SetPinnedRequest(images=[ours.ref], pinned=False))
+        assert [r.pin for r in resp.results] == [A.PIN_STATE_PINNED]  # type: ignore[attr-defined]
+        assert cri.records()[theirs.ref].get(PINNED_LABEL) == "pinned"
+        assert cri.records()[ours.ref].get(PINNED_LABEL) is None  # ours is lifted
+        resp = agent.call("RemoveImages", A.RemoveImagesRequest(images=[ours.ref]))
+        assert "pinned by someone else" in resp.results[0].error_message  # type: ignore[attr-defined]
+        assert cri.status(theirs.ref) is not None
+        assert cri.records()[theirs.ref].get(PINNED_LABEL) == "pinned"
 
 
 def _until_cri_shows(cri: NodeRuntime, ref: str, pinned: bool) -> None:
@@ -705,6 +773,43 @@ def test_a_renewal_caught_on_a_silent_connection_ends_and_the_next_one_renews(
         relay.stop()
 
 
+def test_an_agent_on_an_ipv6_pod_address_publishes_an_endpoint_the_coordinator_dials(
+    testenv: TestEnv,
+) -> None:
+    """The chart advertises status.podIP, a bare IPv6 address on IPv6 clusters: the Lease
+    said `::1:PORT`, which gRPC dials as the host `::1:PORT` on port 443, so no agent of
+    such a cluster could be reached."""
+    node = unique("v6-node")
+    agent = testenv.start_agent(
+        node_name=node,
+        runtime_endpoint=testenv.nodes[0].runtime_endpoint,
+        extra_args=("--listen=[::]:0", "--advertise-address=::1"),
+        wait_serving=False,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        endpoint = None
+        while endpoint is None:
+            assert time.monotonic() < deadline, "the agent never published its Lease"
+            try:
+                meta, _ = read_lease(testenv, node)
+                endpoint = (meta.annotations or {})["kubefledged.io/agent-endpoint"]
+            except client.ApiException:
+                time.sleep(0.2)
+        assert endpoint.startswith("[::1]:")
+
+        async def listed() -> int:
+            pool = AgentPool(None)
+            try:
+                return len((await pool.get(endpoint).list_images(node)).images)
+            finally:
+                await pool.close()
+
+        assert asyncio.run(listed()) >= 0  # answered through the published endpoint
+    finally:
+        agent.stop()
+
+
 def test_a_stopped_agent_deletes_its_lease(testenv: TestEnv) -> None:
     agent = testenv.start_agent(testenv.nodes[0], node_name="lease-check", name="agent-lease")
     api = client.CoordinationV1Api(testenv.api_client())
@@ -716,6 +821,44 @@ def test_a_stopped_agent_deletes_its_lease(testenv: TestEnv) -> None:
     agent.stop()
     with pytest.raises(client.ApiException) as err:
         api.read_namespaced_lease("fledged-agent-lease-check", AGENT_NAMESPACE)
+    assert err.value.status == 404
+
+
+def test_an_agent_stopping_with_a_pull_under_way_does_not_renew_its_lease_back(
+    testenv: TestEnv,
+) -> None:
+    """With a pull stream open the server's stop waits out its grace period; the
+    renewals went on meanwhile, found the deleted Lease gone and made it again: the
+    coordinator took the exited agent for alive for a Lease duration."""
+    node = unique("lease-grace")
+    api = client.CoordinationV1Api(testenv.api_client())
+    with RegistryProxy(testenv.registry.host, stall=True) as stall:
+        agent = testenv.start_agent(testenv.nodes[0], node_name=node, name=f"agent-{node}")
+        agent.process.wait_until(
+            lambda: api.read_namespaced_lease(lease_name(node), AGENT_NAMESPACE) is not None,
+            timeout=10,
+            what="Lease created",
+        )
+        deadline = duration_pb2.Duration(seconds=120)
+        ref = f"{stall.host}/agent/lease-grace:v1"
+
+        def pull() -> None:
+            with contextlib.suppress(grpc.RpcError):  # the agent going ends the call
+                agent.pull(order(ref, deadline=deadline))
+
+        threading.Thread(target=pull, daemon=True).start()
+        agent.process.wait_until(
+            lambda: stall.open_connections > 0, timeout=30, what="the pull to reach the registry"
+        )
+        proc = agent.process.proc
+        assert proc is not None
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=SHUTDOWN_GRACE + 10)
+        finally:
+            agent.process.kill()
+    with pytest.raises(client.ApiException) as err:
+        api.read_namespaced_lease(lease_name(node), AGENT_NAMESPACE)
     assert err.value.status == 404
 
 

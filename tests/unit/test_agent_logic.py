@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from agent.config import DiskThreshold, parse_args
 from agent.errors import Category, classify_message
 from agent.puller import disk_refusal
-from agent.runtime import Credentials
-from agent.runtime.containerd_progress import manifest_blobs, pick_platform_manifest
+from agent.runtime import Credentials, ImageRecord, PinState
+from agent.runtime.containerd_progress import (
+    PullProgressTracker,
+    manifest_blobs,
+    pick_platform_manifest,
+    tracking,
+)
 from agent.runtime.cri import auth_config, honours_pins
 from agent.runtime.docker import LayerProgress, docker_ref
+from common.reference import parse
 from common.units import parse_duration, parse_size
 
 
@@ -184,3 +192,44 @@ def test_docker_refs_drop_the_tag_when_a_digest_pins_the_content() -> None:
     digest = "sha256:" + "b" * 64
     assert docker_ref(f"r.io/a:v1@{digest}") == f"r.io/a@{digest}"
     assert docker_ref("r.io/a:v1") == "r.io/a:v1"
+
+
+def test_the_answers_digest_is_the_one_of_the_ordered_repository() -> None:
+    """Docker lists Docker Hub repositories short (`nginx@...`); content under several
+    repositories has a manifest digest in each, and the order's own is the one to report
+    (it was the first listed, whatever its repository); another's is none."""
+    record = ImageRecord(
+        "sha256:" + "c" * 64,
+        ("bitnami/nginx:1", "nginx:1"),
+        ("bitnami/nginx@sha256:" + "a" * 64, "nginx@sha256:" + "b" * 64),
+        100,
+        PinState.UNSUPPORTED,
+    )
+    assert record.digest_for("docker.io/library/nginx") == "sha256:" + "b" * 64
+    assert record.digest_for("docker.io/bitnami/nginx") == "sha256:" + "a" * 64
+    assert record.digest_for("registry.example/other") == ""  # none there
+
+
+class _BrokenTracker(PullProgressTracker):
+    """Fails as a manifest without a `digest` entry made the real one fail."""
+
+    def __init__(self) -> None:
+        super().__init__(None, (), parse("r.io/a:1"), "amd64", lambda p: None, 0.001)  # type: ignore[arg-type]
+
+    async def poll_once(self) -> None:
+        raise KeyError("digest")
+
+
+async def test_a_progress_tracker_that_fails_leaves_the_pull_its_own_outcome() -> None:
+    """Byte progress is best effort: a tracker that raised anything but an RpcError
+    replaced the pull's outcome (a success reported as an Internal failure)."""
+    async with tracking(_BrokenTracker()):
+        await asyncio.sleep(0.05)  # the tracker fails meanwhile
+
+    async def failing_pull() -> None:
+        async with tracking(_BrokenTracker()):
+            await asyncio.sleep(0.05)
+            raise ValueError("the pull's own failure")
+
+    with pytest.raises(ValueError, match="the pull's own"):
+        await failing_pull()

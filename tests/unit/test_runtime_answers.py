@@ -1,5 +1,5 @@
 """How the agent reads its runtime's answers. Which runtime answers on the socket is
-read once from containerd's Version service.
+read from containerd's Version service (again every minute: an upgrade in place).
 Only "no such service" means another runtime; a failed call (a busy node's timeout at
 boot) must be asked again, not cached as "not containerd" for the agent's life (that
 turned pins and safe untags off until a restart). A pull the runtime gave up early
@@ -17,6 +17,7 @@ import grpc
 import pytest
 
 from agent.errors import AgentError, Category
+from agent.runtime import cri
 from agent.runtime.cri import CriRuntime
 from protos.containerd.services.version.v1 import version_pb2, version_pb2_grpc
 from protos.cri.runtime.v1 import api_pb2, api_pb2_grpc
@@ -131,3 +132,36 @@ async def test_a_stream_reset_at_our_deadline_is_our_deadline(tmp_path: Path) ->
             await runtime.pull("reg.example/app:v1", [], 0.5, lambda progress: None)
         assert failed.value.category == Category.DEADLINE_EXCEEDED
         assert failed.value.message == "pull of reg.example/app:v1 did not finish within 0.5s"
+
+
+class _Upgraded(_Version):
+    """containerd 1.6, then down for its upgrade, then 1.7."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+        self.answers: list[str | grpc.StatusCode] = [
+            "v1.6.20",
+            grpc.StatusCode.UNAVAILABLE,
+            "v1.7.24",
+        ]
+
+    async def Version(
+        self, request: object, context: grpc.aio.ServicerContext[object, object]
+    ) -> version_pb2.VersionResponse:
+        self.calls += 1
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if isinstance(answer, grpc.StatusCode):
+            await context.abort(answer, "restarting")
+        return version_pb2.VersionResponse(version=str(answer))
+
+
+async def test_a_runtime_upgraded_in_place_is_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The identity was read once for the agent's life: after containerd went from 1.6
+    to 1.7 under a running agent, nothing was pinned until the agent restarted."""
+    monkeypatch.setattr(cri, "IDENTITY_SECONDS", 0.0)
+    async with _runtime(tmp_path, _Upgraded()) as runtime:
+        assert await runtime._pinning() is False  # 1.6
+        assert await runtime._pinning() is False  # down: what was known stands
+        assert await runtime._pinning() is True  # 1.7
