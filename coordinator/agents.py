@@ -3,6 +3,7 @@ configured. Thin: requests in, responses and event streams out."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterable, Sequence
 from dataclasses import dataclass
@@ -127,6 +128,12 @@ class AgentPool:
         if agent is None:
             agent = self._clients[endpoint] = AgentClient(endpoint, self._tls)
         return agent
+
+    async def reset(self, grace: float = 30.0) -> None:
+        """Every channel goes (calls under way get `grace` seconds); the next `get` of
+        an endpoint dials anew, with the credentials' files as they are then."""
+        clients, self._clients = list(self._clients.values()), {}
+        await asyncio.gather(*(agent.close(grace) for agent in clients))
 
     async def close(self) -> None:
         for agent in list(self._clients.values()):

@@ -142,6 +142,13 @@ class CacheState:
     cost: float = 0.0  # seconds its last reconcile took on the event loop
     answered: bool = False  # its last pull order was answered: project at once
     done: bool = False  # no pair open when last projected: more of that is no news
+    generation: tuple[int, float] = (0, 0.0)  # the spec's, and when first seen here
+
+    def edited(self, generation: int) -> float:
+        """When this process first saw `generation` (wall clock)."""
+        if self.generation[0] != generation:
+            self.generation = (generation, time.time())
+        return self.generation[1]
 
 
 class Controller:
@@ -330,8 +337,22 @@ class Controller:
         for node, obj in self.nodes.store.items():
             self.desired.set_node(node, obj["metadata"].get("labels") or NO_LABELS)
         for key, obj in list(self.caches.store.items()):
-            if self.caches.store.get(key) is obj:
+            if self.caches.store.get(key) is not obj:
+                continue
+            try:
                 await self._share(key, obj)
+            except Exception:  # one cache's trouble must not keep every other one unserved
+                log.exception("%s: cannot make its shares at start; its reconcile retries", key)
+                # Meanwhile it holds what it last applied, as an invalid spec does.
+                restart = RestartState.read(obj.get("status") or {})
+                held = CacheView(
+                    key=key,
+                    generation=int(obj["metadata"].get("generation") or 0),
+                    spec=None,
+                    applied=restart.applied,
+                    purged_generation=restart.purged_generation,
+                )
+                self._apply(self.desired.set_cache(held))
 
     async def _worker(self, index: int) -> None:
         while True:
@@ -392,9 +413,24 @@ class Controller:
             every = self._config.refresh_every
             if every > 0 and now - last_refresh >= every:
                 last_refresh = now
-                self.refreshes.timer(self.caches.store, now)
-                for key in self.caches.store:
-                    self.queue.add((CACHE, key))
+                self.refresh_all(now)
+
+    def refresh_all(self, now: float) -> None:
+        """--image-cache-refresh-frequency: every cache refreshes, but a purged one (or
+        one being purged), as kube-fledged's refresh worker skips it: the timer undid
+        every purge within a period, pulling and pinning it all back."""
+        keys = [key for key, obj in self.caches.store.items() if not self._purged(key, obj)]
+        self.refreshes.timer(keys, now)
+        for key in keys:
+            self.queue.add((CACHE, key))
+
+    def _purged(self, key: str, obj: Obj) -> bool:
+        meta = obj["metadata"]
+        if api.PURGE_ANNOTATION in (meta.get("annotations") or {}):
+            return True
+        state = self._caches.get(key)
+        restart = state.restart if state is not None else RestartState.read(obj.get("status") or {})
+        return restart.purged_generation == int(meta.get("generation") or 0)
 
     # -- nodes -----------------------------------------------------------------------
 
@@ -416,6 +452,8 @@ class Controller:
         observation = self._registry.observations.get(node)
         previous = self._results.get(node)
         result = plan_node(node, desired, observation, self._config.settings, now, previous)
+        if observation is not None and len(observation.pulls) > len(result.pairs):
+            observation.pulls_forgotten(desired.items)
         self._results[node] = result
         self._dispatch(node, desired, result)
         self._registry.slots.wait(node, result.queued)
@@ -598,6 +636,7 @@ class Controller:
             purge=api.PURGE_ANNOTATION in annotations,
             purged_generation=restart.purged_generation,
             refresh_since=self.refreshes.since(key),
+            edited=state.edited(int(meta.get("generation") or 0)),
             credentials=credentials,
             auths=tuple(auths),
         )

@@ -38,6 +38,9 @@ class CacheView:
     purge: bool = False
     purged_generation: int | None = None
     refresh_since: float | None = None
+    # When this process first saw the spec's generation: pulls that failed for good
+    # before it are tried once more (an edit, or a cache made anew, is worth a try).
+    edited: float | None = None
     # The pull Secrets as they are now (names and versions): a pull refused as
     # Unauthorized with other credentials is tried again.
     credentials: str = ""
@@ -149,6 +152,7 @@ class Desire:
     remove: bool = False
     wave: int | None = None  # the largest wave size of the caches wanting it; None: none
     refresh_since: float | None = None  # the latest refresh asked by a cache wanting it
+    edited: float | None = None  # the latest edit of a cache wanting it (CacheView.edited)
     credentials: str = ""  # the wanting caches' pull Secrets (names and versions)
     auths: tuple[RegistryAuth, ...] = ()
     caches: tuple[str, ...] = ()  # the caches wanting it
@@ -185,6 +189,8 @@ def merge(shares: tuple[tuple[str, Share], ...], default_wave: int | None) -> No
             desire.pin = desire.pin or pin
             if view.refresh_since is not None:
                 desire.refresh_since = max(desire.refresh_since or 0.0, view.refresh_since)
+            if view.edited is not None:
+                desire.edited = max(desire.edited or 0.0, view.edited)
             if view.credentials:
                 credentials.setdefault(key, set()).add(view.credentials)
             desire.auths += view.auths

@@ -57,30 +57,35 @@ class NodeGate:
         self._wanted = wanted
         self._observation = observation
         self._cache = cache
-        self.gated: dict[str, float] = {}  # node -> its creation time
-        # Released by this process: counted at once, not when the Node's annotation
-        # comes back through the watch (a status written between would count it nowhere).
-        self.released: set[str] = set()
+        self.gated: dict[str, tuple[float, str]] = {}  # node -> its creation time, uid
+        # Released by this process (node -> the Node's uid): counted at once, not when
+        # the Node's annotation comes back through the watch (a status written between
+        # would count it nowhere).
+        self.released: dict[str, str] = {}
 
     def saw_node(self, name: str, obj: Obj | None) -> bool:
         """A Node appeared, changed or went: whether it waits behind the taint now."""
         taints = ((obj or {}).get("spec") or {}).get("taints") or []
-        if obj is None:
-            self.released.discard(name)
+        uid = str(((obj or {}).get("metadata") or {}).get("uid") or "")
+        if obj is None or self.released.get(name, uid) != uid:
+            # Gone, or made anew under its name (a relist after a broken watch shows a
+            # delete and re-create as one update): it starts over.
+            self.released.pop(name, None)
         # A node released here is not gated again: a watch event of a version from
         # before our patch (the kubelet writes its Node status all the time) still shows
         # the taint. The gate is for a node's start; a Node made anew starts over.
         if obj is None or name in self.released or not has_taint(taints, self.taint):
             self.gated.pop(name, None)
             return False
-        self.gated[name] = created_at(obj)
+        self.gated[name] = (created_at(obj), uid)
         return True
 
     def check(self, name: str, now: float) -> Decision | None:
         """None for a node that does not wait (any more)."""
-        created = self.gated.get(name)
-        if created is None:
+        gated = self.gated.get(name)
+        if gated is None:
             return None
+        created = gated[0]
         obs = self._observation(name)
         return decide(
             self._wanted(name),
@@ -96,11 +101,16 @@ class NodeGate:
         """Removes the taint (our key only) and says why, on the Node and, for a release
         with images missing, on each cache that selects them there."""
         annotation = (GATE_RELEASED_ANNOTATION, f"{decision.verdict.value} at {now_iso()}")
-        node = await asyncio.to_thread(self._kube.release_node, name, self.taint, annotation)
-        self.gated.pop(name, None)
+        gated = self.gated.get(name)
+        if gated is None:
+            return
+        uid = gated[1]
+        node = await asyncio.to_thread(self._kube.release_node, name, uid, self.taint, annotation)
+        if self.gated.get(name) == gated:
+            del self.gated[name]
         if node is None:
-            return  # gone, or someone else removed the taint first
-        self.released.add(name)
+            return  # gone or made anew, or someone else removed the taint first
+        self.released[name] = uid
         text = message(decision, self._deadline_text)
         reason = EVENT_REASONS[decision.verdict]
         kind = "Normal" if decision.verdict is Verdict.READY else "Warning"

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, cast
 
+import urllib3
 from kubernetes import client, watch
 
 from .api import GATE_RELEASED_ANNOTATION, GROUP, PLURAL, VERSION
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 
 Obj = dict[str, Any]
 SECRET_TTL = 10.0  # seconds a pull Secret read is reused
+SECRET_KEEP = 600.0  # seconds a read is kept in memory at most (the last read, for 5xx)
 LIST_PAGE = 500  # objects per list request (client-go's informers list 500 at a time)
 WATCH_SECONDS = 240  # the apiserver ends a watch after this long (a new one follows)
 Handler = Callable[[str, Obj | None, Obj | None], None]  # key, old, new
@@ -223,6 +225,15 @@ def _call(fn: Callable[..., Any], *args: Any) -> None:
     fn(*args)
 
 
+def _unavailable(err: Exception) -> bool:
+    """The apiserver could not answer (5xx, throttled by priority and fairness, a
+    timeout or a broken connection): no news about what was asked. Refusals (403) and
+    other answers are news."""
+    if isinstance(err, client.ApiException):
+        return err.status is not None and (err.status >= 500 or err.status == 429)
+    return True
+
+
 class KubeWriter:
     """The coordinator's writes: status, metadata patches, Events; and Secret reads."""
 
@@ -267,21 +278,29 @@ class KubeWriter:
             return cached[1]
         try:
             secret = self._core.read_namespaced_secret(name, namespace)
-        except client.ApiException as err:
-            if err.status != 404:
-                if cached is not None and err.status is not None and err.status >= 500:
-                    log.warning("reading Secret %s/%s: %s; using the last read", *key, err)
-                    return cached[1]  # the apiserver failing is no news about the Secret
+        except (client.ApiException, urllib3.exceptions.HTTPError) as err:
+            if isinstance(err, client.ApiException) and err.status == 404:
+                secret = None
+            elif cached is not None and _unavailable(err):
+                log.warning("reading Secret %s/%s: %s; using the last read", *key, err)
+                return cached[1]  # the apiserver failing is no news about the Secret
+            else:
                 raise
-            secret = None
         self._secrets[key] = (now, secret)
+        if len(self._secrets) > 1:  # Secrets no cache asked for in a while go (credentials)
+            for old in [k for k, (at, _) in self._secrets.items() if now - at > SECRET_KEEP]:
+                del self._secrets[old]
         return secret
 
-    def release_node(self, name: str, taint: str, annotation: tuple[str, str]) -> Obj | None:
+    def release_node(
+        self, name: str, uid: str, taint: str, annotation: tuple[str, str]
+    ) -> Obj | None:
         """Removes every taint with key `taint` from the Node (no other), annotating it
         in the same write. Conditional on the version read, so a taint another client
-        adds meanwhile is never dropped: on a conflict, read again. Returns the Node as
-        it was (for its Events), None if it is gone or the taint was gone already."""
+        adds meanwhile is never dropped: on a conflict, read again. Only the Node the
+        decision was about (`uid`): one made anew under its name starts gated. Returns
+        the Node as it was (for its Events), None if it is gone or the taint was gone
+        already."""
         for _ in range(5):
             try:
                 node = self._core.read_node(name)
@@ -290,6 +309,8 @@ class KubeWriter:
                     return None
                 raise
             raw = cast(Obj, self._core.api_client.sanitize_for_serialization(node))
+            if uid and raw["metadata"].get("uid") != uid:
+                return None
             taints = (raw.get("spec") or {}).get("taints") or []
             kept = without_taint(taints, taint)
             if len(kept) == len(taints):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 from kubernetes import client
@@ -38,6 +39,10 @@ class LeaderElector:
         # a duration after we saw it change, whatever its renewTime says by its clock.
         self._seen: tuple[object, ...] | None = None
         self._seen_at = 0.0
+        # A thread of its own: the default pool's few threads (cores + 4) can all be
+        # waiting on a slow apiserver for the workers' calls, and a renewal queued
+        # behind them past the deadline ends our leadership.
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="leader-election")
 
     def leading(self) -> bool:
         """Whether the Lease was renewed within the renew deadline (shorter than the
@@ -109,7 +114,8 @@ class LeaderElector:
     async def _attempt(self) -> bool:
         started = time.monotonic()  # the Lease's renewTime is taken at about this moment
         try:
-            held = await asyncio.to_thread(self.try_acquire_or_renew)
+            loop = asyncio.get_running_loop()
+            held = await loop.run_in_executor(self._thread, self.try_acquire_or_renew)
         except Exception as err:
             log.warning("leader election Lease %s/%s: %s", self.namespace, self.name, err)
             return False

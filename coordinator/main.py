@@ -24,7 +24,7 @@ from .leader import LeaderElector
 from .metrics import CoordinatorMetrics
 from .nodes import NodeRegistry
 from .plan import Settings
-from .tlsbootstrap import ensure_agent_tls
+from .tlsbootstrap import RENEW_EVERY, AgentTls
 
 log = logging.getLogger("coordinator")
 
@@ -120,8 +120,11 @@ async def _serve(cfg: CoordinatorConfig, probes: Probes) -> int:
         waiter.cancel()
 
     tls = None
+    auto_tls = None
     if cfg.agent_tls_auto:
-        tls = await asyncio.to_thread(ensure_agent_tls, api, cfg.agent_namespace)
+        auto_tls = AgentTls(api, cfg.agent_namespace)
+        await asyncio.to_thread(auto_tls.renew)
+        tls = auto_tls.config
     elif cfg.agent_tls_ca and cfg.agent_tls_cert and cfg.agent_tls_key:
         tls = TlsConfig(
             cfg.agent_tls_ca, cfg.agent_tls_cert, cfg.agent_tls_key, cfg.agent_tls_server_name
@@ -162,6 +165,8 @@ async def _serve(cfg: CoordinatorConfig, probes: Probes) -> int:
     tasks = [asyncio.create_task(controller.run(stop, probes.ready), name="controller")]
     if elector is not None:
         tasks.append(asyncio.create_task(elector.hold(), name="leadership"))
+    if auto_tls is not None:
+        tasks.append(asyncio.create_task(_keep_current(auto_tls, pool), name="tls-renewal"))
     done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     code = 0
     if not stop.is_set():
@@ -177,6 +182,23 @@ async def _serve(cfg: CoordinatorConfig, probes: Probes) -> int:
         await asyncio.to_thread(elector.release)
     log.info("coordinator stopped")
     return code
+
+
+async def _keep_current(tls: AgentTls, pool: AgentPool) -> None:
+    """Issues the mTLS certificates anew before they expire, for as long as we lead; a
+    channel dialled with a client certificate replaced goes (dialled anew when next
+    used). A failed check is tried again sooner than the period."""
+    wait = RENEW_EVERY
+    while True:
+        await asyncio.sleep(wait)
+        try:
+            if await asyncio.to_thread(tls.renew):
+                log.info("client certificate issued anew; agent channels are dialled again")
+                await pool.reset()
+            wait = RENEW_EVERY
+        except Exception:
+            log.exception("checking the agent channel's certificates failed; again in 10 min")
+            wait = 600.0
 
 
 GC_THRESHOLD = (50_000, 20, 20)  # allocations between young collections, then ratios

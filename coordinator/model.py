@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Final
@@ -232,6 +232,9 @@ class NodeObservation:
     pins_in_flight: set[str] = field(default_factory=set)  # image ids
     removals_in_flight: set[ImageKey] = field(default_factory=set)
     removal_errors: dict[ImageKey, str] = field(default_factory=dict)
+    # Why this agent process cannot be listed (its listings failed twice in a row):
+    # said in the status instead of "listing the node's images" for good.
+    unlisted: str = ""
     answers: int = 0  # pull answers merged: a listing taken meanwhile may predate one
     listed_answers: int = 0  # ... of them, those the last listing came after
     version: int = field(default_factory=stamp)
@@ -299,6 +302,14 @@ class NodeObservation:
         if self.inventory is not None:
             self.last_seen = self.inventory
         self.inventory = None
+        self.unlisted = ""
+
+    def listing_failed(self, why: str) -> None:
+        """The agent, alive by its Lease, cannot be listed (a network policy, a TLS
+        mismatch): until it can, the node's pairs say why."""
+        if self.inventory is None and why != self.unlisted:
+            self.unlisted = why
+            self._changed()
 
     def listed(self, inventory: Inventory, pinning_supported: bool | None) -> bool:
         """A fresh listing (and, with a new agent process, what its runtime can do).
@@ -312,6 +323,7 @@ class NodeObservation:
         )
         self.inventory = inventory
         self.listed_answers = self.answers
+        self.unlisted = ""
         if same:
             return False
         if pinning_supported is not None:
@@ -397,6 +409,16 @@ class NodeObservation:
             if record is not None and record.in_flight:
                 self._record(key, _failed(record, AGENT_UNAVAILABLE, message, now))
         self._changed()
+
+    def pulls_forgotten(self, wanted: Container[ImageKey]) -> None:
+        """Records of images no cache mentions here any more, and not in flight, go: a
+        node's records grew with every image it was ever ordered, and a failure that
+        outlived its cache was taken as final for the next cache wanting the image."""
+        stale = [k for k, r in self.pulls.items() if k not in wanted and not r.in_flight]
+        if stale:
+            for key in stale:
+                self._record(key, None)
+            self._changed()
 
     # -- pins and removals -------------------------------------------------------------
 

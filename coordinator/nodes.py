@@ -57,6 +57,7 @@ OUTCOMES = frozenset(
 LISTINGS_AT_ONCE = 64  # a restart over 5,000 nodes lists them a few dozen at a time
 LISTING_TRIES = 3  # listings taken again when a pull answer came in meanwhile
 RELIST_AFTER = 5.0  # seconds before a failed listing is tried again (then doubling)
+UNLISTED_AFTER = 2  # failed listings in a row before the node's pairs say why
 CHANNEL_CLOSE_GRACE = 30.0  # seconds calls on a channel no agent uses any more may finish
 PROGRESS_NOTIFY_EVERY = 1.0  # seconds: progress reaches status at most this often per node
 ANSWERS_GATHER = 0.25  # seconds answers that leave orders open gather before a replan
@@ -246,7 +247,15 @@ class NodeRegistry:
                 agent.endpoint if agent else "-",
                 lost,
             )
-        if relist:
+        # A renewal of a process not listed yet asks again, unless a failed listing's
+        # retry is already set (its backoff would be undone at every renewal).
+        retrying = (
+            node in self._relists
+            and old is not None
+            and agent is not None
+            and old.same_process(agent)
+        )
+        if relist and not retrying:
             self._list(node)
         self._notify(node)
 
@@ -326,13 +335,19 @@ class NodeRegistry:
         except grpc.RpcError as err:
             failures = self._listing_failures[node] = self._listing_failures.get(node, 0) + 1
             retry = min(self._resync_every, RELIST_AFTER * 2 ** (failures - 1))
+            detail = str(err.details() if hasattr(err, "details") else err)
             log.warning(
                 "cannot list images on %s (%s), trying again in %gs: %s",
                 node,
                 agent.endpoint,
                 retry,
-                err.details() if hasattr(err, "details") else err,
+                detail,
             )
+            if failures >= UNLISTED_AFTER and obs.agent is not None:
+                before = obs.version
+                obs.listing_failed(detail)
+                if obs.version != before:
+                    self._notify(node)
             old = self._relists.pop(node, None)
             if old is not None:
                 old.cancel()
@@ -445,6 +460,11 @@ class NodeRegistry:
                     self._notify(node, delay=0.0 if last or not waiting else gather)
                 else:
                     self._notify(node, progress_only=True, delay=ANSWERS_GATHER)
+            if waiting:  # ended cleanly but short: those orders are not in flight any more
+                message = f"the agent at {agent.endpoint} ended the batch without answering"
+                log.warning("pull batch on %s: %s for %d image(s)", node, message, len(waiting))
+                obs.pulls_lost(waiting, message, time.time())
+                self._notify(node)
         except (grpc.RpcError, asyncio.CancelledError) as err:
             if isinstance(err, asyncio.CancelledError):
                 if _cancelling():

@@ -101,7 +101,13 @@ def plan_node(
         return result
     if obs.inventory is None:
         result.unknown = obs.held() is None  # alive, but never listed by this process
-        _unreachable(result, desired, obs, PairPhase.PENDING, "", "listing the node's images")
+        if obs.unlisted:
+            why = f"the agent at {obs.agent.endpoint if obs.agent else '-'} cannot be listed: "
+            phase, reason, message = PairPhase.AGENT_UNAVAILABLE, Reason.AGENT_UNAVAILABLE, why
+            message += obs.unlisted
+        else:
+            phase, reason, message = PairPhase.PENDING, "", "listing the node's images"
+        _unreachable(result, desired, obs, phase, reason, message)
         return result
     inventory = obs.inventory
     kept = previous.pairs if previous is not None else {}
@@ -205,7 +211,11 @@ def _want(
         retry_at = None if permanent else record.finished + backoff(record.failures, settings)
         if new_credentials and record.failures <= 1:
             retry_at = record.finished
-        refresh_retry = since is not None and record.finished < since
+        # A refresh retries every failure; an edit of a cache wanting the image (or a
+        # cache made anew) those from before it.
+        refresh_retry = (since is not None and record.finished < since) or (
+            desire.edited is not None and record.finished < desire.edited
+        )
         if not refresh_retry and (retry_at is None or now < retry_at):
             return PairState(
                 node, key, PairPhase.FAILED, record.category, record.message, retry_at=retry_at
@@ -299,7 +309,11 @@ def _release(
         result.removal_errors[key] = error
         return Release.FAILED
     if present is None:
-        return Release.DONE
+        # A pull still under way brings the image after all: removed once it lands
+        # (purged or edited out while pulling, it was left on the node, only unpinned).
+        record = obs.pulls.get(key)
+        landing = desire.remove and not desire.want and record is not None and record.in_flight
+        return Release.BUSY if landing else Release.DONE
     if desire.want or not desire.remove:
         pin_busy = present.image_id in lifting or present.image_id in obs.pins_in_flight
         return Release.BUSY if pin_busy else Release.DONE

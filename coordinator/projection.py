@@ -44,7 +44,11 @@ class CacheProjection:
         else:
             pairs = (result.pairs[key] for key, _ in share.wants)
             self.tally.put(node, NodePlan.of(pairs, result.unknown) if share.wants else None)
-        for key, entry in share.removes:
+        removes = {entry: key for key, entry in share.removes}
+        for entry, busy in self.removing.items():
+            if entry not in removes:  # wanted again here, or the node left its selector
+                busy.discard(node)
+        for entry, key in removes.items():
             busy = self.removing.setdefault(entry, set())
             if result.released.get(key) is Release.BUSY:
                 busy.add(node)

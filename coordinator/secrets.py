@@ -63,7 +63,9 @@ def parse_secret(name: str, secret_type: str, data: Mapping[str, str]) -> list[R
         raise SecretError(f"secret {name!r} of type {secret_type} has no data")
     try:
         doc = json.loads(base64.b64decode(raw, validate=True))
-    except ValueError as err:  # binascii.Error, UnicodeError and JSON errors alike
+    except (ValueError, RecursionError) as err:  # binascii, Unicode and JSON errors alike
+        # RecursionError: JSON nested deeper than the parser's stack (a 266 KB Secret
+        # reaches it): it ended the coordinator at every start.
         raise SecretError(f"secret {name!r} does not hold valid docker config JSON") from err
     if not isinstance(doc, dict):
         raise SecretError(f"secret {name!r} does not hold a docker config JSON object")

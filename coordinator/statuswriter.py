@@ -44,7 +44,13 @@ class StatusWriter:
         return self._written.get(key)
 
     def offer(self, key: str, status: dict[str, Any], counts: Counts) -> None:
-        """The newest status wins; Events are derived when it is written."""
+        """The newest status wins; Events are derived when it is written. One equal to
+        the last written is no work (each write reads the cache first: a cache with a
+        failure is reconciled every few seconds, for as long as it lasts)."""
+        written = self._written.get(key)
+        if written is not None and comparable(written) == comparable(status):
+            self._pending.pop(key, None)  # an older one waiting is superseded by this one
+            return
         self._pending[key] = (status, counts)
         self._wake.set()
 

@@ -75,3 +75,39 @@ async def test_a_pull_cut_by_our_own_channel_close_is_lost_not_in_flight_for_eve
         await registry.close()
         await pool.close()
         await server.stop(None)
+
+
+class _ShortAgent(_SlowAgent):
+    """Answers the first image of a batch and ends the stream, the rest unanswered."""
+
+    async def PullImages(self, request: Any, context: Any) -> Any:
+        first = request.images[0].image
+        yield agent_pb2.PullEvent(image=first, phase=agent_pb2.PHASE_SUCCEEDED, image_id="sha256:1")
+
+
+async def test_a_stream_that_ends_with_orders_unanswered_leaves_none_in_flight() -> None:
+    """Only a broken stream marked its unanswered orders lost: one that ended cleanly
+    but short left them in flight for good (the pair Pulling, its wave slot held, the
+    node settling so its unwanted pins were never lifted)."""
+    server = grpc.aio.server()
+    agent_pb2_grpc.add_AgentServicer_to_server(_ShortAgent(), server)  # type: ignore[abstract]
+    endpoint = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    await server.start()
+    pool = AgentPool(None)
+    registry = NodeRegistry(pool, lambda node, delay: None, pull_deadline=60)
+    try:
+        registry.set_agent("n1", AgentInfo("n1", endpoint, False, expires=1e12, acquired="a"))
+        obs = registry.observation("n1")
+        obs.listed(Inventory([], 0), True)
+        items = [PullItem(i, False, True, caches=("ns/c",)) for i in (IMAGE, "r.io/other:1")]
+        registry.submit_pulls({"n1": items}, lambda i: [])
+        await _wait(lambda: not any(r.in_flight for r in obs.pulls.values()), "answers")
+        assert obs.pulls[ImageKey(IMAGE)].phase is OrderPhase.DONE
+        unanswered = obs.pulls[ImageKey("r.io/other:1")]
+        assert (unanswered.phase, unanswered.category) == (OrderPhase.FAILED, AGENT_UNAVAILABLE)
+        assert "without answering" in unanswered.message
+        assert obs.slots.pulling == {}  # no wave slot held
+    finally:
+        await registry.close()
+        await pool.close()
+        await server.stop(None)

@@ -97,10 +97,18 @@ def test_only_the_configured_taint_key_is_removed() -> None:
 
 
 class Writer:
-    """The Node API as the gate sees it: the taint goes, the Node was as given."""
+    """The Node API as the gate sees it: the taint goes, the Node was as given (the
+    Node by that name now has uid `current`)."""
 
-    def release_node(self, name: str, taint: str, annotation: tuple[str, str]) -> dict[str, object]:
-        return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}}
+    def __init__(self, current: str = "") -> None:
+        self.current = current
+
+    def release_node(
+        self, name: str, uid: str, taint: str, annotation: tuple[str, str]
+    ) -> dict[str, object] | None:
+        if self.current and uid != self.current:
+            return None  # as the real one does: not the Node the decision was about
+        return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "uid": uid}}
 
     def event(self, *args: object) -> None:
         return None
@@ -122,3 +130,31 @@ async def test_a_released_node_counts_as_released_before_the_watch_shows_its_ann
     assert gate.counts(["n1"], {"n1": tainted}) == (0, 1)
     gate.saw_node("n1", None)  # the Node is deleted
     assert gate.counts(["n1"], {}) == (0, 0)
+
+
+def _tainted(uid: str) -> dict[str, object]:
+    return {
+        "metadata": {"name": "n1", "uid": uid},
+        "spec": {"taints": [{"key": "t", "effect": "NoSchedule"}]},
+    }
+
+
+async def test_a_node_made_anew_under_a_released_name_is_gated_again() -> None:
+    """A Node deleted and made again under its name (clouds reuse names: AWS names nodes
+    by private IP) inside a broken watch shows as an update of the old one: it was taken
+    for released and kept its taint for good, with no deadline either."""
+    gate = NodeGate(Writer(), "t", DEADLINE, "10m", lambda n: [], lambda n: None, lambda k: None)  # type: ignore[arg-type]
+    assert gate.saw_node("n1", _tainted("old"))
+    await gate.release("n1", Decision(Verdict.READY))
+    assert not gate.saw_node("n1", _tainted("old"))  # late event of the released one
+    assert gate.saw_node("n1", _tainted("new"))  # the new machine waits for its images
+    assert gate.check("n1", 0.0) is not None
+
+
+async def test_a_release_decided_for_a_node_made_anew_meanwhile_leaves_the_new_one_gated() -> None:
+    writer = Writer(current="new")
+    gate = NodeGate(writer, "t", DEADLINE, "10m", lambda n: [], lambda n: None, lambda k: None)  # type: ignore[arg-type]
+    assert gate.saw_node("n1", _tainted("old"))
+    await gate.release("n1", Decision(Verdict.READY))  # the Node was made anew meanwhile
+    assert "n1" not in gate.released
+    assert gate.saw_node("n1", _tainted("new"))

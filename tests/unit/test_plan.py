@@ -139,6 +139,34 @@ def test_transient_failures_retry_after_backoff_and_permanent_ones_wait_for_a_re
     assert sorted(refresh.pulls) == ["n1", "n2"]
 
 
+def test_a_permanent_failure_is_tried_again_once_after_an_edit_or_for_a_new_cache() -> None:
+    """A NotFound outlived the cache that ordered the pull: a cache made anew for the
+    same image (or the image put back in an edit) read Failed at once, with no pull and
+    no retry, until a refresh. The README promises an edit retries too."""
+    missing = node()
+    missing.pulls[A] = PullRecord(
+        OrderPhase.FAILED, NOW - 100, NOW - 10, category="NotFound", failures=1
+    )
+    obs = {"n1": missing}
+    nodes = {"n1": {"zone": "a"}}
+    before = plan_cache(view(everything_list(A), edited=NOW - 50), nodes, obs, Settings(), NOW)
+    assert not before.pulls  # the failure came after the edit: it stands
+    assert [(p.phase, p.reason) for p in before.pairs] == [(PairPhase.FAILED, "NotFound")]
+    after = plan_cache(view(everything_list(A), edited=NOW - 5), nodes, obs, Settings(), NOW)
+    assert [str(i.image) for i in after.pulls["n1"]] == [A]
+
+
+def test_records_of_images_no_cache_mentions_are_forgotten_unless_in_flight() -> None:
+    obs = node()
+    c = ImageKey("reg.io/app/c:v1")
+    obs.pulls_ordered([B], {}, NOW)
+    obs.pulls[A] = PullRecord(OrderPhase.FAILED, NOW - 9, NOW - 5, category="NotFound")
+    obs.pulls[c] = PullRecord(OrderPhase.DONE, NOW - 9, NOW - 5)
+    obs.pulls_forgotten({c})
+    assert sorted(obs.pulls) == [B, c]  # B is in flight: it stays until answered
+    assert obs.slots.pulling == {B: 1}
+
+
 def test_the_wave_size_holds_back_nodes_beyond_it() -> None:
     obs = {n: node() for n in NODES}
     plan = plan_cache(view(everything_list(A)), NODES, obs, Settings(wave=2), NOW)
@@ -293,6 +321,20 @@ def test_purge_removes_every_image_then_reports_done() -> None:
     )
     assert after.purge_done
     assert {p.phase for p in after.pairs} == {PairPhase.REMOVED}
+
+
+def test_a_purge_waits_for_a_pull_under_way_and_removes_what_it_brings() -> None:
+    """Purged while a pull ran: the image was absent, so the purge read done, and the
+    pull then left it on the node (only unpinned), the status saying it was removed."""
+    pulling = node()
+    pulling.pulls_ordered([A], {}, NOW)
+    purge = view(everything_list(A), purge=True)
+    plan = plan_cache(purge, {"n1": {}}, {"n1": pulling}, Settings(), NOW)
+    assert not plan.purge_done
+    assert [p.phase for p in plan.pairs] == [PairPhase.REMOVING]
+    landed = node(image(A, True, True))
+    after = plan_cache(purge, {"n1": {}}, {"n1": landed}, Settings(), NOW)
+    assert after.removals == {"n1": [A]}
 
 
 def test_a_purged_cache_stays_empty_until_edited_or_refreshed() -> None:

@@ -103,6 +103,37 @@ async def test_an_oversized_status_is_cut_down_then_never_retried_as_it_was() ->
         task.cancel()
 
 
+class CountingKube(SlowKube):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate.set()
+        self.reads = 0
+
+    def get_cache(self, namespace: str, name: str) -> dict[str, Any] | None:
+        self.reads += 1
+        return super().get_cache(namespace, name)
+
+
+async def test_a_status_equal_to_the_last_written_costs_no_read() -> None:
+    """Every offer read the cache before finding nothing to write: a cache with a
+    failure is reconciled every few seconds, each a GET, for as long as it lasts."""
+    kube = CountingKube()
+    writer = StatusWriter(kube, 0.0, CoordinatorMetrics())  # type: ignore[arg-type]
+    task = asyncio.create_task(writer.run())
+    try:
+        writer.offer("ns/a", {**_status("a"), "startTime": "t1"}, COUNTS)
+        await _until(lambda: "a" in kube.written, "the first write")
+        reads = kube.reads
+        for stamp in ("t2", "t3"):  # the same status, other times
+            writer.offer("ns/a", {**_status("a"), "startTime": stamp}, COUNTS)
+        await asyncio.sleep(0.2)
+        assert kube.reads == reads
+        writer.offer("ns/a", _status("changed"), COUNTS)
+        await _until(lambda: kube.written.count("a") == 2, "the change written")
+    finally:
+        task.cancel()
+
+
 def _huge_status(images: int, nodes: int) -> dict[str, Any]:
     refs = [f"registry.example:5000/{'x' * 200}/app-{i}:{'t' * 120}" for i in range(images)]
     return {

@@ -1,0 +1,65 @@
+"""An agent alive by its Lease that cannot be listed (a network policy on its port, a
+TLS handshake that fails): its nodes' pairs said "listing the node's images" for good,
+so every cache selecting the node stayed Processing with no reason shown. After two
+failed listings in a row they say why. Reached through the coordinator's own
+AgentPool over real grpc.aio channels to a stand-in agent that refuses listings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from coordinator.agents import AgentPool
+from coordinator.api import CacheList
+from coordinator.desired import Desired
+from coordinator.model import AgentInfo
+from coordinator.nodes import NodeRegistry
+from coordinator.pairs import PairPhase
+from coordinator.plan import Settings, plan_node
+from protos.fledged.agent.v1 import agent_pb2, agent_pb2_grpc
+from tests.unit.test_plan import view
+
+
+class _Refusing(agent_pb2_grpc.AgentServicer):
+    async def ListImages(self, request: Any, context: Any) -> Any:
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, "blocked by policy")
+
+    async def GetNodeInfo(self, request: Any, context: Any) -> Any:
+        return agent_pb2.NodeInfo()
+
+
+async def test_an_agent_that_cannot_be_listed_is_named_in_the_pairs() -> None:
+    server = grpc.aio.server()
+    agent_pb2_grpc.add_AgentServicer_to_server(_Refusing(), server)  # type: ignore[abstract]
+    endpoint = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    await server.start()
+    pool = AgentPool(None)
+    told: list[str] = []
+    registry = NodeRegistry(pool, lambda node, delay: told.append(node), pull_deadline=60)
+    desired = Desired()
+    desired.set_node("n1", {})
+    desired.set_cache(view(CacheList(("reg.io/a:1",), ())))
+    try:
+        agent = AgentInfo("n1", endpoint, False, expires=1e12, acquired="a")
+        registry.set_agent("n1", agent)  # lists it
+        obs = registry.observation("n1")
+        assert await registry.first_listings(5) == 0
+        first = plan_node("n1", desired.node("n1"), obs, Settings(), 1e9)
+        assert [p.phase for p in first.pairs.values()] == [PairPhase.PENDING]  # once: a blip
+        told.clear()
+        assert not await registry.sync("n1")
+        assert told == ["n1"]  # planned again: its pairs have news
+        second = plan_node("n1", desired.node("n1"), obs, Settings(), 1e9)
+        (pair,) = second.pairs.values()
+        assert (pair.phase, pair.reason) == (PairPhase.AGENT_UNAVAILABLE, "AgentUnavailable")
+        assert endpoint in pair.message
+        assert "blocked by policy" in pair.message
+        # a renewal does not list again while the failed listing's retry is set
+        listings = len(registry._listing)
+        registry.set_agent("n1", AgentInfo("n1", endpoint, False, expires=2e12, acquired="a"))
+        assert len(registry._listing) == listings
+    finally:
+        await registry.close()
+        await pool.close()
+        await server.stop(None)
