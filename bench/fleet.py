@@ -24,7 +24,7 @@ import functools
 import hashlib
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,9 +185,14 @@ class FakeAgent(agent_pb2_grpc.AgentServicer):
         return A.RemoveImagesResponse(results=results)
 
 
-def mtls(directory: Path) -> tuple[grpc.ServerCredentials, list[str]]:
+ServerCredentials = Callable[[], grpc.ServerCredentials]
+
+
+def mtls(directory: Path) -> tuple[ServerCredentials, list[str]]:
     """Certificates as --agent-tls-auto makes them: the agents' server credentials
-    (client certificates required), and the coordinator's CA, cert and key files."""
+    (client certificates required; made per server: the agent's reload their files at
+    each handshake, and one such object serves one server), and the coordinator's CA,
+    cert and key files."""
     from agent.server import tls_credentials
     from coordinator.tlsbootstrap import SERVER_NAME
     from tests.testenv.pki import CertificateAuthority
@@ -195,7 +200,7 @@ def mtls(directory: Path) -> tuple[grpc.ServerCredentials, list[str]]:
     ca = CertificateAuthority(directory)
     server = ca.issue("agent", SERVER_NAME, dns_names=(SERVER_NAME,), server=True)
     client = ca.issue("coordinator", "fledged-coordinator", client=True)
-    credentials = tls_credentials(server.cert, server.key, ca.cert_path)
+    credentials = functools.partial(tls_credentials, server.cert, server.key, ca.cert_path)
     return credentials, [str(ca.cert_path), str(client.cert), str(client.key)]
 
 
@@ -214,7 +219,7 @@ class Fleet:
         servers: int,
         pull_seconds: float,
         endpoints: int,
-        credentials: grpc.ServerCredentials | None = None,
+        credentials: ServerCredentials | None = None,
     ) -> None:
         """`credentials`: serve TLS (as agents do under --agent-tls-auto) instead of
         plaintext."""
@@ -249,7 +254,7 @@ class Fleet:
             agent_pb2_grpc.add_AgentServicer_to_server(self.agent, server)
             address = "0.0.0.0:0"  # every loopback address
             ports.append(
-                server.add_secure_port(address, self._credentials)
+                server.add_secure_port(address, self._credentials())
                 if self._credentials is not None
                 else server.add_insecure_port(address)
             )

@@ -181,6 +181,7 @@ class NodeRegistry:
         self._users: Counter[str] = Counter()  # endpoint -> nodes whose agent is there
         self._listing: weakref.WeakSet[asyncio.Task[object]] = weakref.WeakSet()
         self._listing_failures: dict[str, int] = {}
+        self._syncing: Counter[str] = Counter()  # node -> its listings under way or queued
         self._relists: dict[str, asyncio.TimerHandle] = {}
 
     # -- bookkeeping -----------------------------------------------------------------
@@ -289,12 +290,18 @@ class NodeRegistry:
                     self._spawn(client.close(CHANNEL_CLOSE_GRACE), f"close {before}")
 
     def resync_due(self, now: float) -> list[str]:
+        """Nodes whose last listing is older than the resync period, but for those
+        being listed (or waiting to be, behind LISTINGS_AT_ONCE) or waiting to try a
+        failed listing again: asked every second, slow listings (hung agents, 30 s
+        each) piled up a new listing of every such node each second, without bound."""
         return [
             node
             for node, obs in self.observations.items()
             if obs.alive(now)
             and obs.inventory is not None
             and now - obs.inventory.synced_at > self._resync_every
+            and node not in self._syncing
+            and node not in self._relists
         ]
 
     def resync(self, node: str) -> None:
@@ -317,6 +324,15 @@ class NodeRegistry:
         """Lists the node's images through its agent; with `abilities`, asks what its
         runtime can do too (needed once per agent process, not after every batch).
         Returns whether anything changed (and the controller was told)."""
+        self._syncing[node] += 1
+        try:
+            return await self._sync(node, abilities)
+        finally:
+            self._syncing[node] -= 1
+            if self._syncing[node] <= 0:
+                del self._syncing[node]
+
+    async def _sync(self, node: str, abilities: bool) -> bool:
         obs = self.observation(node)
         agent = obs.agent
         if agent is None:

@@ -1,11 +1,14 @@
 """An agent alive by its Lease that cannot be listed (a network policy on its port, a
 TLS handshake that fails): its nodes' pairs said "listing the node's images" for good,
 so every cache selecting the node stayed Processing with no reason shown. After two
-failed listings in a row they say why. Reached through the coordinator's own
-AgentPool over real grpc.aio channels to a stand-in agent that refuses listings."""
+failed listings in a row they say why. And listings that hang are not piled up by the
+periodic resync. Reached through the coordinator's own AgentPool over real grpc.aio
+channels to stand-in agents that refuse, or never answer, listings."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import grpc
@@ -13,7 +16,7 @@ import grpc
 from coordinator.agents import AgentPool
 from coordinator.api import CacheList
 from coordinator.desired import Desired
-from coordinator.model import AgentInfo
+from coordinator.model import AgentInfo, Inventory
 from coordinator.nodes import NodeRegistry
 from coordinator.pairs import PairPhase
 from coordinator.plan import Settings, plan_node
@@ -59,6 +62,44 @@ async def test_an_agent_that_cannot_be_listed_is_named_in_the_pairs() -> None:
         listings = len(registry._listing)
         registry.set_agent("n1", AgentInfo("n1", endpoint, False, expires=2e12, acquired="a"))
         assert len(registry._listing) == listings
+    finally:
+        await registry.close()
+        await pool.close()
+        await server.stop(None)
+
+
+class _Hanging(agent_pb2_grpc.AgentServicer):
+    """Listings hang (a containerd that does not answer), up to the client's limit."""
+
+    async def ListImages(self, request: Any, context: Any) -> Any:
+        await asyncio.sleep(3600)
+
+    async def GetNodeInfo(self, request: Any, context: Any) -> Any:
+        return agent_pb2.NodeInfo()
+
+
+async def test_slow_listings_are_not_piled_up_by_the_periodic_resync() -> None:
+    """The housekeeping asks every second which nodes are due a resync; a node whose
+    listing was still waiting or running was due again, and got another listing task
+    each second (at 5,000 nodes with slow agents, thousands of tasks a second)."""
+    server = grpc.aio.server()
+    agent_pb2_grpc.add_AgentServicer_to_server(_Hanging(), server)  # type: ignore[abstract]
+    endpoint = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    await server.start()
+    pool = AgentPool(None)
+    registry = NodeRegistry(pool, lambda node, delay: None, pull_deadline=60, resync_every=1)
+    try:
+        for i in range(3):
+            node = f"n{i}"
+            registry.set_agent(node, AgentInfo(node, endpoint, False, expires=1e12, acquired="a"))
+            registry.observation(node).listed(Inventory([], 0), True)  # listed long ago
+        await asyncio.sleep(0.1)  # the listings set_agent started hang
+        for _ in range(5):  # five housekeeping rounds
+            for node in registry.resync_due(time.time()):
+                registry.resync(node)
+            await asyncio.sleep(0.01)
+        running = [t for t in registry._listing if not t.done()]
+        assert len(running) == 3  # one per node: the first ones, still hanging
     finally:
         await registry.close()
         await pool.close()
