@@ -456,6 +456,7 @@ class Controller:
             observation.pulls_forgotten(desired.items)
         self._results[node] = result
         self._dispatch(node, desired, result)
+        result.pulls.clear()  # sent: kept for the node's life, 100,000 items at 5,000 nodes
         self._registry.slots.wait(node, result.queued)
         for cache, share in desired.shares:
             state = self._caches.get(cache)

@@ -26,7 +26,7 @@ from .model import (
     NodeObservation,
     OrderPhase,
 )
-from .pairs import PairPhase, PairState, PullItem
+from .pairs import PairPhase, PairState, PullItem, shared_pair
 
 
 @dataclass(frozen=True)
@@ -161,11 +161,11 @@ def _unreachable(
             present = held.lookup(key) if held is not None else None
             if present is not None:
                 digest = present.digest_by_name.get(ref_of(key).name, "")
-                result.pairs[key] = PairState(
-                    result.node, key, PairPhase.READY, "", "", 0, 0, digest, present.pinned
+                result.pairs[key] = shared_pair(
+                    key, PairPhase.READY, "", "", 0, 0, digest, present.pinned
                 )
             else:
-                result.pairs[key] = PairState(result.node, key, phase, reason, message)
+                result.pairs[key] = shared_pair(key, phase, reason, message)
         if desire.remove or not desire.want:
             result.released[key] = Release.AWAY
 
@@ -182,11 +182,10 @@ def _want(
 ) -> PairState:
     """One wanted image on a node with a live, listed agent; its pull, if it needs one,
     goes to `result`."""
-    node = result.node
     record = obs.pulls.get(key)
     if record is not None and record.in_flight:
         phase = PairPhase.PULLING if record.phase is OrderPhase.PULLING else PairPhase.WAITING
-        return PairState(node, key, phase, "", "", record.bytes_done, record.bytes_total)
+        return shared_pair(key, phase, "", "", record.bytes_done, record.bytes_total)
     ref = ref_of(key)
     since = desire.refresh_since
     refreshed = since is not None and record is not None and record.finished >= since
@@ -199,7 +198,7 @@ def _want(
     if present is not None and not stale and not first_sync and not refused:
         _repin(result, key, desire, present.pinned, obs)
         digest = present.digest_by_name.get(ref.name, "")
-        return PairState(node, key, PairPhase.READY, "", "", 0, 0, digest, present.pinned)
+        return shared_pair(key, PairPhase.READY, "", "", 0, 0, digest, present.pinned)
     if record is not None and record.phase is OrderPhase.FAILED:
         # Refused with other credentials than the caches' Secrets give now: worth
         # another try, at once the first time, then with backoff (two caches with
@@ -218,16 +217,13 @@ def _want(
         )
         if not refresh_retry and (retry_at is None or now < retry_at):
             return PairState(
-                node, key, PairPhase.FAILED, record.category, record.message, retry_at=retry_at
+                key, PairPhase.FAILED, record.category, record.message, retry_at=retry_at
             )
     wave = desire.wave
     if wave is not None and not obs.slots.free(key, wave):
         result.queued[key] = wave
-        return PairState(
-            node,
-            key,
-            PairPhase.QUEUED,
-            message=f"waiting for a wave slot (max {wave} nodes at once)",
+        return shared_pair(
+            key, PairPhase.QUEUED, message=f"waiting for a wave slot (max {wave} nodes at once)"
         )
     always = stale or first_sync or refused
     # A refresh that moves the tag retires what it named before, unless another share
@@ -248,7 +244,7 @@ def _want(
             caches=desire.caches,
         )
     )
-    return PairState(node, key, PairPhase.PENDING, message="pull ordered")
+    return shared_pair(key, PairPhase.PENDING, message="pull ordered")
 
 
 def _repin(

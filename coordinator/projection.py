@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from .api import Reason
 from .desired import Removal, Share
 from .images import ImageKey
-from .pairs import NodePlan, PairPhase, PairState, Tally
+from .pairs import NodePlan, PairPhase, PairState, Tally, shared_pair
 from .plan import NodeResult, Release
 
 
@@ -90,7 +90,7 @@ class CacheProjection:
             del self.removing[entry]
 
     @classmethod
-    def of_pairs(cls, pairs: Iterable[PairState]) -> CacheProjection:
+    def of_pairs(cls, pairs: Iterable[tuple[str, PairState]]) -> CacheProjection:
         projection = cls()
         projection.tally = Tally.of_pairs(pairs)
         return projection
@@ -116,10 +116,10 @@ def _purged(node: str, keys: Iterable[ImageKey], result: NodeResult) -> list[Pai
     for key in keys:
         state = result.released.get(key, Release.DONE)
         if state is Release.AWAY:
-            out.append(PairState(node, key, PairPhase.AGENT_UNAVAILABLE, Reason.AGENT_UNAVAILABLE))
+            out.append(shared_pair(key, PairPhase.AGENT_UNAVAILABLE, Reason.AGENT_UNAVAILABLE))
         elif state is Release.FAILED:
             message = result.removal_errors.get(key, "")
-            out.append(PairState(node, key, PairPhase.FAILED, "RemoveFailed", message))
+            out.append(PairState(key, PairPhase.FAILED, "RemoveFailed", message))
         else:
-            out.append(PairState(node, key, phases[state]))
+            out.append(shared_pair(key, phases[state]))
     return out

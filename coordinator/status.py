@@ -79,8 +79,8 @@ def _failures(tally: Tally, spell: Spell) -> dict[str, list[dict[str, str]]]:
     for image in sorted(tally.failed, key=spell):
         count = len(tally.failed[image])
         entries = [
-            {"node": p.node, "reason": p.reason or p.phase.value, "message": p.message}
-            for p in tally.first_failures(image, MAX_FAILED_NODES_PER_IMAGE)
+            {"node": node, "reason": p.reason or p.phase.value, "message": p.message}
+            for node, p in tally.first_failures(image, MAX_FAILED_NODES_PER_IMAGE)
         ]
         if count > MAX_FAILED_NODES_PER_IMAGE:
             entries.append(

@@ -292,25 +292,30 @@ def test_a_docker_agent_stops_at_once_with_a_pull_under_way(testenv: TestEnv) ->
             lease=False,
             name="agent-docker-stopping",
         )
-        ref = f"{stall.host}/agent/stopping:v1"
-        deadline = duration_pb2.Duration(seconds=120)
-
-        def pull() -> None:
-            with contextlib.suppress(grpc.RpcError):  # the agent going ends the call
-                agent.pull(order(ref, deadline=deadline))
-
-        threading.Thread(target=pull, daemon=True).start()
-        agent.process.wait_until(
-            lambda: stall.open_connections > 0, timeout=30, what="docker to reach the registry"
-        )
-        proc = agent.process.proc
-        assert proc is not None
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=SHUTDOWN_GRACE + 10)
-        finally:
-            agent.process.kill()
+        code = _stopped_mid_pull(agent, stall, f"{stall.host}/agent/stopping:v1")
         assert code == 0, agent.process.log_tail()
+
+
+def _stopped_mid_pull(agent: AgentProcess, stall: RegistryProxy, ref: str) -> int:
+    """SIGTERM to the agent while a pull of `ref` waits on the stalling registry, as
+    the kubelet sends it; the agent's exit code (it is killed past its grace)."""
+    deadline = duration_pb2.Duration(seconds=120)
+
+    def pull() -> None:
+        with contextlib.suppress(grpc.RpcError):  # the agent going ends the call
+            agent.pull(order(ref, deadline=deadline))
+
+    threading.Thread(target=pull, daemon=True).start()
+    agent.process.wait_until(
+        lambda: stall.open_connections > 0, timeout=30, what="the pull to reach the registry"
+    )
+    proc = agent.process.proc
+    assert proc is not None
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        return proc.wait(timeout=SHUTDOWN_GRACE + 10)
+    finally:
+        agent.process.kill()
 
 
 def test_concurrent_orders_for_one_image_share_one_runtime_pull(
@@ -839,24 +844,7 @@ def test_an_agent_stopping_with_a_pull_under_way_does_not_renew_its_lease_back(
             timeout=10,
             what="Lease created",
         )
-        deadline = duration_pb2.Duration(seconds=120)
-        ref = f"{stall.host}/agent/lease-grace:v1"
-
-        def pull() -> None:
-            with contextlib.suppress(grpc.RpcError):  # the agent going ends the call
-                agent.pull(order(ref, deadline=deadline))
-
-        threading.Thread(target=pull, daemon=True).start()
-        agent.process.wait_until(
-            lambda: stall.open_connections > 0, timeout=30, what="the pull to reach the registry"
-        )
-        proc = agent.process.proc
-        assert proc is not None
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=SHUTDOWN_GRACE + 10)
-        finally:
-            agent.process.kill()
+        _stopped_mid_pull(agent, stall, f"{stall.host}/agent/lease-grace:v1")
     with pytest.raises(client.ApiException) as err:
         api.read_namespaced_lease(lease_name(node), AGENT_NAMESPACE)
     assert err.value.status == 404

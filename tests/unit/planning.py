@@ -8,16 +8,32 @@ from __future__ import annotations
 import copy
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
+from typing import NamedTuple
 
 from coordinator.api import CacheList
 from coordinator.desired import CacheView, Desired, Removal
 from coordinator.images import ImageKey, image_key
 from coordinator.model import NodeObservation
-from coordinator.pairs import PairState, PullItem, Tally
+from coordinator.pairs import PairPhase, PullItem, Tally
 from coordinator.plan import NodeResult, Settings, plan_node
 from coordinator.projection import CacheProjection
 from coordinator.waves import WaveSlots
+
+
+class NodePair(NamedTuple):
+    """A pair with its node, for the rules' tests to read."""
+
+    node: str
+    image: str
+    phase: PairPhase
+    reason: str
+    message: str
+    bytes_done: int
+    bytes_total: int
+    digest: str
+    pinned: bool
+    retry_at: float | None
 
 
 @dataclass
@@ -38,8 +54,8 @@ class Plan:
         return self.projection.tally
 
     @property
-    def pairs(self) -> list[PairState]:
-        return self.tally.all_pairs()
+    def pairs(self) -> list[NodePair]:
+        return [NodePair(node, *astuple(p)) for node, p in self.tally.all_pairs()]
 
     @property
     def has_orders(self) -> bool:

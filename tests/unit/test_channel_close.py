@@ -11,16 +11,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import grpc
 import pytest
 
 from coordinator import nodes
-from coordinator.agents import AgentPool
 from coordinator.images import ImageKey
 from coordinator.model import AGENT_UNAVAILABLE, AgentInfo, Inventory, OrderPhase
-from coordinator.nodes import NodeRegistry
 from coordinator.pairs import PullItem
 from protos.fledged.agent.v1 import agent_pb2, agent_pb2_grpc
+from tests.unit.standin import registry_over
 
 IMAGE = "r.io/slow:1"
 
@@ -49,13 +47,7 @@ async def test_a_pull_cut_by_our_own_channel_close_is_lost_not_in_flight_for_eve
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(nodes, "CHANNEL_CLOSE_GRACE", 0.2)
-    server = grpc.aio.server()
-    agent_pb2_grpc.add_AgentServicer_to_server(_SlowAgent(), server)  # type: ignore[abstract]
-    old, new = (f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}" for _ in range(2))
-    await server.start()
-    pool = AgentPool(None)
-    registry = NodeRegistry(pool, lambda node, delay: None, pull_deadline=60)
-    try:
+    async with registry_over(_SlowAgent(), endpoints=2) as (registry, (old, new)):  # type: ignore[abstract]
         registry.set_agent("n1", AgentInfo("n1", old, False, expires=1e12, acquired="a"))
         obs = registry.observation("n1")
         obs.listed(Inventory([], 0), True)
@@ -71,10 +63,6 @@ async def test_a_pull_cut_by_our_own_channel_close_is_lost_not_in_flight_for_eve
         assert record.phase is OrderPhase.FAILED
         assert record.category == AGENT_UNAVAILABLE
         assert old in record.message
-    finally:
-        await registry.close()
-        await pool.close()
-        await server.stop(None)
 
 
 class _ShortAgent(_SlowAgent):
@@ -89,13 +77,7 @@ async def test_a_stream_that_ends_with_orders_unanswered_leaves_none_in_flight()
     """Only a broken stream marked its unanswered orders lost: one that ended cleanly
     but short left them in flight for good (the pair Pulling, its wave slot held, the
     node settling so its unwanted pins were never lifted)."""
-    server = grpc.aio.server()
-    agent_pb2_grpc.add_AgentServicer_to_server(_ShortAgent(), server)  # type: ignore[abstract]
-    endpoint = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
-    await server.start()
-    pool = AgentPool(None)
-    registry = NodeRegistry(pool, lambda node, delay: None, pull_deadline=60)
-    try:
+    async with registry_over(_ShortAgent()) as (registry, (endpoint,)):  # type: ignore[abstract]
         registry.set_agent("n1", AgentInfo("n1", endpoint, False, expires=1e12, acquired="a"))
         obs = registry.observation("n1")
         obs.listed(Inventory([], 0), True)
@@ -107,7 +89,3 @@ async def test_a_stream_that_ends_with_orders_unanswered_leaves_none_in_flight()
         assert (unanswered.phase, unanswered.category) == (OrderPhase.FAILED, AGENT_UNAVAILABLE)
         assert "without answering" in unanswered.message
         assert obs.slots.pulling == {}  # no wave slot held
-    finally:
-        await registry.close()
-        await pool.close()
-        await server.stop(None)

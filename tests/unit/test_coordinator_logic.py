@@ -37,14 +37,14 @@ def view(**kw: object) -> CacheView:
     return CacheView(key="ns/c", generation=3, spec=SPEC, **kw)  # type: ignore[arg-type]
 
 
-def plan_of(*pairs: PairState) -> CacheProjection:
+def plan_of(*pairs: tuple[str, PairState]) -> CacheProjection:
     return CacheProjection.of_pairs(pairs)
 
 
 def test_a_new_cache_in_progress_reads_like_kube_fledged() -> None:
     status = build_status(
         view(),
-        plan_of(PairState("n1", "r.io/a:1", PairPhase.PULLING, bytes_done=1, bytes_total=4)),
+        plan_of(("n1", PairState("r.io/a:1", PairPhase.PULLING, bytes_done=1, bytes_total=4))),
         {},
         NOW,
     )
@@ -68,7 +68,7 @@ def test_a_new_cache_in_progress_reads_like_kube_fledged() -> None:
 
 def test_success_failure_and_edit_reasons() -> None:
     ok = build_status(
-        view(), plan_of(PairState("n1", "r.io/a:1", PairPhase.READY, digest="sha256:x")), {}, NOW
+        view(), plan_of(("n1", PairState("r.io/a:1", PairPhase.READY, digest="sha256:x"))), {}, NOW
     )
     assert (ok["status"], ok["reason"], ok["ready"], ok["imagesReady"]) == (
         "Succeeded",
@@ -82,8 +82,8 @@ def test_success_failure_and_edit_reasons() -> None:
     some_nodes = build_status(
         view(),
         plan_of(
-            PairState("n1", "r.io/a:1", PairPhase.READY),
-            PairState("n2", "r.io/a:1", PairPhase.FAILED, "NotFound", "gone"),
+            ("n1", PairState("r.io/a:1", PairPhase.READY)),
+            ("n2", PairState("r.io/a:1", PairPhase.FAILED, "NotFound", "gone")),
         ),
         {},
         NOW,
@@ -94,14 +94,14 @@ def test_success_failure_and_edit_reasons() -> None:
     }
     edited = build_status(
         view(),
-        plan_of(PairState("n1", "r.io/a:1", PairPhase.PENDING)),
+        plan_of(("n1", PairState("r.io/a:1", PairPhase.PENDING))),
         {"observedGeneration": 2, "startTime": NOW},
         NOW,
     )
     assert edited["reason"] == "ImageCacheUpdate"
     retried = build_status(  # the same generation again: a retry after backoff, not an edit
         view(),
-        plan_of(PairState("n1", "r.io/a:1", PairPhase.PENDING)),
+        plan_of(("n1", PairState("r.io/a:1", PairPhase.PENDING))),
         {**some_nodes, "observedGeneration": 3},
         NOW,
     )
@@ -109,7 +109,7 @@ def test_success_failure_and_edit_reasons() -> None:
 
 
 def test_failures_are_bounded_per_image() -> None:
-    pairs = [PairState(f"n{i}", "r.io/a:1", PairPhase.FAILED, "NotFound", "x") for i in range(50)]
+    pairs = [(f"n{i}", PairState("r.io/a:1", PairPhase.FAILED, "NotFound", "x")) for i in range(50)]
     status = build_status(view(), plan_of(*pairs), {}, NOW)
     entries = status["failures"]["r.io/a:1"]
     assert len(entries) == MAX_FAILED_NODES_PER_IMAGE + 1
@@ -119,7 +119,7 @@ def test_failures_are_bounded_per_image() -> None:
 
 def test_transition_events_are_sent_once_and_aggregate_per_image() -> None:
     pairs = [
-        PairState(f"n{i}", "r.io/a:1", PairPhase.FAILED, "Unauthorized", "401") for i in range(3)
+        (f"n{i}", PairState("r.io/a:1", PairPhase.FAILED, "Unauthorized", "401")) for i in range(3)
     ]
     plan = plan_of(*pairs)
     new = build_status(view(), plan, {}, NOW)
@@ -136,7 +136,7 @@ def test_transition_events_are_sent_once_and_aggregate_per_image() -> None:
 
 def test_a_cache_with_many_failed_images_sends_a_bounded_number_of_events() -> None:
     pairs = [
-        PairState("n1", f"r.io/a{i:03d}:1", PairPhase.FAILED, "NotFound", "x") for i in range(40)
+        ("n1", PairState(f"r.io/a{i:03d}:1", PairPhase.FAILED, "NotFound", "x")) for i in range(40)
     ]
     plan = plan_of(*pairs)
     new = build_status(view(), plan, {}, NOW)

@@ -55,7 +55,7 @@ def test_a_node_waits_for_its_listing_unless_nothing_selects_it() -> None:
 
 def test_the_deadline_releases_a_node_whose_images_do_not_come() -> None:
     unavailable = {
-        image_key(A): PullRecord(OrderPhase.FAILED, NOW - 5, NOW, category="RegistryUnavailable")
+        image_key(A): PullRecord(OrderPhase.FAILED, finished=NOW, category="RegistryUnavailable")
     }
     before = decide([want(A)], held(), True, unavailable, NOW - 599, NOW, DEADLINE)
     assert before.verdict is Verdict.HOLD
@@ -72,8 +72,8 @@ def test_the_deadline_releases_a_node_whose_images_do_not_come() -> None:
 
 def test_images_that_failed_for_good_do_not_hold_a_node() -> None:
     gone = {
-        image_key(A): PullRecord(OrderPhase.FAILED, NOW - 5, NOW, category="NotFound"),
-        image_key(B): PullRecord(OrderPhase.FAILED, NOW - 5, NOW, category="RegistryUnavailable"),
+        image_key(A): PullRecord(OrderPhase.FAILED, finished=NOW, category="NotFound"),
+        image_key(B): PullRecord(OrderPhase.FAILED, finished=NOW, category="RegistryUnavailable"),
     }
     only_gone = decide([want(A)], held(), True, gone, NOW, NOW, DEADLINE)
     assert only_gone.verdict is Verdict.FAILED

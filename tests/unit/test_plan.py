@@ -74,7 +74,7 @@ def test_missing_images_are_ordered_once_per_node_with_the_pin_wish() -> None:
 
 def test_orders_in_flight_are_not_sent_again_and_report_progress() -> None:
     busy = node()
-    busy.pulls[A] = PullRecord(OrderPhase.PULLING, started=NOW, bytes_done=5, bytes_total=10)
+    busy.pulls[A] = PullRecord(OrderPhase.PULLING, bytes_done=5, bytes_total=10)
     plan = plan_cache(
         view(everything_list(A, zone="a")),
         NODES,
@@ -117,10 +117,10 @@ def test_nodes_without_a_live_agent_fail_clearly() -> None:
 def test_transient_failures_retry_after_backoff_and_permanent_ones_wait_for_a_refresh() -> None:
     flaky, missing = node(), node()
     flaky.pulls[A] = PullRecord(
-        OrderPhase.FAILED, NOW - 100, NOW - 10, category="RegistryUnavailable", failures=1
+        OrderPhase.FAILED, finished=NOW - 10, category="RegistryUnavailable", failures=1
     )
     missing.pulls[A] = PullRecord(
-        OrderPhase.FAILED, NOW - 100, NOW - 10, category="NotFound", failures=1
+        OrderPhase.FAILED, finished=NOW - 10, category="NotFound", failures=1
     )
     obs = {"n1": flaky, "n2": missing}
     settings = Settings(retry_base=30)
@@ -145,7 +145,7 @@ def test_a_permanent_failure_is_tried_again_once_after_an_edit_or_for_a_new_cach
     no retry, until a refresh. The README promises an edit retries too."""
     missing = node()
     missing.pulls[A] = PullRecord(
-        OrderPhase.FAILED, NOW - 100, NOW - 10, category="NotFound", failures=1
+        OrderPhase.FAILED, finished=NOW - 10, category="NotFound", failures=1
     )
     obs = {"n1": missing}
     nodes = {"n1": {"zone": "a"}}
@@ -160,8 +160,8 @@ def test_records_of_images_no_cache_mentions_are_forgotten_unless_in_flight() ->
     obs = node()
     c = ImageKey("reg.io/app/c:v1")
     obs.pulls_ordered([B], {}, NOW)
-    obs.pulls[A] = PullRecord(OrderPhase.FAILED, NOW - 9, NOW - 5, category="NotFound")
-    obs.pulls[c] = PullRecord(OrderPhase.DONE, NOW - 9, NOW - 5)
+    obs.pulls[A] = PullRecord(OrderPhase.FAILED, finished=NOW - 5, category="NotFound")
+    obs.pulls[c] = PullRecord(OrderPhase.DONE, finished=NOW - 5)
     obs.pulls_forgotten({c})
     assert sorted(obs.pulls) == [B, c]  # B is in flight: it stays until answered
     assert obs.slots.pulling == {B: 1}
@@ -190,7 +190,7 @@ def test_a_refresh_repulls_mutable_tags_with_always_but_not_digests() -> None:
         NOW,
     )
     assert [(i.image, i.always) for i in plan.pulls["n3"]] == [(A, True)]
-    present.pulls[A] = PullRecord(OrderPhase.DONE, NOW - 1, NOW)
+    present.pulls[A] = PullRecord(OrderPhase.DONE, finished=NOW)
     done = plan_cache(
         view(everything_list(A, digest_ref, zone="b"), refresh_since=NOW - 1),
         NODES,
@@ -243,12 +243,12 @@ def test_pull_policy_always_pulls_a_present_image_once_at_first_sync() -> None:
         view(everything_list(A, zone="b")), NODES, {"n3": present}, Settings(), NOW
     )
     assert not default.pulls["n3"]
-    present.pulls[A] = PullRecord(OrderPhase.DONE, NOW - 1, NOW)
+    present.pulls[A] = PullRecord(OrderPhase.DONE, finished=NOW)
     again = plan_cache(view(everything_list(A, zone="b")), NODES, {"n3": present}, always, NOW)
     assert not again.pulls["n3"]
     assert again.settled
     # Refused by the registry: a failure, though the node holds the image.
-    present.pulls[A] = PullRecord(OrderPhase.FAILED, NOW - 1, NOW, category="Unauthorized")
+    present.pulls[A] = PullRecord(OrderPhase.FAILED, finished=NOW, category="Unauthorized")
     refused = plan_cache(view(everything_list(A, zone="b")), NODES, {"n3": present}, always, NOW)
     assert [(p.phase, p.reason) for p in refused.pairs] == [(PairPhase.FAILED, "Unauthorized")]
 
@@ -371,8 +371,7 @@ def test_a_pull_refused_as_unauthorized_is_tried_again_once_the_secrets_change()
     refused = node()
     refused.pulls[A] = PullRecord(
         OrderPhase.FAILED,
-        NOW - 100,
-        NOW - 10,
+        finished=NOW - 10,
         category="Unauthorized",
         failures=1,
         credentials="regcred=-",

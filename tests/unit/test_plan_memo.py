@@ -121,25 +121,27 @@ def cache_sums(
             }
             if view.purge:
                 released = results[node].released
-                pairs += [PairState(node, k, purged[released.get(k, Release.DONE)]) for k in keys]
+                pairs += [(node, PairState(k, purged[released.get(k, Release.DONE)])) for k in keys]
             else:
-                pairs += [results[node].pairs[k] for k in keys]
+                pairs += [(node, results[node].pairs[k]) for k in keys]
     images: Counter[tuple[str, str]] = Counter()
-    for p in pairs:
+    for _, p in pairs:
         images[p.image, "total"] += 1
         images[p.image, p.phase.value] += 1
     return {
         "pairs": len(pairs),
-        "ready": sum(p.phase is PairPhase.READY for p in pairs),
-        "open": sum(p.phase not in DONE_PHASES and p.phase is not PairPhase.READY for p in pairs),
-        "failed": sorted((p.image, p.node) for p in pairs if p.phase in FAILED_PHASES),
+        "ready": sum(p.phase is PairPhase.READY for _, p in pairs),
+        "open": sum(
+            p.phase not in DONE_PHASES and p.phase is not PairPhase.READY for _, p in pairs
+        ),
+        "failed": sorted((p.image, node) for node, p in pairs if p.phase in FAILED_PHASES),
         "images": images,
     }
 
 
 def tally_sums(tally: Tally) -> dict[str, object]:
     images: Counter[tuple[str, str]] = Counter()
-    for p in tally.all_pairs():
+    for _, p in tally.all_pairs():
         images[p.image, "total"] += 1
         images[p.image, p.phase.value] += 1
     return {
@@ -458,10 +460,10 @@ def test_a_tally_returns_to_empty_when_every_node_leaves() -> None:
 
     tally = Tally()
     pairs = [
-        PairState("n1", "a", PairPhase.READY, digest="sha256:1"),
-        PairState("n1", "b", PairPhase.PULLING, bytes_done=3, bytes_total=9),
-        PairState("n2", "a", PairPhase.FAILED, "NotFound", "x", retry_at=5.0),
-        PairState("n2", "b", PairPhase.AGENT_UNAVAILABLE, "AgentUnavailable"),
+        PairState("a", PairPhase.READY, digest="sha256:1"),
+        PairState("b", PairPhase.PULLING, bytes_done=3, bytes_total=9),
+        PairState("a", PairPhase.FAILED, "NotFound", "x", retry_at=5.0),
+        PairState("b", PairPhase.AGENT_UNAVAILABLE, "AgentUnavailable"),
     ]
     tally.put("n1", NodePlan.of(pairs[:2]))
     tally.put("n2", NodePlan.of(pairs[2:]))

@@ -13,14 +13,13 @@ from typing import Any
 
 import grpc
 
-from coordinator.agents import AgentPool
 from coordinator.api import CacheList
 from coordinator.desired import Desired
 from coordinator.model import AgentInfo, Inventory
-from coordinator.nodes import NodeRegistry
 from coordinator.pairs import PairPhase
 from coordinator.plan import Settings, plan_node
 from protos.fledged.agent.v1 import agent_pb2, agent_pb2_grpc
+from tests.unit.standin import registry_over
 from tests.unit.test_plan import view
 
 
@@ -33,17 +32,15 @@ class _Refusing(agent_pb2_grpc.AgentServicer):
 
 
 async def test_an_agent_that_cannot_be_listed_is_named_in_the_pairs() -> None:
-    server = grpc.aio.server()
-    agent_pb2_grpc.add_AgentServicer_to_server(_Refusing(), server)  # type: ignore[abstract]
-    endpoint = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
-    await server.start()
-    pool = AgentPool(None)
     told: list[str] = []
-    registry = NodeRegistry(pool, lambda node, delay: told.append(node), pull_deadline=60)
     desired = Desired()
     desired.set_node("n1", {})
     desired.set_cache(view(CacheList(("reg.io/a:1",), ())))
-    try:
+
+    def changed(node: str, delay: float) -> None:
+        told.append(node)
+
+    async with registry_over(_Refusing(), on_change=changed) as (registry, (endpoint,)):  # type: ignore[abstract]
         agent = AgentInfo("n1", endpoint, False, expires=1e12, acquired="a")
         registry.set_agent("n1", agent)  # lists it
         obs = registry.observation("n1")
@@ -62,10 +59,6 @@ async def test_an_agent_that_cannot_be_listed_is_named_in_the_pairs() -> None:
         listings = len(registry._listing)
         registry.set_agent("n1", AgentInfo("n1", endpoint, False, expires=2e12, acquired="a"))
         assert len(registry._listing) == listings
-    finally:
-        await registry.close()
-        await pool.close()
-        await server.stop(None)
 
 
 class _Hanging(agent_pb2_grpc.AgentServicer):
@@ -82,13 +75,7 @@ async def test_slow_listings_are_not_piled_up_by_the_periodic_resync() -> None:
     """The housekeeping asks every second which nodes are due a resync; a node whose
     listing was still waiting or running was due again, and got another listing task
     each second (at 5,000 nodes with slow agents, thousands of tasks a second)."""
-    server = grpc.aio.server()
-    agent_pb2_grpc.add_AgentServicer_to_server(_Hanging(), server)  # type: ignore[abstract]
-    endpoint = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
-    await server.start()
-    pool = AgentPool(None)
-    registry = NodeRegistry(pool, lambda node, delay: None, pull_deadline=60, resync_every=1)
-    try:
+    async with registry_over(_Hanging(), resync_every=1) as (registry, (endpoint,)):  # type: ignore[abstract]
         for i in range(3):
             node = f"n{i}"
             registry.set_agent(node, AgentInfo(node, endpoint, False, expires=1e12, acquired="a"))
@@ -100,7 +87,3 @@ async def test_slow_listings_are_not_piled_up_by_the_periodic_resync() -> None:
             await asyncio.sleep(0.01)
         running = [t for t in registry._listing if not t.done()]
         assert len(running) == 3  # one per node: the first ones, still hanging
-    finally:
-        await registry.close()
-        await pool.close()
-        await server.stop(None)

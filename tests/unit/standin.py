@@ -1,0 +1,36 @@
+"""A node registry whose agents are a stand-in gRPC servicer on loopback, reached
+through the coordinator's own AgentPool over real grpc.aio channels."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from coordinator.agents import AgentPool
+from coordinator.nodes import NodeRegistry
+from protos.fledged.agent.v1 import agent_pb2_grpc
+
+
+@contextlib.asynccontextmanager
+async def registry_over(
+    servicer: Any,
+    endpoints: int = 1,
+    on_change: Callable[[str, float], None] = lambda node, delay: None,
+    **kwargs: Any,
+) -> AsyncIterator[tuple[NodeRegistry, list[str]]]:
+    """The registry and `endpoints` addresses of the servicer, all stopped after."""
+    server = grpc.aio.server()
+    agent_pb2_grpc.add_AgentServicer_to_server(servicer, server)
+    addresses = [f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}" for _ in range(endpoints)]
+    await server.start()
+    pool = AgentPool(None)
+    registry = NodeRegistry(pool, on_change, pull_deadline=60, **kwargs)
+    try:
+        yield registry, addresses
+    finally:
+        await registry.close()
+        await pool.close()
+        await server.stop(None)
