@@ -138,6 +138,10 @@ def can_i(env: TestEnv, who: str, *args: str) -> bool:
         (COORDINATOR, ("create", "events", "-n", "team-a"), True),
         (COORDINATOR, ("get", "secrets", "-n", "team-a"), True),  # pull secrets, by name
         (COORDINATOR, ("list", "secrets", "-n", "team-a"), False),
+        # the agents' certificate, issued anew before it expires; no other Secret
+        (COORDINATOR, ("update", "secrets/kube-fledged-agent-tls", "-n", "kube-fledged"), True),
+        (COORDINATOR, ("update", "secrets/kube-fledged-ca", "-n", "kube-fledged"), False),
+        (COORDINATOR, ("update", "secrets", "-n", "team-a"), False),
         (COORDINATOR, ("watch", "leases.coordination.k8s.io", "-n", "kube-fledged"), True),
         (COORDINATOR, ("create", "leases.coordination.k8s.io", "-n", "team-a"), False),
         (COORDINATOR, ("delete", "nodes"), False),
