@@ -135,7 +135,6 @@ class AgentTls:
         if folder is None:
             folder = Path(tempfile.mkdtemp(prefix="fledged-tls-"))
             atexit.register(shutil.rmtree, folder, True)  # the client key leaves with us
-        self._folder = folder
         self.config = TlsConfig(
             folder / "ca.crt", folder / "tls.crt", folder / "tls.key", SERVER_NAME
         )
