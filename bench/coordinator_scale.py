@@ -159,7 +159,11 @@ def run_one(
             if tls
             else []
         )
-        coordinator = env.start_coordinator(("--log-level=info", "--workers=4", *tls_flags))
+        coordinator = env.start_coordinator(
+            ("--log-level=info", "--workers=4", *tls_flags),
+            # Ready after its first listings: 10,000 agents take over 30 s on 2 cores.
+            ready_timeout=max(30.0, nodes / 100),
+        )
         listed = time.monotonic()
         wait_for(
             "the coordinator to list the fleet",

@@ -177,6 +177,7 @@ class Controller:
         self.refreshes = Refreshes()
         self._started = time.monotonic()
         registry.slots.wake = self._wake
+        registry.date_answer = self.refreshes.date
         self.gate = (
             NodeGate(
                 kube,

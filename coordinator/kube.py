@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -32,6 +33,13 @@ def now_iso() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _interned(strings: Mapping[str, Any]) -> dict[str, Any]:
+    """Labels and annotations with their keys and text values interned: the fleet's
+    Nodes and Leases repeat the same ones (kubernetes.io/os: linux, ...), and each
+    parsed object holds copies of its own (~1 KiB per Node and per Lease kept)."""
+    return {sys.intern(k): sys.intern(v) if type(v) is str else v for k, v in strings.items()}
+
+
 def metadata_only(obj: Obj) -> Obj:
     """What the coordinator reads of a Node: a real one carries kilobytes of status
     (its image list among them) that 5,000 of would keep in memory for nothing. Its
@@ -47,6 +55,8 @@ def metadata_only(obj: Obj) -> Obj:
         "creationTimestamp",
     )
     out: Obj = {"metadata": {k: meta[k] for k in keep if k in meta}}
+    if meta.get("labels"):
+        out["metadata"]["labels"] = _interned(meta["labels"])
     released = (meta.get("annotations") or {}).get(GATE_RELEASED_ANNOTATION)
     if released is not None:
         out["metadata"]["annotations"] = {GATE_RELEASED_ANNOTATION: released}
@@ -59,10 +69,14 @@ def metadata_only(obj: Obj) -> Obj:
 def without_managed_fields(obj: Obj) -> Obj:
     """An agent Lease as the coordinator reads it: its managedFields (the field
     owners' bookkeeping, larger than the rest of the Lease) kept in memory for
-    5,000 agents would be megabytes read by no one."""
+    5,000 agents would be megabytes read by no one; labels and annotations interned."""
     meta = obj.get("metadata")
-    if meta and "managedFields" in meta:
-        obj = {**obj, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+    if meta:
+        meta = {k: v for k, v in meta.items() if k != "managedFields"}
+        for part in ("labels", "annotations"):
+            if meta.get(part):
+                meta[part] = _interned(meta[part])
+        obj = {**obj, "metadata": meta}
     return obj
 
 

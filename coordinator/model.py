@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import weakref
 from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -105,23 +106,69 @@ def shared_image(
     return NodeImage(image_id, tags, digests, pinned, pin_owned, size)
 
 
+class _Holdings:
+    """An inventory's maps, shared by every node holding the same images (a fleet
+    that pulled one cache holds one set: 5,000 copies of two maps were ~17 MiB).
+    Never changed once made."""
+
+    __slots__ = ("__weakref__", "by_id", "by_name")
+
+    def __init__(self, by_id: dict[str, NodeImage], by_name: dict[ImageKey, NodeImage]) -> None:
+        self.by_id = by_id
+        self.by_name = by_name
+
+
+# (number of images, sum of their object ids) -> the holdings of those images. The
+# images are shared objects (shared_image), so equal holdings hold the same objects;
+# a candidate is checked object by object, the sum only finds it.
+_HOLDINGS: weakref.WeakValueDictionary[tuple[int, int], _Holdings] = weakref.WeakValueDictionary()
+
+
+def _signature(by_id: Mapping[str, NodeImage]) -> tuple[int, int]:
+    return len(by_id), sum(map(id, by_id.values()))
+
+
+def _same(holdings: _Holdings, by_id: Mapping[str, NodeImage]) -> bool:
+    mine = holdings.by_id
+    return len(mine) == len(by_id) and all(mine.get(k) is v for k, v in by_id.items())
+
+
+def _shared(by_id: dict[str, NodeImage], by_name: dict[ImageKey, NodeImage]) -> _Holdings:
+    """The shared holdings equal to these maps, made from them if none is. Where two
+    images claim one name the map depends on their order: such holdings (a passing
+    state) are not shared."""
+    if len(by_name) != sum(len(i.tags) + len(i.digests) for i in by_id.values()):
+        return _Holdings(by_id, by_name)
+    signature = _signature(by_id)
+    found = _HOLDINGS.get(signature)
+    if found is not None and _same(found, by_id):
+        return found
+    holdings = _Holdings(by_id, by_name)
+    if found is None:
+        _HOLDINGS[signature] = holdings
+    return holdings
+
+
 class Inventory:
     """The images on one node, looked up by key (tag or digest) or by id."""
 
+    __slots__ = ("_held", "synced_at")
+
     def __init__(self, images: Iterable[NodeImage], synced_at: float) -> None:
         self.synced_at = synced_at
-        self._by_id = {i.image_id: i for i in images}
-        self._by_name = {n: i for i in self._by_id.values() for n in (*i.tags, *i.digests)}
+        by_id = {i.image_id: i for i in images}
+        by_name = {n: i for i in by_id.values() for n in (*i.tags, *i.digests)}
+        self._held = _shared(by_id, by_name)
 
     @property
     def images(self) -> list[NodeImage]:
-        return list(self._by_id.values())
+        return list(self._held.by_id.values())
 
     def lookup(self, key: ImageKey) -> NodeImage | None:
-        return self._by_name.get(lookup_name(key))
+        return self._held.by_name.get(lookup_name(key))
 
     def by_id(self, image_id: str) -> NodeImage | None:
-        return self._by_id.get(image_id)
+        return self._held.by_id.get(image_id)
 
     def resolve(self, name: str) -> str:
         """The image id an order's name (a key or an id) stands for on this node."""
@@ -131,27 +178,54 @@ class Inventory:
 
     def same_images(self, other: Inventory) -> bool:
         """Equal holdings (images are shared objects, so mostly an identity check)."""
-        return self._by_id == other._by_id
+        return self._held is other._held or self._held.by_id == other._held.by_id
 
     def replace(self, image: NodeImage) -> Inventory:
-        """A copy where `image` (same id) replaces the old entry, or is added. Copies
-        the maps whole (in C) instead of rebuilding them: every pull's answer makes one."""
-        copy = Inventory((), self.synced_at)
-        copy._by_id = dict(self._by_id)
-        copy._by_name = dict(self._by_name)
-        old = copy._by_id.pop(image.image_id, None)
-        copy._by_id[image.image_id] = image
+        """A copy where `image` (same id) replaces the old entry, or is added. Every
+        pull's answer makes one: the fleet's nodes answer alike, so most find the
+        holdings already made by another node; otherwise the maps are copied whole
+        (in C) instead of rebuilt."""
+        held = self._held
+        copy = Inventory.__new__(Inventory)
+        copy.synced_at = self.synced_at
+        old = held.by_id.get(image.image_id)
+        count, total = _signature(held.by_id)
+        if old is None:
+            signature = (count + 1, total + id(image))
+        else:
+            signature = (count, total - id(old) + id(image))
+        found = _HOLDINGS.get(signature)
+        if (
+            found is not None
+            and found.by_id.get(image.image_id) is image
+            and len(found.by_id) == signature[0]
+            and all(found.by_id.get(k) is v for k, v in held.by_id.items() if v is not old)
+        ):  # the same images: the same names too (shared holdings have no clashes)
+            copy._held = found
+            return copy
+        by_id = dict(held.by_id)
+        by_id.pop(image.image_id, None)
+        by_id[image.image_id] = image
+        copy._held = _shared(by_id, self._names_after(image, old))
+        return copy
+
+    def _names_after(self, image: NodeImage, old: NodeImage | None) -> dict[ImageKey, NodeImage]:
+        by_name = dict(self._held.by_name)
         for name in (*image.tags, *image.digests):
-            copy._by_name[name] = image
+            by_name[name] = image
         if old is not None:
             for name in (old.tags | old.digests) - (image.tags | image.digests):
-                if copy._by_name.get(name) is old:  # another image holding it, if any
-                    holders = [i for i in copy._by_id.values() if name in i.tags | i.digests]
+                if by_name.get(name) is old:  # another image holding it, if any
+                    holders = [
+                        i
+                        for i in self._held.by_id.values()
+                        if i is not old and name in i.tags | i.digests
+                    ]
                     if holders:
-                        copy._by_name[name] = holders[-1]
+                        by_name[name] = holders[-1]
                     else:
-                        del copy._by_name[name]
-        return copy
+                        del by_name[name]
+        return by_name
 
 
 class OrderPhase(StrEnum):
@@ -363,16 +437,14 @@ class NodeObservation:
         self._record(key, record)
         self._changed()
 
-    def pull_succeeded(self, key: ImageKey, pulled: Pulled, now: float) -> None:
-        before = self._pull_record(key, now)
-        # Built whole rather than with dataclasses.replace: one per pull answered.
-        record = PullRecord(
-            OrderPhase.DONE,
-            finished=now,
-            bytes_done=pulled.bytes_done,
-            bytes_total=pulled.bytes_total,
-            digest=pulled.digest,
-            credentials=before.credentials,
+    def pull_succeeded(self, key: ImageKey, pulled: Pulled, dated: float) -> None:
+        """`dated`: the record's `finished`. The only question asked of a success's
+        date is whether it came after a refresh began, so the registry dates it by the
+        latest refresh start (Refreshes.date), which answers that alike: the fleet's
+        records of one answer are then one object, not 100,000."""
+        before = self._pull_record(key, dated)
+        record = _done(
+            pulled.bytes_done, pulled.bytes_total, pulled.digest, before.credentials, dated
         )
         self._record(key, record)
         if self.inventory is not None:
@@ -441,6 +513,21 @@ def _sent(failures: int, credentials: str) -> PullRecord:
     """An order's record until answered: the same for every node ordered alike (a
     fleet-wide order kept 100,000 equal records)."""
     return PullRecord(OrderPhase.SENT, failures=failures, credentials=credentials)
+
+
+@functools.lru_cache(maxsize=4096)
+def _done(
+    bytes_done: int, bytes_total: int, digest: str, credentials: str, dated: float
+) -> PullRecord:
+    # Built whole rather than with dataclasses.replace: one per pull answered.
+    return PullRecord(
+        OrderPhase.DONE,
+        finished=dated,
+        bytes_done=bytes_done,
+        bytes_total=bytes_total,
+        digest=digest,
+        credentials=credentials,
+    )
 
 
 def _failed(record: PullRecord, category: str, message: str, now: float) -> PullRecord:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import logging
 import time
-import uuid
 import weakref
 from collections import Counter
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -109,6 +109,19 @@ def encoded_pull(
     return agent_pb2.PullImagesRequest(images=[item]).SerializeToString()
 
 
+@functools.lru_cache(maxsize=256)
+def _request(
+    label: str, progress: agent_pb2.Progress.ValueType, images: bytes
+) -> tuple[str, bytes]:
+    """The id and serialized PullImagesRequest of a batch. The id names the batch's
+    content (a log correlation id, nothing else reads it), so nodes ordered alike share
+    one request: gRPC keeps it for the stream's life (~1 KiB for 20 images, 5 MiB over
+    5,000 nodes)."""
+    request_id = f"{label}/{hashlib.sha256(images).hexdigest()[:8]}"
+    head = agent_pb2.PullImagesRequest(request_id=request_id, progress=progress)
+    return request_id, head.SerializeToString() + images
+
+
 def inventory_from(resp: agent_pb2.ListImagesResponse, now: float) -> Inventory:
     return Inventory(
         [
@@ -183,6 +196,9 @@ class NodeRegistry:
         self._listing_failures: dict[str, int] = {}
         self._syncing: Counter[str] = Counter()  # node -> its listings under way or queued
         self._relists: dict[str, asyncio.TimerHandle] = {}
+        # The date a pull's success is recorded with: its time unless the controller
+        # dates it by refresh starts (Refreshes.date), so that answers alike are shared.
+        self.date_answer: Callable[[float], float] | None = None
 
     # -- bookkeeping -----------------------------------------------------------------
 
@@ -417,9 +433,7 @@ class NodeRegistry:
                 if caches
                 else node
             )
-            request_id = f"{label}/{uuid.uuid4().hex[:8]}"
-            head = agent_pb2.PullImagesRequest(request_id=request_id, progress=progress)
-            request = head.SerializeToString() + images
+            request_id, request = _request(label, progress, images)
             log.debug("pull batch %s to %s: %d image(s)", request_id, node, len(items))
             waiting = {key: item.caches for key, item in zip(keys, items, strict=True)}
             for item in items:
@@ -463,7 +477,7 @@ class NodeRegistry:
         try:
             async for event in client.pull(node, request, limit=overall):
                 key = image_key(event.image)
-                self._apply_event(obs, key, event)
+                self._apply_event(obs, key, event, self.date_answer)
                 if event.phase in OUTCOMES:
                     log.debug(
                         "node %s answered %s: %s",
@@ -500,14 +514,20 @@ class NodeRegistry:
         await self.sync(node, abilities=False)  # the batch changed the node: list it again
 
     @staticmethod
-    def _apply_event(obs: NodeObservation, key: ImageKey, event: agent_pb2.PullEvent) -> None:
+    def _apply_event(
+        obs: NodeObservation,
+        key: ImageKey,
+        event: agent_pb2.PullEvent,
+        date: Callable[[float], float] | None = None,
+    ) -> None:
+        """`date`: what a success is dated (`date_answer`)."""
         now = time.time()
         if event.phase == agent_pb2.PHASE_WAITING:
             obs.pull_progress(key, False, 0, 0, now)
         elif event.phase == agent_pb2.PHASE_PULLING:
             obs.pull_progress(key, True, event.bytes_done, event.bytes_total, now)
         elif event.phase in (agent_pb2.PHASE_SUCCEEDED, agent_pb2.PHASE_ALREADY_PRESENT):
-            obs.pull_succeeded(key, pulled_from(event), now)
+            obs.pull_succeeded(key, pulled_from(event), date(now) if date else now)
         elif event.phase == agent_pb2.PHASE_FAILED:
             category = CATEGORY_NAMES.get(event.error_category, "Internal")
             obs.pull_failed(key, category, event.error_message, now)

@@ -17,9 +17,22 @@ class Refreshes:
     def __init__(self) -> None:
         self._since: dict[str, float] = {}  # cache key -> wall-clock start of its refresh
         self._done: dict[str, float] = {}  # cache key -> monotonic end of an annotated one
+        self._latest = 0.0  # the latest start ever
 
     def since(self, key: str) -> float | None:
         return self._since.get(key)
+
+    def date(self, now: float) -> float:
+        """The date a pull's success is given: the latest refresh start so far, not
+        `now`. Whether it is at or after a refresh's start reads the same (every start
+        is recorded here as it is made, at the wall clock of then), and the fleet's
+        successes of one image share one record instead of one date each."""
+        return self._latest
+
+    def _start(self, key: str, now: float) -> None:
+        if key not in self._since:
+            self._since[key] = now
+            self._latest = max(self._latest, now)
 
     def seen(self, key: str, annotated: bool, now: float, clock: float) -> float:
         """The cache as our copy shows it now (`now`: wall clock, `clock`: monotonic).
@@ -32,7 +45,7 @@ class Refreshes:
         if self.echoing(key, clock):
             return ECHO - (clock - self._done[key])
         self._done.pop(key, None)
-        self._since.setdefault(key, now)
+        self._start(key, now)
         return 0.0
 
     def echoing(self, key: str, clock: float) -> bool:
@@ -49,7 +62,7 @@ class Refreshes:
     def timer(self, keys: Iterable[str], now: float) -> None:
         """--refresh-every: every cache refreshes (one under way goes on)."""
         for key in keys:
-            self._since.setdefault(key, now)
+            self._start(key, now)
 
     def finished(self, key: str, annotated: bool, clock: float) -> None:
         self._since.pop(key, None)

@@ -127,7 +127,10 @@ class CoordinatorProcess:
         kubeconfig: Path,
         extra_args: Sequence[str] = (),
         name: str = "coordinator",
+        ready_timeout: float = 30,
     ) -> None:
+        # A coordinator listing thousands of agents takes longer to become ready.
+        self.ready_timeout = ready_timeout
         self.metrics_port = free_port()
         self.health_port = free_port()
         argv: list[str | Path] = [
@@ -148,7 +151,9 @@ class CoordinatorProcess:
     def start(self, wait_ready: bool = True) -> CoordinatorProcess:
         self.process.start()
         if wait_ready:
-            self.process.wait_until(self.ready, timeout=30, what="coordinator /readyz")
+            self.process.wait_until(
+                self.ready, timeout=self.ready_timeout, what="coordinator /readyz"
+            )
         return self
 
     def ready(self) -> bool:
@@ -174,4 +179,4 @@ class CoordinatorProcess:
 
     def restart(self) -> None:
         self.process.start()
-        self.process.wait_until(self.ready, timeout=30, what="coordinator /readyz")
+        self.process.wait_until(self.ready, timeout=self.ready_timeout, what="coordinator /readyz")

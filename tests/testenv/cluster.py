@@ -202,10 +202,15 @@ class TestEnv:
         )
 
     def start_coordinator(
-        self, extra_args: tuple[str, ...] = (), name: str = "coordinator"
+        self,
+        extra_args: tuple[str, ...] = (),
+        name: str = "coordinator",
+        ready_timeout: float = 30,
     ) -> CoordinatorProcess:
         """A real coordinator process (admin identity) serving every namespace."""
-        coordinator = CoordinatorProcess(self.workdir, self.kubeconfig, extra_args, name)
+        coordinator = CoordinatorProcess(
+            self.workdir, self.kubeconfig, extra_args, name, ready_timeout
+        )
         self._started.append(coordinator.process)
         coordinator.start()
         return coordinator

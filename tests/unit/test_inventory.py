@@ -40,3 +40,23 @@ def test_replace_holds_what_a_fresh_inventory_holds() -> None:
                 assert inventory.lookup(key) == fresh.lookup(key), key
             for image_id in IDS:
                 assert inventory.by_id(image_id) == fresh.by_id(image_id)
+
+
+def test_shared_holdings_hold_what_a_fresh_inventory_holds() -> None:
+    """The same as above over a few image objects reused by many inventories, as a
+    fleet's are: most replaces then find holdings another inventory made."""
+    rng = random.Random(11)
+    pool = [random_image(rng) for _ in range(8)]
+    for _ in range(300):
+        inventory = Inventory([], 0.0)
+        images: list[NodeImage] = []
+        for _ in range(rng.randint(1, 10)):
+            image = rng.choice(pool)
+            inventory = inventory.replace(image)
+            images = [i for i in images if i.image_id != image.image_id] + [image]
+            fresh = Inventory(images, 0.0)
+            assert inventory.same_images(fresh)
+            for key in (*TAGS, *DIGESTS):
+                assert inventory.lookup(key) is fresh.lookup(key), key
+            for image_id in IDS:
+                assert inventory.by_id(image_id) is fresh.by_id(image_id)
