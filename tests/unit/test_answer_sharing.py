@@ -7,9 +7,20 @@ from __future__ import annotations
 
 import itertools
 
+from coordinator.api import CacheList, CacheSpec
+from coordinator.desired import CacheView, Desired
 from coordinator.images import image_key
-from coordinator.model import Inventory, NodeObservation, OrderPhase, names, shared_image
+from coordinator.model import (
+    AgentInfo,
+    Inventory,
+    NodeObservation,
+    OrderPhase,
+    names,
+    shared_image,
+)
 from coordinator.nodes import pulled_from
+from coordinator.pairs import PairPhase
+from coordinator.plan import Settings, plan_node
 from coordinator.refresh import Refreshes
 from protos.fledged.agent.v1 import agent_pb2
 
@@ -83,3 +94,26 @@ def test_nodes_holding_the_same_images_share_their_maps() -> None:
     first = inventories[0]
     assert all(i._held is first._held for i in inventories)
     assert all(i.lookup(image_key("reg.io/app-b:v1")) is images[1] for i in inventories)
+
+
+def test_nodes_in_the_same_state_share_their_planned_maps() -> None:
+    """A fleet-wide order puts thousands of nodes in a handful of states: their plans'
+    pairs and bases are one map per state, not two per node."""
+    desired = Desired()
+    nodes = [f"n{i}" for i in range(4)]
+    for node in nodes:
+        desired.set_node(node, {"zone": "a"})
+    spec = CacheSpec((CacheList(("reg.io/app:v1", "reg.io/other:v2"), (), True),), ())
+    desired.set_cache(CacheView(key="ns/c", generation=1, spec=spec))
+    held = shared_image("sha256:" + "c" * 64, names(["reg.io/app:v1"]), frozenset(), True, True, 1)
+    results = []
+    for node in nodes:
+        obs = NodeObservation(
+            agent=AgentInfo(node, "127.0.0.1:1", False, 2_000.0),
+            inventory=Inventory([held], 0.0),
+        )
+        results.append(plan_node(node, desired.node(node), obs, Settings(), 1_000.0))
+    first = results[0]
+    assert first.pairs[image_key("reg.io/app:v1")].phase is PairPhase.READY
+    assert len(first.pairs) == 2
+    assert all(r.pairs is first.pairs and r.basis is first.basis for r in results)
