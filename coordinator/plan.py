@@ -170,21 +170,22 @@ def plan_node(
         if not desire.want:
             continue
         record, present = obs.pulls.get(key), held[key]
-        pair, old = kept.get(key), bases.get(key)
+        pair, basis = kept.get(key), bases.get(key)
         if (
-            pair is None
-            or old is None
-            or old[0] is not desire
-            or old[1] is not record
-            or old[2] is not present
-            or old[3] is not obs.pinning_supported
-            or pair.phase not in REUSABLE
+            basis is None
+            or basis[0] is not desire
+            or basis[1] is not record
+            or basis[2] is not present
+            or basis[3] is not obs.pinning_supported
         ):
+            basis = _basis(desire, record, present, obs.pinning_supported)
+            pair = None  # its inputs changed
+        if pair is None or pair.phase not in REUSABLE:
             pair = _want(result, key, desire, desired, obs, present, settings, now)
         elif pair.phase is PairPhase.READY and present is not None:
             _repin(result, key, desire, present.pinned, obs)
         result.pairs[key] = pair
-        result.basis[key] = _basis(desire, record, present, obs.pinning_supported)
+        result.basis[key] = basis
     result.pairs = _shared_map(result.pairs)
     result.basis = _shared_map(result.basis)
     lifting = _pins(result, desired, obs, inventory, held)
