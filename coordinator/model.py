@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import itertools
 import weakref
-from collections.abc import Container, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Final
@@ -124,27 +124,24 @@ class _Holdings:
 _HOLDINGS: weakref.WeakValueDictionary[tuple[int, int], _Holdings] = weakref.WeakValueDictionary()
 
 
-def _signature(by_id: Mapping[str, NodeImage]) -> tuple[int, int]:
-    return len(by_id), sum(map(id, by_id.values()))
-
-
 def _same(holdings: _Holdings, by_id: Mapping[str, NodeImage]) -> bool:
     mine = holdings.by_id
     return len(mine) == len(by_id) and all(mine.get(k) is v for k, v in by_id.items())
 
 
-def _shared(by_id: dict[str, NodeImage], by_name: dict[ImageKey, NodeImage]) -> _Holdings:
-    """The shared holdings equal to these maps, made from them if none is. Where two
-    images claim one name the map depends on their order: such holdings (a passing
-    state) are not shared."""
-    if len(by_name) != sum(len(i.tags) + len(i.digests) for i in by_id.values()):
-        return _Holdings(by_id, by_name)
-    signature = _signature(by_id)
+def _shared(
+    by_id: dict[str, NodeImage], names: Callable[[], dict[ImageKey, NodeImage]]
+) -> _Holdings:
+    """The shared holdings of these images, made (`names`: their name map) if none
+    is. Where two images claim one name the map depends on their order: such holdings
+    (a passing state) are not shared; holdings found have none, nor then do these."""
+    signature = (len(by_id), sum(map(id, by_id.values())))
     found = _HOLDINGS.get(signature)
     if found is not None and _same(found, by_id):
         return found
-    holdings = _Holdings(by_id, by_name)
-    if found is None:
+    holdings = _Holdings(by_id, names())
+    clash = len(holdings.by_name) != sum(len(i.tags) + len(i.digests) for i in by_id.values())
+    if found is None and not clash:
         _HOLDINGS[signature] = holdings
     return holdings
 
@@ -157,8 +154,9 @@ class Inventory:
     def __init__(self, images: Iterable[NodeImage], synced_at: float) -> None:
         self.synced_at = synced_at
         by_id = {i.image_id: i for i in images}
-        by_name = {n: i for i in by_id.values() for n in (*i.tags, *i.digests)}
-        self._held = _shared(by_id, by_name)
+        self._held = _shared(
+            by_id, lambda: {n: i for i in by_id.values() for n in (*i.tags, *i.digests)}
+        )
 
     @property
     def images(self) -> list[NodeImage]:
@@ -183,30 +181,15 @@ class Inventory:
     def replace(self, image: NodeImage) -> Inventory:
         """A copy where `image` (same id) replaces the old entry, or is added. Every
         pull's answer makes one: the fleet's nodes answer alike, so most find the
-        holdings already made by another node; otherwise the maps are copied whole
-        (in C) instead of rebuilt."""
-        held = self._held
-        copy = Inventory.__new__(Inventory)
-        copy.synced_at = self.synced_at
-        old = held.by_id.get(image.image_id)
-        count, total = _signature(held.by_id)
-        if old is None:
-            signature = (count + 1, total + id(image))
-        else:
-            signature = (count, total - id(old) + id(image))
-        found = _HOLDINGS.get(signature)
-        if (
-            found is not None
-            and found.by_id.get(image.image_id) is image
-            and len(found.by_id) == signature[0]
-            and all(found.by_id.get(k) is v for k, v in held.by_id.items() if v is not old)
-        ):  # the same images: the same names too (shared holdings have no clashes)
-            copy._held = found
-            return copy
-        by_id = dict(held.by_id)
+        holdings another node made; otherwise the maps are copied whole (in C)
+        instead of rebuilt."""
+        old = self._held.by_id.get(image.image_id)
+        by_id = dict(self._held.by_id)
         by_id.pop(image.image_id, None)
         by_id[image.image_id] = image
-        copy._held = _shared(by_id, self._names_after(image, old))
+        copy = Inventory.__new__(Inventory)
+        copy.synced_at = self.synced_at
+        copy._held = _shared(by_id, lambda: self._names_after(image, old))
         return copy
 
     def _names_after(self, image: NodeImage, old: NodeImage | None) -> dict[ImageKey, NodeImage]:
