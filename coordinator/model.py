@@ -396,15 +396,13 @@ class NodeObservation:
 
     # -- pulls -----------------------------------------------------------------------
 
-    def pulls_ordered(
-        self, keys: Iterable[ImageKey], credentials: Mapping[ImageKey, str], now: float
-    ) -> None:
+    def pulls_ordered(self, keys: Iterable[ImageKey], credentials: Mapping[ImageKey, str]) -> None:
         for key in keys:
             old = self.pulls.get(key)
             self._record(key, _sent(old.failures if old else 0, credentials.get(key, "")))
         self._changed()
 
-    def _pull_record(self, key: ImageKey, now: float) -> PullRecord:
+    def _pull_record(self, key: ImageKey) -> PullRecord:
         record = self.pulls.get(key)
         return record if record is not None else _sent(0, "")
 
@@ -412,7 +410,7 @@ class NodeObservation:
         self, key: ImageKey, pulling: bool, done: int, total: int, now: float
     ) -> None:
         """WAITING (queued on the agent) or PULLING with bytes so far."""
-        record = self._pull_record(key, now)
+        record = self._pull_record(key)
         if pulling:
             record = replace(record, phase=OrderPhase.PULLING, bytes_done=done, bytes_total=total)
         else:
@@ -425,7 +423,7 @@ class NodeObservation:
         date is whether it came after a refresh began, so the registry dates it by the
         latest refresh start (Refreshes.date), which answers that alike: the fleet's
         records of one answer are then one object, not 100,000."""
-        before = self._pull_record(key, dated)
+        before = self._pull_record(key)
         record = _done(
             pulled.bytes_done, pulled.bytes_total, pulled.digest, before.credentials, dated
         )
@@ -445,7 +443,7 @@ class NodeObservation:
         self._changed()
 
     def pull_failed(self, key: ImageKey, category: str, message: str, now: float) -> None:
-        record = self._pull_record(key, now)
+        record = self._pull_record(key)
         self._record(key, _failed(record, category, message, now))
         self._changed()
 

@@ -409,13 +409,12 @@ class NodeRegistry:
         too, not only outcomes; `versions`: the pull Secrets each image goes with."""
         deadline = int(self._deadline)
         progress = agent_pb2.PROGRESS_FULL if detailed else agent_pb2.PROGRESS_OUTCOMES
-        now = time.time()
         for node, items in batches.items():
             obs = self.observation(node)
             if obs.agent is None or not items:
                 continue
             keys = [image_key(item.image) for item in items]
-            obs.pulls_ordered(keys, versions or {}, now)
+            obs.pulls_ordered(keys, versions or {})
             images = b"".join(
                 encoded_pull(
                     item.image,

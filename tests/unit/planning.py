@@ -109,7 +109,7 @@ def plan_caches(
         want = desired.node(node)
         result = plan_node(node, want, obs, settings, now)
         if obs is not None and result.pulls:
-            obs.pulls_ordered([image_key(i.image) for i in result.pulls], {}, now)
+            obs.pulls_ordered([image_key(i.image) for i in result.pulls], {})
         for cache, share in want.shares:
             plan = plans[cache]
             plan.projection.put(node, share, result)

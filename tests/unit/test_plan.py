@@ -159,7 +159,7 @@ def test_a_permanent_failure_is_tried_again_once_after_an_edit_or_for_a_new_cach
 def test_records_of_images_no_cache_mentions_are_forgotten_unless_in_flight() -> None:
     obs = node()
     c = ImageKey("reg.io/app/c:v1")
-    obs.pulls_ordered([B], {}, NOW)
+    obs.pulls_ordered([B], {})
     obs.pulls[A] = PullRecord(OrderPhase.FAILED, finished=NOW - 5, category="NotFound")
     obs.pulls[c] = PullRecord(OrderPhase.DONE, finished=NOW - 5)
     obs.pulls_forgotten({c})
@@ -327,7 +327,7 @@ def test_a_purge_waits_for_a_pull_under_way_and_removes_what_it_brings() -> None
     """Purged while a pull ran: the image was absent, so the purge read done, and the
     pull then left it on the node (only unpinned), the status saying it was removed."""
     pulling = node()
-    pulling.pulls_ordered([A], {}, NOW)
+    pulling.pulls_ordered([A], {})
     purge = view(everything_list(A), purge=True)
     plan = plan_cache(purge, {"n1": {}}, {"n1": pulling}, Settings(), NOW)
     assert not plan.purge_done

@@ -257,7 +257,7 @@ class World:
                 image_key(i.image): self.desired.node(node).items[image_key(i.image)].credentials
                 for i in result.pulls
             }
-            obs.pulls_ordered([image_key(i.image) for i in result.pulls], versions, self.now)
+            obs.pulls_ordered([image_key(i.image) for i in result.pulls], versions)
         assert obs.inventory is not None or not (result.pins or result.removals)
         if result.pins:
             assert obs.inventory is not None
