@@ -28,6 +28,7 @@ from kubernetes import client
 from common.wire import AGENT_LEASE_SELECTOR, ENDPOINT_ANNOTATION, NODE_LABEL, TLS_ANNOTATION
 
 from . import api
+from .coreapi import CoreV1
 from .desired import CacheView, Desired, NodeDesired, Removal, ShareChange, open_removals
 from .gate import Wanted
 from .gating import NodeGate
@@ -211,7 +212,7 @@ class Controller:
         self.nodes = Informer(
             "nodes",
             api_client,
-            client.CoreV1Api(api_client).list_node,
+            CoreV1(api_client).list_node,
             self._on_node,
             transform=metadata_only,
         )

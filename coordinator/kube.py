@@ -17,6 +17,7 @@ import urllib3
 from kubernetes import client, watch
 
 from .api import GATE_RELEASED_ANNOTATION, GROUP, PLURAL, VERSION
+from .coreapi import CoreV1
 from .gate import without_taint
 
 log = logging.getLogger(__name__)
@@ -253,7 +254,7 @@ class KubeWriter:
 
     def __init__(self, api: client.ApiClient, component: str = "kube-fledged-coordinator") -> None:
         self._custom = client.CustomObjectsApi(api)
-        self._core = client.CoreV1Api(api)
+        self._core = CoreV1(api)
         self._component = component
         self._host = f"{component}-{uuid.uuid4().hex[:6]}"
         self._secrets: dict[tuple[str, str], tuple[float, client.V1Secret | None]] = {}
@@ -317,12 +318,11 @@ class KubeWriter:
         already."""
         for _ in range(5):
             try:
-                node = self._core.read_node(name)
+                raw = self._core.read_node(name)
             except client.ApiException as err:
                 if err.status == 404:
                     return None
                 raise
-            raw = cast(Obj, self._core.api_client.sanitize_for_serialization(node))
             if uid and raw["metadata"].get("uid") != uid:
                 return None
             taints = (raw.get("spec") or {}).get("taints") or []

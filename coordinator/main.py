@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING
 
 from prometheus_client import start_http_server
 
@@ -24,7 +25,9 @@ from .leader import LeaderElector
 from .metrics import CoordinatorMetrics
 from .nodes import NodeRegistry
 from .plan import Settings
-from .tlsbootstrap import RENEW_EVERY, AgentTls
+
+if TYPE_CHECKING:
+    from .tlsbootstrap import AgentTls
 
 log = logging.getLogger("coordinator")
 
@@ -122,6 +125,9 @@ async def _serve(cfg: CoordinatorConfig, probes: Probes) -> int:
     tls = None
     auto_tls = None
     if cfg.agent_tls_auto:
+        # Imported only here: cryptography costs 8 MiB resident, for mTLS only.
+        from .tlsbootstrap import AgentTls
+
         auto_tls = AgentTls(api, cfg.agent_namespace)
         await asyncio.to_thread(auto_tls.renew)
         tls = auto_tls.config
@@ -188,6 +194,8 @@ async def _keep_current(tls: AgentTls, pool: AgentPool) -> None:
     """Issues the mTLS certificates anew before they expire, for as long as we lead; a
     channel dialled with a client certificate replaced goes (dialled anew when next
     used). A failed check is tried again sooner than the period."""
+    from .tlsbootstrap import RENEW_EVERY
+
     wait = RENEW_EVERY
     while True:
         await asyncio.sleep(wait)

@@ -25,6 +25,7 @@ from kubernetes import client
 from common.pki import CertificateAuthority
 
 from .agents import TlsConfig
+from .coreapi import CoreV1
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def _decode(secret: client.V1Secret, key: str) -> bytes:
 
 
 def _create_or_read(
-    core: client.CoreV1Api, namespace: str, name: str, data: dict[str, bytes]
+    core: CoreV1, namespace: str, name: str, data: dict[str, bytes]
 ) -> client.V1Secret:
     body = client.V1Secret(
         metadata=client.V1ObjectMeta(
@@ -79,7 +80,7 @@ def needs_issuing(ca: CertificateAuthority, ca_pem: bytes, cert_pem: bytes, now:
     return ""
 
 
-def _agent_secret(core: client.CoreV1Api, namespace: str, ca: CertificateAuthority) -> None:
+def _agent_secret(core: CoreV1, namespace: str, ca: CertificateAuthority) -> None:
     """The agents' Secret, made or issued anew when `needs_issuing` says so. The agents
     load a changed certificate without a restart (the kubelet updates the mounted
     Secret within a minute or two), so an expiring one is replaced in place."""
@@ -130,7 +131,7 @@ class AgentTls:
     anew before they expire (RENEW_BEFORE)."""
 
     def __init__(self, api: client.ApiClient, namespace: str, folder: Path | None = None) -> None:
-        self._core = client.CoreV1Api(api)
+        self._core = CoreV1(api)
         self._namespace = namespace
         if folder is None:
             folder = Path(tempfile.mkdtemp(prefix="fledged-tls-"))
