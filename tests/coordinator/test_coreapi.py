@@ -91,7 +91,7 @@ def test_a_node_is_read_and_patched_on_its_version(testenv: TestEnv) -> None:
         client.CoreV1Api(api).delete_node(name)
 
 
-def test_secrets_are_models_as_coreV1api_gives_them(testenv: TestEnv, namespace: str) -> None:
+def test_secrets_are_models_as_corev1api_gives_them(testenv: TestEnv, namespace: str) -> None:
     core = CoreV1(testenv.api_client())
     body = client.V1Secret(
         metadata=client.V1ObjectMeta(name="s", namespace=namespace), data={"k": "djE="}
@@ -106,7 +106,8 @@ def test_secrets_are_models_as_coreV1api_gives_them(testenv: TestEnv, namespace:
     read.data = {"k": "djI="}
     replaced = core.replace_namespaced_secret("s", namespace, read)
     assert replaced.data == {"k": "djI="}
-    assert replaced.metadata is not None and read.metadata is not None
+    assert replaced.metadata is not None
+    assert read.metadata is not None
     assert replaced.metadata.resource_version != read.metadata.resource_version
     with pytest.raises(client.ApiException) as stale:  # replaced on the version read
         core.replace_namespaced_secret("s", namespace, read)
