@@ -27,6 +27,8 @@ from .nodes import NodeRegistry
 from .plan import Settings
 
 if TYPE_CHECKING:
+    from kubernetes.client import ApiClient
+
     from .tlsbootstrap import AgentTls
 
 log = logging.getLogger("coordinator")
@@ -122,16 +124,9 @@ async def _serve(cfg: CoordinatorConfig, probes: Probes) -> int:
             return 0
         waiter.cancel()
 
-    tls = None
-    auto_tls = None
-    if cfg.agent_tls_auto:
-        # Imported only here: cryptography costs 8 MiB resident, for mTLS only.
-        from .tlsbootstrap import AgentTls
-
-        auto_tls = AgentTls(api, cfg.agent_namespace)
-        await asyncio.to_thread(auto_tls.renew)
-        tls = auto_tls.config
-    elif cfg.agent_tls_ca and cfg.agent_tls_cert and cfg.agent_tls_key:
+    auto_tls = await _auto_tls(cfg, api) if cfg.agent_tls_auto else None
+    tls = auto_tls.config if auto_tls is not None else None
+    if auto_tls is None and cfg.agent_tls_ca and cfg.agent_tls_cert and cfg.agent_tls_key:
         tls = TlsConfig(
             cfg.agent_tls_ca, cfg.agent_tls_cert, cfg.agent_tls_key, cfg.agent_tls_server_name
         )
@@ -188,6 +183,16 @@ async def _serve(cfg: CoordinatorConfig, probes: Probes) -> int:
         await asyncio.to_thread(elector.release)
     log.info("coordinator stopped")
     return code
+
+
+async def _auto_tls(cfg: CoordinatorConfig, api: ApiClient) -> AgentTls:
+    """The mTLS material made current (`--agent-tls-auto`). Imported only then:
+    cryptography costs 8 MiB of resident memory, and only mTLS needs it."""
+    from .tlsbootstrap import AgentTls
+
+    auto_tls = AgentTls(api, cfg.agent_namespace)
+    await asyncio.to_thread(auto_tls.renew)
+    return auto_tls
 
 
 async def _keep_current(tls: AgentTls, pool: AgentPool) -> None:
