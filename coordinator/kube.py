@@ -16,6 +16,16 @@ from typing import Any, cast
 import urllib3
 from kubernetes import client, watch
 
+# Loaded now rather than by the first Event's or Secret's thread: building these model
+# classes takes about 50 ms holding the GIL, which would stall the event loop then.
+from kubernetes.client import (
+    CoreV1Event,
+    V1EventSource,
+    V1ObjectMeta,
+    V1ObjectReference,
+    V1Secret,
+)
+
 from .api import GATE_RELEASED_ANNOTATION, GROUP, PLURAL, VERSION
 from .coreapi import CoreV1
 from .gate import without_taint
@@ -257,7 +267,7 @@ class KubeWriter:
         self._core = CoreV1(api)
         self._component = component
         self._host = f"{component}-{uuid.uuid4().hex[:6]}"
-        self._secrets: dict[tuple[str, str], tuple[float, client.V1Secret | None]] = {}
+        self._secrets: dict[tuple[str, str], tuple[float, V1Secret | None]] = {}
 
     def get_cache(self, namespace: str, name: str) -> Obj | None:
         try:
@@ -281,7 +291,7 @@ class KubeWriter:
             GROUP, VERSION, namespace, PLURAL, name, {"metadata": metadata}
         )
 
-    def get_secret(self, namespace: str, name: str) -> client.V1Secret | None:
+    def get_secret(self, namespace: str, name: str) -> V1Secret | None:
         """A pull Secret, read at most once per SECRET_TTL (None: it does not exist).
 
         A cache over a busy fleet is reconciled about once a second, every cache on any
@@ -349,9 +359,9 @@ class KubeWriter:
         meta = obj["metadata"]
         namespace = meta.get("namespace") or "default"
         stamp = datetime.now(UTC)
-        body = client.CoreV1Event(
-            metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=namespace),
-            involved_object=client.V1ObjectReference(
+        body = CoreV1Event(
+            metadata=V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=namespace),
+            involved_object=V1ObjectReference(
                 api_version=obj.get("apiVersion"),
                 kind=obj.get("kind"),
                 name=meta["name"],
@@ -365,7 +375,7 @@ class KubeWriter:
             first_timestamp=stamp,
             last_timestamp=stamp,
             count=1,
-            source=client.V1EventSource(component=self._component),
+            source=V1EventSource(component=self._component),
             reporting_component=self._component,
             reporting_instance=self._host,
         )
