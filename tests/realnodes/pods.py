@@ -35,6 +35,12 @@ def waiting_reason(core: client.CoreV1Api, namespace: str, name: str) -> str:
     return ""
 
 
+# How long a Node's status may take to show an image the runtime holds: the kubelet
+# lists its runtime's images every 30 s (its image GC manager's cache) and reports them
+# at its next status update (2 s here). A wait of 30 s failed once on a busy machine.
+NODE_IMAGES_WAIT = 75.0
+
+
 def node_image_names(core: client.CoreV1Api, node: str) -> set[str]:
     """The images the kubelet reports in its Node's status."""
     status = core.read_node(node).status

@@ -32,7 +32,7 @@ from common.reference import parse
 from tests.conftest import reported
 from tests.coordinator.helpers import get_cache, kubectl, wait_for, wait_status
 from tests.realnodes.conftest import pause_image
-from tests.realnodes.pods import node_image_names
+from tests.realnodes.pods import NODE_IMAGES_WAIT, node_image_names
 from tests.testenv import PushedImage, TestEnv, pull_secret
 from tests.testenv.demo import SAMPLE, SIZES, adapt_sample
 from tests.testenv.kubelet import ControlPlaneExtras, KubeletCluster, KubeletNode
@@ -279,7 +279,7 @@ def test_the_sample_cache_lands_on_the_kubelet_nodes(user: UserCluster) -> None:
         wait_for(
             f"{node.name}'s status to list its cached images",
             lambda n=node: node_image_names(user.core, n.name) >= wanted[n.name],  # type: ignore[misc]
-            timeout=30,
+            timeout=NODE_IMAGES_WAIT,
         )
         held = ctr_images(node)
         for image in wanted[node.name]:

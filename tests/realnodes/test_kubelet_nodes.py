@@ -8,7 +8,7 @@ from kubernetes import client
 from tests.conftest import unique
 from tests.coordinator.helpers import apply, cache_manifest, kubectl, wait_for, wait_status
 from tests.realnodes.conftest import KUBELET_LABEL, RealNodes
-from tests.realnodes.pods import node_image_names, pod_events, pod_on, running
+from tests.realnodes.pods import NODE_IMAGES_WAIT, node_image_names, pod_events, pod_on, running
 from tests.testenv import TestEnv
 from tests.testenv.workload import PAUSE_C, push_program_image, static_binary
 
@@ -75,6 +75,6 @@ def test_a_pod_starts_without_a_pull_from_an_image_an_imagecache_put_on_its_node
         wait_for(
             f"{node.name}'s status to list the image",
             lambda n=node: image.ref in node_image_names(core, n.name),  # type: ignore[misc]
-            timeout=30,
+            timeout=NODE_IMAGES_WAIT,
         )
     assert access_log.read_text().count(f"/v2/{repo}/manifests/") == asked_before
