@@ -124,9 +124,12 @@ async def _serve(cfg: CoordinatorConfig, probes: Probes) -> int:
             return 0
         waiter.cancel()
 
-    auto_tls = await _auto_tls(cfg, api) if cfg.agent_tls_auto else None
-    tls = auto_tls.config if auto_tls is not None else None
-    if auto_tls is None and cfg.agent_tls_ca and cfg.agent_tls_cert and cfg.agent_tls_key:
+    tls = None
+    auto_tls = None
+    if cfg.agent_tls_auto:
+        auto_tls = await _auto_tls(cfg, api)
+        tls = auto_tls.config
+    elif cfg.agent_tls_ca and cfg.agent_tls_cert and cfg.agent_tls_key:
         tls = TlsConfig(
             cfg.agent_tls_ca, cfg.agent_tls_cert, cfg.agent_tls_key, cfg.agent_tls_server_name
         )
