@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -120,11 +121,50 @@ def log_report(processes: Sequence[ManagedProcess], lines: int = 30) -> str:
     return "\n".join(f"--- {p.name} ({p.log_path}) ---\n{p.log_tail(lines)}" for p in processes)
 
 
-def free_port() -> int:
-    """A loopback TCP port that is free now (the kernel picks it)."""
+_HANDED_OUT: set[int] = set()
+# Below Linux's default ephemeral range (32768-60999) and above the 10xxx ports that
+# Kubernetes components default to.
+_QUIET_PORTS = range(20000, 32768)
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _bindable(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A TCP port that is free now and that no earlier call in this process returned.
+
+    Taken from below the kernel's ephemeral range, so an outgoing connection cannot
+    take it before the component we hand it to binds it; and never handed out twice,
+    since the kernel's own pick (bind to port 0) can return the port it just gave
+    the previous caller, who has not bound it yet: two components then share a port
+    and one fails with "Address already in use".
+    """
+    low = min(_QUIET_PORTS.stop, _ephemeral_low())
+    for _ in range(200 if low > _QUIET_PORTS.start else 0):
+        port = random.randrange(_QUIET_PORTS.start, low)
+        if port not in _HANDED_OUT and _bindable(port):
+            _HANDED_OUT.add(port)
+            return port
+    while True:  # the quiet range is used up (or the host's ephemeral range starts low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
