@@ -118,23 +118,44 @@ _MATCHERS: tuple[tuple[Category, tuple[re.Pattern[str], ...]], ...] = tuple(
 _URL = re.compile(r"\b[a-z][a-z0-9+.-]*://\S+")
 
 
-def classify_message(message: str) -> Category:
+def _image_spellings(image: str) -> re.Pattern[str] | None:
+    """The ways a runtime may write `image` in its message, tag or digest included:
+    as given, fully qualified, and Docker Hub's short forms."""
+    try:
+        ref = parse(image)
+    except InvalidReference:
+        return None
+    names = {ref.name}
+    if ref.domain == "docker.io":
+        short = ref.path.removeprefix("library/")
+        names |= {ref.path, short, f"docker.io/{short}"}
+    alternatives = "|".join(re.escape(n.lower()) for n in sorted(names, key=len, reverse=True))
+    return re.compile(rf"(?<![\w./-])(?:{alternatives})(?::[\w][\w.-]*)?(?:@[\w+.-]+:[0-9a-f]+)?")
+
+
+def classify_message(message: str, image: str = "") -> Category:
+    """`image`: the reference the message is about; its words (a repository named
+    `denied` or `unauthorized`) are the user's, not the error's."""
     text = _URL.sub(" ", message.lower())
+    spellings = _image_spellings(image) if image else None
+    if spellings is not None:
+        text = spellings.sub("<image>", text)
     for category, matchers in _MATCHERS:
         if any(m.search(text) for m in matchers):
             return category
     return Category.INTERNAL
 
 
-def classify_rpc_error(err: grpc.RpcError) -> AgentError:
-    """An error from the runtime's gRPC socket (CRI or containerd)."""
+def classify_rpc_error(err: grpc.RpcError, image: str = "") -> AgentError:
+    """An error from the runtime's gRPC socket (CRI or containerd), about `image` if
+    given."""
     code = err.code() if hasattr(err, "code") else None
     details = (err.details() if hasattr(err, "details") else None) or str(err)
     if code == grpc.StatusCode.UNAVAILABLE:
         return AgentError(Category.RUNTIME_UNAVAILABLE, f"container runtime unavailable: {details}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return AgentError(Category.DEADLINE_EXCEEDED, details)
-    return AgentError(classify_message(details), details)
+    return AgentError(classify_message(details, image), details)
 
 
 def parse_reference(ref: str) -> ImageRef:

@@ -277,7 +277,7 @@ class CriRuntime:
             try:
                 await self._images.PullImage(request, timeout=left)
             except grpc.RpcError as err:
-                failure = classify_rpc_error(err)
+                failure = classify_rpc_error(err, ref)
                 # Ours only if our deadline is what ran out: a runtime that gave up on
                 # the registry early (CRI-O's "pinging container registry ...: context
                 # deadline exceeded") said which registry and why; that stays. At our

@@ -104,11 +104,11 @@ def _hang_up(response: requests.Response) -> None:
             sock.shutdown(socket.SHUT_RDWR)
 
 
-def _classify(err: Exception) -> AgentError:
+def _classify(err: Exception, image: str = "") -> AgentError:
     if isinstance(err, requests.exceptions.ConnectionError):
         return AgentError(Category.RUNTIME_UNAVAILABLE, f"docker daemon unavailable: {err}")
     message = getattr(err, "explanation", None) or str(err)
-    return AgentError(classify_message(str(message)), str(message))
+    return AgentError(classify_message(str(message), image), str(message))
 
 
 class LayerProgress:
@@ -278,14 +278,14 @@ class DockerRuntime:
                     return
                 if "error" in event:
                     message = str(event.get("error"))
-                    raise AgentError(classify_message(message), message)
+                    raise AgentError(classify_message(message, repository), message)
                 update = progress.update(event)
                 if update is not None:
                     report(update)
         except (docker.errors.APIError, requests.exceptions.RequestException) as err:
             if stop.is_set():
                 return  # hung up on purpose
-            raise _classify(err) from err
+            raise _classify(err, repository) from err
         finally:
             for response in held:
                 response.close()

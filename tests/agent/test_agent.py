@@ -211,11 +211,14 @@ def test_a_replacing_pull_retires_the_old_content_unless_still_named_or_used(
             docker_client.close()
 
 
-def test_missing_image_fails_as_not_found(testenv: TestEnv, backend: Backend) -> None:
-    ref = f"{testenv.registry.host}/{unique('agent/missing')}:v1"
+@pytest.mark.parametrize("name", ["missing", "denied", "unauthorized"])
+def test_missing_image_fails_as_not_found(testenv: TestEnv, backend: Backend, name: str) -> None:
+    """Whatever the image is called: the runtime's message names it, and words of its
+    name ("denied:" in `.../denied:v1`) are not the registry's answer."""
+    ref = f"{testenv.registry.host}/{unique('agent/missing')}/{name}:v1"
     end = final(backend.agent.pull(order(ref)), ref)
     assert end.phase == A.PHASE_FAILED
-    assert end.error_category == A.ERROR_CATEGORY_NOT_FOUND
+    assert end.error_category == A.ERROR_CATEGORY_NOT_FOUND, end.error_message
     assert "not found" in end.error_message
 
 

@@ -89,6 +89,43 @@ def test_runtime_messages_map_to_categories(message: str, category: Category) ->
     assert classify_message(message) == category
 
 
+@pytest.mark.parametrize(
+    ("message", "image", "category"),
+    [
+        (  # containerd: the repository's name is not the registry's answer
+            'failed to pull and unpack image "r:5000/team/denied:v1": failed to resolve '
+            "image: r:5000/team/denied:v1: not found",
+            "r:5000/team/denied:v1",
+            Category.NOT_FOUND,
+        ),
+        (  # Docker
+            "manifest for r:5000/unauthorized:v1 not found: manifest unknown: manifest unknown",
+            "r:5000/unauthorized:v1",
+            Category.NOT_FOUND,
+        ),
+        (  # Docker Hub's short form, and the registry's own words still count
+            "pull access denied for toomanyrequests, repository does not exist or may "
+            "require 'docker login': denied: requested access to the resource is denied",
+            "toomanyrequests",
+            Category.UNAUTHORIZED,
+        ),
+        (  # by digest
+            'failed to pull and unpack image "docker.io/team/unauthorized@sha256:'
+            + "a" * 64
+            + '": failed to resolve reference "docker.io/team/unauthorized@sha256:'
+            + "a" * 64
+            + '": not found',
+            "team/unauthorized@sha256:" + "a" * 64,
+            Category.NOT_FOUND,
+        ),
+    ],
+)
+def test_the_image_s_own_name_does_not_decide_the_category(
+    message: str, image: str, category: Category
+) -> None:
+    assert classify_message(message, image) == category
+
+
 def test_sizes_and_durations_parse_like_kubernetes_quantities_and_go_durations() -> None:
     assert parse_size("10Gi") == 10 * 2**30
     assert parse_size("500M") == 500 * 10**6
