@@ -119,8 +119,9 @@ _URL = re.compile(r"\b[a-z][a-z0-9+.-]*://\S+")
 
 
 def _image_spellings(image: str) -> re.Pattern[str] | None:
-    """The ways a runtime may write `image` in its message, tag or digest included:
-    as given, fully qualified, and Docker Hub's short forms."""
+    """The ways a runtime may write `image` in its message: fully qualified, and Docker
+    Hub's short forms, with a tag or digest or without. A one-word name (Docker Hub's
+    `nginx`) counts only with its tag or digest: bare, it may be the error's own word."""
     try:
         ref = parse(image)
     except InvalidReference:
@@ -129,8 +130,12 @@ def _image_spellings(image: str) -> re.Pattern[str] | None:
     if ref.domain == "docker.io":
         short = ref.path.removeprefix("library/")
         names |= {ref.path, short, f"docker.io/{short}"}
-    alternatives = "|".join(re.escape(n.lower()) for n in sorted(names, key=len, reverse=True))
-    return re.compile(rf"(?<![\w./-])(?:{alternatives})(?::[\w][\w.-]*)?(?:@[\w+.-]+:[0-9a-f]+)?")
+    suffix = r"(?::[\w][\w.-]*)?(?:@[\w+.-]+:[0-9a-f]+)?"
+    alternatives = [
+        re.escape(n.lower()) + (suffix if "/" in n else r"(?::[\w][\w.-]*|@[\w+.-]+:[0-9a-f]+)")
+        for n in sorted(names, key=len, reverse=True)
+    ]
+    return re.compile(rf"(?<![\w./-])(?:{'|'.join(alternatives)})")
 
 
 def classify_message(message: str, image: str = "") -> Category:

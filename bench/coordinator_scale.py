@@ -260,7 +260,8 @@ def write(
         "",
         "Orders reached the nodes: seconds after `kubectl apply`, first / median / last. "
         "A node's pulls: seconds from its order to its last pull's end, median / max "
-        "(ideal 10). Last pull: when the fleet's work was done.",
+        f"(ideal {pull_seconds * math.ceil(IMAGES / 2):g}). Last pull: when the fleet's "
+        "work was done.",
         "",
         "| nodes | connections | create -> Ready | ideal | ratio | coordinator peak RSS "
         "| coordinator CPU (of it, the operation) | simulated fleet's CPU | node plans "

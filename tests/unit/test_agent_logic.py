@@ -109,6 +109,12 @@ def test_runtime_messages_map_to_categories(message: str, category: Category) ->
             "toomanyrequests",
             Category.UNAUTHORIZED,
         ),
+        (  # a bare one-word name may be the error's own word: left as it is
+            "pull access denied for denied, repository does not exist or may require "
+            "'docker login': denied: requested access to the resource is denied",
+            "denied",
+            Category.UNAUTHORIZED,
+        ),
         (  # by digest
             'failed to pull and unpack image "docker.io/team/unauthorized@sha256:'
             + "a" * 64
