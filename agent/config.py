@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 from typing import Literal
 
+from common.addresses import shared_port
 from common.units import parse_duration, parse_size
 
 
@@ -204,8 +205,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[AgentConfig, bool]:
             log_format=ns.log_format,
             log_level=ns.log_level.upper(),
         )
+        clash = shared_port(
+            {
+                "--listen": cfg.listen,
+                "--metrics-listen": cfg.metrics_listen,
+                "--health-listen": cfg.health_listen,
+            }
+        )
     except ValueError as err:
         parser.error(str(err))
-    if ":" not in cfg.listen:
-        parser.error("--listen must be HOST:PORT")
+    if clash:
+        parser.error(clash)
     return cfg, not ns.no_lease

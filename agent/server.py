@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from prometheus_client import start_http_server
 
+from common.addresses import split_address
 from common.lifecycle import kube_client, stop_on_signals
 from protos.fledged.agent.v1 import agent_pb2_grpc
 
@@ -149,8 +150,8 @@ async def serve(cfg: AgentConfig, register_lease: bool) -> int:
         health_server.add_insecure_port(cfg.health_listen)
         await health_server.start()
     if cfg.metrics_listen:
-        mhost, mport = cfg.metrics_listen.rsplit(":", 1)
-        start_http_server(int(mport), addr=mhost, registry=metrics.registry)
+        mhost, mport = split_address(cfg.metrics_listen)
+        start_http_server(mport, addr=mhost, registry=metrics.registry)
 
     stopping = asyncio.Event()
     stop_on_signals(stopping)

@@ -9,6 +9,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.addresses import shared_port
 from common.units import parse_duration
 
 
@@ -132,8 +133,16 @@ def parse_args(argv: list[str] | None = None) -> CoordinatorConfig:
         refresh = parse_duration(ns.image_cache_refresh_frequency)
         gate_deadline = parse_duration(ns.node_gate_deadline)
         stall = parse_duration(ns.liveness_stall_timeout)
+        clash = shared_port(
+            {
+                "--metrics-bind-address": ns.metrics_bind_address,
+                "--health-probe-bind-address": ns.health_probe_bind_address,
+            }
+        )
     except ValueError as err:
         parser.error(str(err))
+    if clash:
+        parser.error(clash)
     return CoordinatorConfig(
         kubeconfig=ns.kubeconfig,
         image_pull_deadline=deadline,

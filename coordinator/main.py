@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import start_http_server
 
 from common import logs
+from common.addresses import split_address
 from common.lifecycle import kube_client, stop_on_signals
 
 from .agents import AgentPool, TlsConfig
@@ -35,8 +36,8 @@ log = logging.getLogger("coordinator")
 
 
 def _split(address: str) -> tuple[str, int]:
-    host, port = address.rsplit(":", 1)
-    return host or "0.0.0.0", int(port)
+    host, port = split_address(address)
+    return host or "0.0.0.0", port
 
 
 class Probes:
