@@ -130,9 +130,9 @@ def _image_spellings(image: str) -> re.Pattern[str] | None:
     if ref.domain == "docker.io":
         short = ref.path.removeprefix("library/")
         names |= {ref.path, short, f"docker.io/{short}"}
-    suffix = r"(?::[\w][\w.-]*)?(?:@[\w+.-]+:[0-9a-f]+)?"
+    tag, digest = r":[\w][\w.-]*", r"@[\w+.-]+:[0-9a-f]+"
     alternatives = [
-        re.escape(n.lower()) + (suffix if "/" in n else r"(?::[\w][\w.-]*|@[\w+.-]+:[0-9a-f]+)")
+        re.escape(n.lower()) + (rf"(?:{tag})?(?:{digest})?" if "/" in n else rf"(?:{tag}|{digest})")
         for n in sorted(names, key=len, reverse=True)
     ]
     return re.compile(rf"(?<![\w./-])(?:{'|'.join(alternatives)})")

@@ -7,16 +7,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-ANY_HOST = frozenset({"", "0.0.0.0", "::", "*"})
+ANY_HOST = frozenset({"0.0.0.0", "::", "*"})
 
 
 def split_address(text: str) -> tuple[str, int]:
-    """(host, port) of HOST:PORT; the host may be empty (every interface) or a
-    bracketed IPv6 address."""
+    """(host, port) of HOST:PORT; the host may be a bracketed IPv6 address, or empty
+    for every interface, given as 0.0.0.0 (prometheus_client cannot resolve "")."""
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"{text!r} is not HOST:PORT")
-    return host.removeprefix("[").removesuffix("]"), int(port)
+    return host.removeprefix("[").removesuffix("]") or "0.0.0.0", int(port)
 
 
 def shared_port(addresses: Mapping[str, str | None]) -> str | None:

@@ -35,11 +35,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("coordinator")
 
 
-def _split(address: str) -> tuple[str, int]:
-    host, port = split_address(address)
-    return host or "0.0.0.0", port
-
-
 class Probes:
     """/healthz: the event loop turns (a wedged loop answers 503, so the kubelet restarts
     the process; the probe server is a thread and would otherwise answer for ever).
@@ -85,7 +80,7 @@ class Probes:
             def log_message(self, *args: object) -> None:
                 return
 
-        server = ThreadingHTTPServer(_split(address), Handler)
+        server = ThreadingHTTPServer(split_address(address), Handler)
         threading.Thread(target=server.serve_forever, name="probes", daemon=True).start()
         return server
 
@@ -105,7 +100,7 @@ async def _serve(cfg: CoordinatorConfig, probes: Probes) -> int:
     if cfg.health_probe_bind_address:
         probes.serve(cfg.health_probe_bind_address)
     if cfg.metrics_bind_address:
-        host, port = _split(cfg.metrics_bind_address)
+        host, port = split_address(cfg.metrics_bind_address)
         start_http_server(port, addr=host, registry=metrics.registry)
 
     stop = asyncio.Event()

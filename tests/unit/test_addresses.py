@@ -4,15 +4,19 @@ servers bind with SO_REUSEPORT and would share the port's connections)."""
 
 from __future__ import annotations
 
+import urllib.request
+
 import pytest
+from prometheus_client import CollectorRegistry, start_http_server
 
 from agent.config import parse_args as agent_args
 from common.addresses import shared_port, split_address
 from coordinator.config import parse_args as coordinator_args
+from tests.testenv.procs import free_port
 
 
 def test_addresses_split_into_host_and_port() -> None:
-    assert split_address(":8080") == ("", 8080)
+    assert split_address(":8080") == ("0.0.0.0", 8080)  # what prometheus_client can bind
     assert split_address("127.0.0.1:9445") == ("127.0.0.1", 9445)
     assert split_address("[::1]:9445") == ("::1", 9445)
     for bad in ("8080", "host:", "host:http", "host:70000"):
@@ -53,3 +57,16 @@ def test_the_agent_refuses_two_of_its_servers_on_one_port(
     assert "is not HOST:PORT" in capsys.readouterr().err
     cfg, _ = agent_args([*base, "--listen=0.0.0.0:9445", "--health-listen=0.0.0.0:9446"])
     assert cfg.health_listen == "0.0.0.0:9446"
+
+
+def test_an_address_without_a_host_serves_metrics_on_every_interface() -> None:
+    """`--metrics-listen=:9447` (the agent) crashed: prometheus_client cannot resolve ""."""
+    host, port = split_address(f":{free_port()}")
+    server, thread = start_http_server(port, addr=host, registry=CollectorRegistry())
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            assert resp.status == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
