@@ -60,6 +60,7 @@ NODE_CHANGE_BATCH = 0.25  # seconds at most node results gather before a cache i
 PLAN_SHARE = 20  # a cheap cache waits this many times its reconcile's cost before a replan
 COSTLY_RECONCILE = 0.02  # seconds: past this, a cache is replanned at most once a status interval
 FIRST_LISTINGS_WAIT = 15.0  # seconds at most the agents' first listings hold back workers
+CONFIRM_RETRY = 5.0  # seconds between reads of the agents' Leases while they fail
 TAKEOVER_GRACE = 45.0  # seconds a new coordinator waits for agents it has not seen yet
 CACHE, NODE, GATE = "cache", "node", "gate"
 Key = tuple[str, str]  # (CACHE, "namespace/name"), (NODE or GATE, "name")
@@ -177,6 +178,8 @@ class Controller:
         self._results: dict[str, NodeResult] = {}  # every node's last plan
         self.refreshes = Refreshes()
         self._started = time.monotonic()
+        self._confirming: asyncio.Task[None] | None = None  # a read of the Leases under way
+        self._confirm_at = 0.0  # monotonic: no read before (one failed: the API is away)
         registry.slots.wake = self._wake
         registry.date_answer = self.refreshes.date
         self.gate = (
@@ -256,6 +259,10 @@ class Controller:
 
     def _on_lease(self, key: str, old: Obj | None, new: Obj | None) -> None:
         """The registry owns the observation; it calls `node_changed` if this matters."""
+        self._registry.leases_seen(time.time())
+        self._lease_changed(old, new)
+
+    def _lease_changed(self, old: Obj | None, new: Obj | None) -> None:
         agent = agent_from_lease(new) if new else None
         before = agent_from_lease(old) if old else None
         node = agent.node if agent else before.node if before else None
@@ -401,13 +408,17 @@ class Controller:
             self.metrics.agent_channels.set(self._registry.channels)
             if self.gate is not None:
                 self.metrics.gated_nodes.set(len(self.gate.gated))
+            unconfirmed = False
             for node, obs in observations.items():
                 state = obs.alive(now)
+                unconfirmed = unconfirmed or obs.unconfirmed(now)
                 if alive.get(node) != state:
                     alive[node] = state
                     if not state:
                         log.warning("agent of node %s is gone (Lease expired or missing)", node)
                     self.queue.add((NODE, node))
+            if unconfirmed and self._confirming is None and time.monotonic() >= self._confirm_at:
+                self._confirming = asyncio.create_task(self._confirm_leases())
             for node in [n for n in alive if n not in observations]:
                 del alive[node]
             for node in self._registry.resync_due(now):
@@ -416,6 +427,33 @@ class Controller:
             if every > 0 and now - last_refresh >= every:
                 last_refresh = now
                 self.refresh_all(now)
+
+    async def _confirm_leases(self) -> None:
+        """Some agent's Lease ran out by the clock, but not as of the last news of the
+        Leases: they are read from the API server before anyone is taken for gone (the
+        watch may have gone silent; if the read fails, the API server is out of reach,
+        and no agent could renew meanwhile: nobody is taken for gone)."""
+        started = time.time()
+        try:
+            leases = await asyncio.to_thread(self.leases.read)
+        except Exception as err:
+            if not self._registry.view.unreachable:
+                log.warning(
+                    "cannot read the agents' Leases (%s): no agent is taken for gone until "
+                    "they can be read",
+                    err,
+                )
+            self._registry.leases_unreadable()
+            self._confirm_at = time.monotonic() + CONFIRM_RETRY
+            return
+        finally:
+            self._confirming = None
+        for key, obj in self.leases.store.items():
+            if key not in leases:
+                self._lease_changed(obj, None)
+        for key, obj in leases.items():
+            self._lease_changed(self.leases.store.get(key), obj)
+        self._registry.leases_seen(started)
 
     def refresh_all(self, now: float) -> None:
         """--image-cache-refresh-frequency: every cache refreshes, but a purged one (or

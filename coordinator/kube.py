@@ -158,6 +158,20 @@ class Informer:
         copies. The pages are one snapshot: an expired continue token (410) relists
         from the start."""
         seen: set[str] = set()
+
+        def listed(key: str, obj: Obj) -> None:
+            seen.add(key)
+            if self._versions.get(key) != obj["metadata"].get("resourceVersion"):
+                self._emit(key, obj)
+
+        version = self._pages(listed)
+        for key in set(self._versions) - seen:
+            self._emit(key, None)
+        self._post(self.synced.set)  # after the changes above have been applied
+        return version
+
+    def _pages(self, each: Callable[[str, Obj], None]) -> str:
+        """Lists every object, page by page; returns the list's resourceVersion."""
         token: str | None = None
         while True:
             page = {"_continue": token} if token else {}
@@ -166,19 +180,19 @@ class Informer:
             del raw
             for item in resp.get("items") or ():
                 obj = self._as_dict(item)
-                key = self.key(obj)
-                seen.add(key)
-                if self._versions.get(key) != obj["metadata"].get("resourceVersion"):
-                    self._emit(key, obj)
+                each(self.key(obj), obj)
             meta = resp.get("metadata") or {}
             token = meta.get("continue")
             if not token:
-                break
+                return str(meta.get("resourceVersion", ""))
             del resp
-        for key in set(self._versions) - seen:
-            self._emit(key, None)
-        self._post(self.synced.set)  # after the changes above have been applied
-        return str(meta.get("resourceVersion", ""))
+
+    def read(self) -> dict[str, Obj]:
+        """The objects as the API server has them now, read past the watch (blocking;
+        the store is left to the watch): to confirm what the watch has not told."""
+        objects: dict[str, Obj] = {}
+        self._pages(objects.__setitem__)
+        return objects
 
     def _emit(self, key: str, obj: Obj | None) -> None:
         """Informer thread: records the change, hands it to the store's owner."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import weakref
 from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -40,6 +41,23 @@ class AgentInfo:
             other.tls,
             other.acquired,
         )
+
+
+@dataclass
+class LeaseView:
+    """How far this process can vouch for the agents' Leases it holds, shared by every
+    node. A Lease that ran out by the clock counts as run out only as of the last news
+    read from the API server (a watch event, a relist, a read made to confirm): a
+    watch gone silent or an API server down is our silence, not the agents'. After a
+    read failed, the agents could not renew either: whatever comes next from the API
+    server gives every agent a whole Lease (`NodeObservation.grace`), as a restart of
+    the control plane must not read as every agent gone."""
+
+    seen: float = math.inf  # epoch seconds of the newest news (inf: none tracked)
+    unreachable: bool = False  # a read failed since: nobody could renew meanwhile
+
+    def as_of(self, now: float) -> float:
+        return min(now, self.seen)
 
 
 def observed(agent: AgentInfo, before: AgentInfo | None, now: float) -> AgentInfo:
@@ -295,13 +313,26 @@ class NodeObservation:
     listed_answers: int = 0  # ... of them, those the last listing came after
     version: int = field(default_factory=stamp)
     slots: WaveSlots = field(default_factory=WaveSlots, repr=False)  # shared by the fleet
+    view: LeaseView = field(default_factory=LeaseView, repr=False)  # shared by the fleet
 
     def held(self) -> Inventory | None:
         """What the node holds as far as known: the current listing, or the last."""
         return self.inventory if self.inventory is not None else self.last_seen
 
     def alive(self, now: float) -> bool:
-        return self.agent is not None and self.agent.alive(now)
+        """By the agent's Lease, as of the last news of the Leases (`LeaseView`)."""
+        return self.agent is not None and self.agent.alive(self.view.as_of(now))
+
+    def unconfirmed(self, now: float) -> bool:
+        """Run out by the clock, but not as of the last news: to be confirmed."""
+        return self.agent is not None and not self.agent.alive(now) and self.alive(now)
+
+    def grace(self, now: float) -> None:
+        """The API server could not be read a while: the agent gets a whole Lease from
+        now to renew in (it could not renew meanwhile either)."""
+        if self.agent is not None:
+            until = max(self.agent.expires, now + self.agent.duration)
+            self.agent = replace(self.agent, expires=until)
 
     def _changed(self) -> None:
         self.version = stamp()
@@ -335,7 +366,7 @@ class NodeObservation:
         listed (again), and how many orders lost with a previous agent process go to
         this one now (not after a backoff)."""
         old, self.agent = self.agent, agent
-        if renewed(old, agent, now) and self.inventory is not None:
+        if renewed(old, agent, self.view.as_of(now)) and self.inventory is not None:
             return False, 0  # the same agent, still alive and listed: nothing new
         self._changed()
         new_process = agent is not None and (old is None or not old.same_process(agent))

@@ -29,6 +29,7 @@ from .images import ImageKey, image_key, ref_of
 from .model import (
     AgentInfo,
     Inventory,
+    LeaseView,
     NodeObservation,
     Pulled,
     names,
@@ -187,6 +188,7 @@ class NodeRegistry:
         self._deadline = pull_deadline
         self._resync_every = resync_every
         self.slots = slots if slots is not None else WaveSlots()
+        self.view = LeaseView()
         self.observations: dict[str, NodeObservation] = {}
         self._tasks: set[asyncio.Task[object]] = set()
         self._last_notify: dict[str, float] = {}
@@ -232,7 +234,7 @@ class NodeRegistry:
     def observation(self, node: str) -> NodeObservation:
         obs = self.observations.get(node)
         if obs is None:
-            obs = self.observations[node] = NodeObservation(slots=self.slots)
+            obs = self.observations[node] = NodeObservation(slots=self.slots, view=self.view)
         return obs
 
     def _notify(self, node: str, progress_only: bool = False, delay: float = 0.0) -> None:
@@ -243,6 +245,21 @@ class NodeRegistry:
         self._on_change(node, delay)
 
     # -- agents ----------------------------------------------------------------------
+
+    def leases_seen(self, when: float) -> None:
+        """News of the agents' Leases, as they were at `when` (see LeaseView). The
+        first after a failed read gives every agent a whole Lease from now."""
+        view = self.view
+        if view.unreachable:
+            log.info("the agents' Leases can be read again: each agent has a whole Lease to renew")
+            view.unreachable = False
+            now = time.time()
+            for obs in self.observations.values():
+                obs.grace(now)
+        view.seen = when
+
+    def leases_unreadable(self) -> None:
+        self.view.unreachable = True
 
     def set_agent(self, node: str, agent: AgentInfo | None) -> None:
         """A Lease appeared, changed or went away."""

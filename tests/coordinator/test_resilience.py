@@ -3,9 +3,11 @@ keeps nodes from pulling one image all at once."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import re
+import signal
 import threading
 import time
 import urllib.error
@@ -41,7 +43,7 @@ from tests.coordinator.helpers import (
     wait_status,
 )
 from tests.testenv import TestEnv
-from tests.testenv.agents import AGENT_NAMESPACE, CoordinatorProcess
+from tests.testenv.agents import AGENT_NAMESPACE, AgentProcess, CoordinatorProcess
 from tests.testenv.proxy import RegistryProxy
 from tests.testenv.runtime import NodeRuntime
 
@@ -95,6 +97,60 @@ def test_a_killed_coordinator_resumes_a_cache_without_pulling_anything_twice(
     access = testenv.registry.process.log_path.read_text()
     for digest in image.layer_digests:
         assert access.count(f"GET /v2/{image.repository}/blobs/{digest}") == 3  # once per node
+
+
+def test_an_apiserver_restart_breaks_no_watch_for_good(
+    testenv: TestEnv,
+    coordinator: CoordinatorProcess,
+    agents: dict[str, AgentProcess],
+    namespace: str,
+) -> None:
+    """The apiserver dies under a running coordinator and its agents and comes back
+    after longer than the agents' Leases last (10 s here), as a control plane's
+    upgrade or crash may: their watches and renewals fail meanwhile, then resume, and
+    neither process exits. No agent is taken for gone for the coordinator's own
+    blindness (the caches were written Failed, with Warning Events, before the
+    agents' Leases were read again); caches edited and created afterwards are served."""
+    registry = testenv.registry_client()
+    before, edited, created = (registry.push_image(unique("ic/apirestart"), "v1") for _ in range(3))
+    apply(testenv, cache_manifest("before-restart", namespace, [{"images": [before.ref]}]))
+    wait_status(testenv, namespace, "before-restart", "Succeeded")
+    coordinator_pid = coordinator.process.proc.pid if coordinator.process.proc else None
+    leases = client.CoordinationV1Api(testenv.api_client())
+
+    def renewed(node: str) -> datetime:
+        spec = leases.read_namespaced_lease(lease_name(node), AGENT_NAMESPACE).spec
+        assert spec is not None
+        assert spec.renew_time is not None
+        return spec.renew_time
+
+    def renewed_since(node: str) -> bool:
+        return renewed(node) > renewals[node]
+
+    renewals = {node: renewed(node) for node in agents}
+    log_before = coordinator.process.log_path.stat().st_size
+    testenv.apiserver.restart(down=11.0, sig=signal.SIGKILL)
+
+    assert coordinator.process.alive(), coordinator.process.log_tail()
+    assert coordinator.process.proc is not None
+    assert coordinator.process.proc.pid == coordinator_pid
+    lists = [{"images": [before.ref, edited.ref]}]
+    apply(testenv, cache_manifest("before-restart", namespace, lists))
+    apply(testenv, cache_manifest("after-restart", namespace, [{"images": [created.ref]}]))
+    wait_status(testenv, namespace, "before-restart", "Succeeded")
+    wait_status(testenv, namespace, "after-restart", "Succeeded")
+    for node in agents:
+        held = node_images(testenv, node)
+        assert {before.ref, edited.ref, created.ref} <= held.keys(), node
+    for node, agent in agents.items():
+        assert agent.process.alive(), agent.process.log_tail()
+        wait_for(f"{node}'s agent to renew its Lease", functools.partial(renewed_since, node))
+    for name in ("before-restart", "after-restart"):
+        warnings = [e for e in events(testenv, namespace, name) if e[0] == "Warning"]
+        assert not warnings, (name, warnings)
+    with coordinator.process.log_path.open("rb") as log:
+        log.seek(log_before)
+        assert b"is gone" not in log.read()
 
 
 def test_a_cache_deleted_while_no_coordinator_runs_is_released_by_the_next_one(

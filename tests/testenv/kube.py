@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
 import ssl
+import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +159,13 @@ class ApiServer:
     def start(self) -> None:
         self.process.start()
         self.process.wait_until(self._ready, timeout=120, what="kube-apiserver /readyz")
+
+    def restart(self, down: float = 0.0, sig: int = signal.SIGTERM) -> None:
+        """Stopped by `sig`, then started again on the same port and etcd after `down`
+        seconds, as an upgrade or a crash of the control plane does."""
+        self.process.stop(sig=sig)
+        time.sleep(down)
+        self.start()
 
     def _ready(self) -> bool:
         ctx = ssl.create_default_context(cafile=str(self.ca.cert_path))
