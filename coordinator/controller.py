@@ -833,12 +833,14 @@ class Controller:
             "resourceVersion": meta["resourceVersion"],
         }
         try:
-            await asyncio.to_thread(
+            patched = await asyncio.to_thread(
                 self._kube.patch_metadata, meta["namespace"], meta["name"], removal
             )
         except client.ApiException as err:
-            if err.status not in (404, 409):
+            if err.status != 409:
                 raise
+            patched = False
+        if not patched:
             log.debug("%s: the refresh annotation changed since our copy; left alone", key)
             return
         log.info("%s: %s done", key, api.REFRESH_ANNOTATION)

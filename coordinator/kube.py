@@ -299,11 +299,19 @@ class KubeWriter:
         )
         return cast(Obj, result)
 
-    def patch_metadata(self, namespace: str, name: str, metadata: Obj) -> None:
-        """A merge patch of metadata; carrying resourceVersion makes it conditional."""
-        self._custom.patch_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, name, {"metadata": metadata}
-        )
+    def patch_metadata(self, namespace: str, name: str, metadata: Obj) -> bool:
+        """A merge patch of metadata; carrying resourceVersion makes it conditional.
+        False: the cache is gone (deleted while it was reconciled; its watch event
+        follows), nothing to patch."""
+        try:
+            self._custom.patch_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name, {"metadata": metadata}
+            )
+        except client.ApiException as err:
+            if err.status == 404:
+                return False
+            raise
+        return True
 
     def get_secret(self, namespace: str, name: str) -> V1Secret | None:
         """A pull Secret, read at most once per SECRET_TTL (None: it does not exist).

@@ -274,6 +274,20 @@ def test_a_coordinator_without_api_rights_stays_unready_and_still_stops(
     assert time.monotonic() - started < 10  # SIGTERM is honoured while waiting to sync
 
 
+def test_a_cache_deleted_while_reconciled_is_not_patched_and_not_an_error(
+    testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
+) -> None:
+    """Its finalizer or annotations patched after it went (a namespace deleted under
+    it): the patch finds nothing, which is no error (it was one, logged with its
+    traceback and retried)."""
+    writer = KubeWriter(testenv.api_client())
+    image = testenv.registry_client().push_image(unique("ic/gone"), "v1")
+    apply(testenv, cache_manifest("gone", namespace, [{"images": [image.ref]}]))
+    assert writer.patch_metadata(namespace, "gone", {"annotations": {"example.com/a": "1"}})
+    kubectl(testenv, "-n", namespace, "delete", "ic/gone", "--wait=true")
+    assert not writer.patch_metadata(namespace, "gone", {"annotations": {"example.com/a": None}})
+
+
 def test_a_status_write_that_meets_a_concurrent_change_retries_on_a_fresh_read(
     testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
 ) -> None:

@@ -19,10 +19,14 @@ class Writer:
         self.patches: list[tuple[str, str, dict[str, Any]]] = []
         self._status = status
 
-    def patch_metadata(self, namespace: str, name: str, metadata: dict[str, Any]) -> None:
+    def patch_metadata(self, namespace: str, name: str, metadata: dict[str, Any]) -> bool:
+        """As KubeWriter's: False when the cache is gone (404), other failures raised."""
         self.patches.append((namespace, name, metadata))
+        if self._status == 404:
+            return False
         if self._status is not None:
             raise client.ApiException(status=self._status, reason="Conflict")
+        return True
 
 
 META = {"namespace": "ns", "name": "c", "resourceVersion": "41"}
