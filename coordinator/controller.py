@@ -332,6 +332,8 @@ class Controller:
             if task is not waiter and task.exception() is not None:
                 log.error("controller task %s died", task.get_name(), exc_info=task.exception())
         self.queue.shutdown()
+        if self._confirming is not None:
+            tasks.append(self._confirming)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
