@@ -11,7 +11,11 @@ import re
 from dataclasses import dataclass
 
 DOCKER_HUB = "docker.io"
-# Names under which Docker Hub is written in references and in docker configs.
+# The one other name distribution folds into docker.io in a reference: containerd and
+# Docker keep `registry-1.docker.io/...` as written, so it is a registry of its own here.
+LEGACY_DOCKER_HUB = "index.docker.io"
+# Names under which Docker Hub's credentials are written in docker configs and CRI
+# auth: any of them serves an image of any of them.
 DOCKER_HUB_ALIASES = frozenset(
     {"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}
 )
@@ -34,7 +38,7 @@ class InvalidReference(ValueError):
 
 @dataclass(frozen=True)
 class ImageRef:
-    domain: str  # registry host[:port], Docker Hub as docker.io
+    domain: str  # registry host[:port], Docker Hub as docker.io (index.docker.io too)
     path: str  # repository path; Docker Hub's official images under library/
     tag: str | None
     digest: str | None
@@ -115,7 +119,7 @@ def parse(reference: str) -> ImageRef:
             )
     else:
         domain, path = DOCKER_HUB, rest
-    if domain in DOCKER_HUB_ALIASES:
+    if domain == LEGACY_DOCKER_HUB:
         domain = DOCKER_HUB
     if domain == DOCKER_HUB and "/" not in path:
         path = f"library/{path}"
@@ -134,6 +138,12 @@ def parse(reference: str) -> ImageRef:
 def normalize(reference: str) -> str:
     """The canonical string for `reference` (raises InvalidReference)."""
     return parse(reference).canonical
+
+
+def same_registry(a: str, b: str) -> bool:
+    """Whether credentials for registry `a` serve images of registry `b` (Docker Hub
+    under any of its names)."""
+    return a == b or (a in DOCKER_HUB_ALIASES and b in DOCKER_HUB_ALIASES)
 
 
 def registry_of_server_address(server: str) -> str:

@@ -12,7 +12,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from common.reference import DOCKER_HUB, ImageRef, parse
+from common.reference import DOCKER_HUB, ImageRef, parse, same_registry
 
 DOCKERCONFIGJSON = "kubernetes.io/dockerconfigjson"
 DOCKERCFG = "kubernetes.io/dockercfg"
@@ -112,7 +112,7 @@ def credentials_for(ref: ImageRef, auths: Sequence[RegistryAuth]) -> list[Regist
     matching = [
         a
         for a in auths
-        if a.registry == ref.domain
+        if same_registry(a.registry, ref.domain)
         and (not a.path or ref.path == a.path or ref.path.startswith(a.path + "/"))
     ]
     return sorted(matching, key=lambda a: -len(a.path))

@@ -630,6 +630,42 @@ def test_removing_one_tag_keeps_the_content_its_other_tags_name(
     assert two.config_digest not in _held_ids(agent)
 
 
+def test_an_image_named_by_a_docker_hub_host_alias_is_removed_by_that_name(
+    testenv: TestEnv,
+) -> None:
+    """containerd keeps `registry-1.docker.io/...` as written (distribution folds only
+    index.docker.io into docker.io): the agent must look the image up by that name. It
+    looked for docker.io/..., so a removal untagged nothing and said it had."""
+    registry = testenv.registry_client()
+    repo = "library/" + unique("hub-alias")
+    one = registry.push_image(repo, "one", seed=repo)
+    two = registry.push_image(repo, "two", seed=repo)
+    with own_node(testenv, "node-hub-alias") as (containerd, agent):
+        # Docker Hub's API host, served here by the local registry as its mirror.
+        folder = containerd.certs_d / "registry-1.docker.io"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "hosts.toml").write_text(
+            'server = "https://registry-1.docker.io"\n\n'
+            f'[host."http://{testenv.registry.host}"]\n'
+            '  capabilities = ["pull", "resolve"]\n'
+        )
+        refs = [f"registry-1.docker.io/{repo}:{tag}" for tag in ("one", "two")]
+        for ref in refs:
+            end = final(agent.pull(order(ref, pin=True)), ref)
+            assert end.phase == A.PHASE_SUCCEEDED, end.error_message
+            assert end.pin == A.PIN_STATE_PINNED
+        first = agent.call("RemoveImages", A.RemoveImagesRequest(images=[refs[0]]))
+        assert [(r.was_present, r.error_category) for r in first.results] == [(True, 0)]  # type: ignore[attr-defined]
+        listed = agent.call("ListImages", A.ListImagesRequest())
+        kept = {i.id: i for i in listed.images}.get(one.config_digest)  # type: ignore[attr-defined]
+        assert kept is not None, "the content the other tag names was removed"
+        assert list(kept.repo_tags) == [refs[1]], "the removed tag is still there"
+        assert kept.pin == A.PIN_STATE_PINNED
+        last = agent.call("RemoveImages", A.RemoveImagesRequest(images=[refs[1]]))
+        assert [(r.was_present, r.error_category) for r in last.results] == [(True, 0)]  # type: ignore[attr-defined]
+        assert two.config_digest not in _held_ids(agent), "the last tag's content stayed"
+
+
 def test_digest_references_work_for_pull_list_and_remove(
     testenv: TestEnv, backend: Backend
 ) -> None:

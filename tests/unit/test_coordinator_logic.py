@@ -168,6 +168,9 @@ def test_pull_secrets_match_registries_as_the_kubelet_does() -> None:
     )
     hub = credentials_for(parse("nginx"), entries)
     assert [(c.username, c.password) for c in hub] == [("hub-user", "hub-pass")]
+    # Docker Hub under its API host's name is its own image name, the same registry
+    hub_alias = credentials_for(parse("registry-1.docker.io/library/nginx"), entries)
+    assert [c.username for c in hub_alias] == ["hub-user"]
     team = credentials_for(parse("reg.io:5000/team/app:v1"), entries)
     assert [c.username for c in team] == ["team", "u"]  # most specific first
     assert credentials_for(parse("other.io/x"), entries) == []

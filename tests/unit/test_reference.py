@@ -16,7 +16,10 @@ DIGEST = "sha256:" + "a" * 64
         ("nginx:1.27", "docker.io/library/nginx:1.27"),
         ("bitnami/redis:7", "docker.io/bitnami/redis:7"),
         ("index.docker.io/library/nginx:1", "docker.io/library/nginx:1"),
-        ("registry-1.docker.io/x/y", "docker.io/x/y:latest"),
+        # distribution folds only index.docker.io; containerd keeps these as written
+        ("registry-1.docker.io/x/y", "registry-1.docker.io/x/y:latest"),
+        ("registry-1.docker.io/library/nginx", "registry-1.docker.io/library/nginx:latest"),
+        ("registry.hub.docker.com/nginx:1", "registry.hub.docker.com/nginx:1"),
         ("localhost/app", "localhost/app:latest"),
         ("127.0.0.1:5000/team/app:v1", "127.0.0.1:5000/team/app:v1"),
         ("quay.io/a/b/c:tag_1.0-x", "quay.io/a/b/c:tag_1.0-x"),
