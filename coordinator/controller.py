@@ -816,13 +816,16 @@ class Controller:
             await self._remove_echo(key, meta)
         if done:
             await asyncio.sleep(self._config.status_interval)  # let the final status land first
-            await asyncio.to_thread(
+            removed = await asyncio.to_thread(
                 self._kube.patch_metadata,
                 meta["namespace"],
                 meta["name"],
                 {"annotations": {a: None for a in done}},
             )
-            log.info("%s: %s done", key, ", ".join(done))
+            if removed:
+                log.info("%s: %s done", key, ", ".join(done))
+            else:
+                log.debug("%s: deleted before its %s ended", key, ", ".join(done))
 
     async def _remove_echo(self, key: str, meta: Obj) -> None:
         """Our copy still shows the annotation of a refresh that has ended: removed
