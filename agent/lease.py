@@ -13,8 +13,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
-from kubernetes import client
-
+from agent.kubeapi import ApiError, ApiTarget, KubeApi, LeaseClient, Obj
 from common.wire import (
     COMPONENT_LABELS,
     ENDPOINT_ANNOTATION,
@@ -30,7 +29,7 @@ log = logging.getLogger(__name__)
 class LeaseRegistrar:
     def __init__(
         self,
-        api: client.ApiClient,
+        target: ApiTarget,
         namespace: str,
         node: str,
         endpoint: str,
@@ -39,7 +38,6 @@ class LeaseRegistrar:
         duration: float,
         renew_interval: float,
     ) -> None:
-        self._api = client.CoordinationV1Api(api)
         self.namespace = namespace
         self.node = node
         self.name = lease_name(node)
@@ -49,7 +47,7 @@ class LeaseRegistrar:
         self._duration = duration
         self._interval = renew_interval
         # A renewal that hangs (a half-open connection) ends by the next one's turn.
-        self._call_timeout = max(1.0, min(renew_interval, 10.0))
+        self._leases = LeaseClient(KubeApi(target, max(1.0, min(renew_interval, 10.0))), namespace)
         self._acquired: datetime | None = None  # when this process took the Lease
         # A renewal runs in a thread that cancelling its task does not stop: the lock
         # and the flag keep one from writing the Lease back after `release` deleted it.
@@ -61,18 +59,25 @@ class LeaseRegistrar:
         # renewed whatever the runtime does, or the node's agent is taken for gone.
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lease")
 
-    def _metadata(self, resource_version: str | None = None) -> client.V1ObjectMeta:
-        return client.V1ObjectMeta(
-            name=self.name,
-            namespace=self.namespace,
-            labels={**COMPONENT_LABELS, NODE_LABEL: self.node},
-            annotations={
+    def _lease(self, spec: Obj, resource_version: str | None = None) -> Obj:
+        metadata: Obj = {
+            "name": self.name,
+            "namespace": self.namespace,
+            "labels": {**COMPONENT_LABELS, NODE_LABEL: self.node},
+            "annotations": {
                 ENDPOINT_ANNOTATION: self._endpoint,
                 TLS_ANNOTATION: "true" if self._tls else "false",
                 VERSION_ANNOTATION: self._version,
             },
-            resource_version=resource_version,
-        )
+        }
+        if resource_version:
+            metadata["resourceVersion"] = resource_version
+        return {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": metadata,
+            "spec": spec,
+        }
 
     def renew_once(self) -> None:
         """Creates the Lease or renews it (blocking; run in a thread)."""
@@ -87,42 +92,26 @@ class LeaseRegistrar:
             # A new acquireTime tells the coordinator this is a new agent process, even
             # at the same address: what it knew of the node is out of date.
             self._acquired = now
-        spec = client.V1LeaseSpec(
-            holder_identity=self.node,
-            lease_duration_seconds=max(1, int(self._duration)),
-            renew_time=now,
-            acquire_time=self._acquired,
-        )
+        spec: Obj = {
+            "holderIdentity": self.node,
+            "leaseDurationSeconds": max(1, int(self._duration)),
+            "renewTime": micro_time(now),
+            "acquireTime": micro_time(self._acquired),
+        }
         try:
-            current = self._api.read_namespaced_lease(
-                self.name, self.namespace, _request_timeout=self._call_timeout
-            )
-        except client.ApiException as err:
+            current = self._leases.read(self.name)
+        except ApiError as err:
             if err.status != 404:
                 raise
-            created = self._api.create_namespaced_lease(
-                self.namespace,
-                client.V1Lease(metadata=self._metadata(), spec=spec),
-                _request_timeout=self._call_timeout,
-            )
+            created = self._leases.create(self._lease(spec))
             self._written = _version(created)
             log.info(
                 "registered Lease %s/%s for endpoint %s", self.namespace, self.name, self._endpoint
             )
             return
-        transitions = (current.spec.lease_transitions or 0) if current.spec else 0
-        spec.lease_transitions = transitions + 1 if taking_over else transitions
-        replaced = self._api.replace_namespaced_lease(
-            self.name,
-            self.namespace,
-            client.V1Lease(
-                metadata=self._metadata(
-                    current.metadata.resource_version if current.metadata else None
-                ),
-                spec=spec,
-            ),
-            _request_timeout=self._call_timeout,
-        )
+        transitions = int((current.get("spec") or {}).get("leaseTransitions") or 0)
+        spec["leaseTransitions"] = transitions + 1 if taking_over else transitions
+        replaced = self._leases.replace(self.name, self._lease(spec, _version(current)))
         self._written = _version(replaced)
 
     async def run(self) -> None:
@@ -152,15 +141,8 @@ class LeaseRegistrar:
         if not written:
             return  # never registered
         try:
-            self._api.delete_namespaced_lease(
-                self.name,
-                self.namespace,
-                body=client.V1DeleteOptions(
-                    preconditions=client.V1Preconditions(resource_version=written)
-                ),
-                _request_timeout=self._call_timeout,
-            )
-        except client.ApiException as err:
+            self._leases.delete(self.name, written)
+        except ApiError as err:
             if err.status == 409:
                 log.info("Lease %s/%s taken over: left to its holder", self.namespace, self.name)
             elif err.status != 404:
@@ -169,5 +151,10 @@ class LeaseRegistrar:
             log.warning("could not delete Lease %s/%s: %s", self.namespace, self.name, err)
 
 
-def _version(lease: client.V1Lease) -> str:
-    return str(lease.metadata.resource_version or "") if lease.metadata else ""
+def micro_time(when: datetime) -> str:
+    """A MicroTime as the API writes it (RFC 3339 in UTC, microseconds)."""
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _version(lease: Obj) -> str:
+    return str((lease.get("metadata") or {}).get("resourceVersion") or "")

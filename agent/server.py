@@ -17,18 +17,18 @@ from grpc_health.v1 import health, health_pb2_grpc
 from prometheus_client import start_http_server
 
 from common.addresses import split_address
-from common.lifecycle import kube_client, stop_on_signals
+from common.lifecycle import stop_on_signals
 from protos.fledged.agent.v1 import agent_pb2_grpc
 
 from . import __version__
 from .config import AgentConfig
 from .health import set_status, watch_runtime
+from .kubeapi import ApiConfigError, ApiTarget, api_target
 from .lease import LeaseRegistrar
 from .metrics import AgentMetrics
 from .puller import PullManager
 from .runtime import Runtime
 from .runtime.cri import CriRuntime
-from .runtime.docker import DockerRuntime
 from .service import AgentService, NodeGuard
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,9 @@ SHUTDOWN_GRACE = 10.0
 
 def make_runtime(cfg: AgentConfig) -> Runtime:
     if cfg.runtime == "docker":
+        # Imported only here: the Docker SDK and requests are ~7 MiB a CRI node needn't hold.
+        from .runtime.docker import DockerRuntime
+
         return DockerRuntime(cfg.runtime_endpoint)
     return CriRuntime(cfg.runtime_endpoint, cfg.containerd_namespace)
 
@@ -115,6 +118,13 @@ def _key_matches(cert_pem: bytes, key_pem: bytes) -> bool:
 
 
 async def serve(cfg: AgentConfig, register_lease: bool) -> int:
+    target: ApiTarget | None = None
+    if register_lease:
+        try:
+            target = api_target(cfg.kubeconfig)
+        except ApiConfigError as err:
+            log.error("cannot register the agent's Lease: %s", err)
+            return 2
     metrics = AgentMetrics()
     runtime = make_runtime(cfg)
     manager = PullManager(
@@ -162,9 +172,9 @@ async def serve(cfg: AgentConfig, register_lease: bool) -> int:
         )
     }
     registrar: LeaseRegistrar | None = None
-    if register_lease:
+    if target is not None:
         registrar = LeaseRegistrar(
-            kube_client(cfg.kubeconfig),
+            target,
             cfg.namespace,
             cfg.node_name,
             endpoint,

@@ -16,7 +16,8 @@ from prometheus_client import start_http_server
 
 from common import logs
 from common.addresses import split_address
-from common.lifecycle import kube_client, stop_on_signals
+from common.lifecycle import stop_on_signals
+from coordinator.apiclient import kube_client
 
 from .agents import AgentPool, TlsConfig
 from .config import CoordinatorConfig, parse_args

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 from kubernetes import client
 
-from common.lifecycle import kube_client
+from coordinator.apiclient import kube_client
 
 from .paths import binary
 from .pki import CertFiles, CertificateAuthority, signing_keypair

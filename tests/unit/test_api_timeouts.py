@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from common.lifecycle import kube_client
+from coordinator.apiclient import kube_client
 
 
 @pytest.fixture

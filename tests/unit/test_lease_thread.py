@@ -15,6 +15,7 @@ from typing import Any
 
 from kubernetes import client
 
+from agent.kubeapi import ApiTarget
 from agent.lease import LeaseRegistrar
 from coordinator.leader import LeaderElector
 
@@ -23,14 +24,12 @@ class _Leases:
     def __init__(self) -> None:
         self.renewals = 0
 
-    def read_namespaced_lease(self, *args: Any, **kwargs: Any) -> client.V1Lease:
-        return client.V1Lease(
-            metadata=client.V1ObjectMeta(resource_version="1"), spec=client.V1LeaseSpec()
-        )
+    def read(self, name: str) -> dict[str, Any]:
+        return {"metadata": {"resourceVersion": "1"}, "spec": {}}
 
-    def replace_namespaced_lease(self, name: str, namespace: str, body: Any, **kw: Any) -> Any:
+    def replace(self, name: str, lease: dict[str, Any]) -> dict[str, Any]:
         self.renewals += 1
-        return client.V1Lease(metadata=client.V1ObjectMeta(resource_version=str(self.renewals)))
+        return {"metadata": {"resourceVersion": str(self.renewals)}}
 
 
 async def test_renewals_go_on_while_runtime_calls_hold_every_pool_thread() -> None:
@@ -38,11 +37,10 @@ async def test_renewals_go_on_while_runtime_calls_hold_every_pool_thread() -> No
     loop.set_default_executor(ThreadPoolExecutor(max_workers=2))
     hung = threading.Event()
     stuck = [asyncio.create_task(asyncio.to_thread(hung.wait, 10)) for _ in range(4)]
-    registrar = LeaseRegistrar(
-        client.ApiClient(), "ns", "n1", "10.0.0.1:9445", False, "v", 40, 0.05
-    )
+    target = ApiTarget("https", "127.0.0.1", 1, "", None)
+    registrar = LeaseRegistrar(target, "ns", "n1", "10.0.0.1:9445", False, "v", 40, 0.05)
     leases = _Leases()
-    registrar._api = leases  # type: ignore[assignment]
+    registrar._leases = leases  # type: ignore[assignment]
     renewing = asyncio.create_task(registrar.run())
     try:
         for _ in range(100):
