@@ -162,9 +162,7 @@ def main() -> int:
     return 0
 
 
-def write(
-    results: list[CaseResult], rounds: int, rss: float, cpu: float, after: float
-) -> None:
+def write(results: list[CaseResult], rounds: int, rss: float, cpu: float, after: float) -> None:
     lines = [
         "# Agent overhead: pull through the agent / direct CRI PullImage",
         "",
