@@ -25,9 +25,17 @@ import yaml
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 LEASES = "/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
 Obj = dict[str, Any]
-# A kept connection the apiserver has closed meanwhile fails at once in one of these
-# ways, before any answer: the request is sent again on a new one.
-_STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+# A kept connection the apiserver has closed meanwhile (an idle timeout) fails at once
+# in one of these ways: the request is sent again, once, on a new one. Were it applied
+# after all, the second sending meets a conflict (the Lease's resourceVersion) and the
+# renewal fails once, as any error would.
+_STALE = (
+    http.client.RemoteDisconnected,
+    ConnectionResetError,
+    BrokenPipeError,
+    ssl.SSLEOFError,
+    ssl.SSLZeroReturnError,
+)
 
 
 class ApiConfigError(ValueError):

@@ -217,14 +217,21 @@ def test_in_a_pod_the_service_account_is_used_and_its_absence_is_clear(
     assert (target.host, target.port, target.bearer()) == ("fd00::1", 443, "sa-token")
 
 
+@pytest.mark.parametrize("scheme", ["http", "https"])
 def test_a_kept_connection_the_server_dropped_is_replaced_without_an_error(
-    tmp_path: Path,
+    tmp_path: Path, scheme: str
 ) -> None:
-    for server, seen in _serve(close=True):
-        kubeconfig = _kubeconfig(
-            tmp_path / "kubeconfig", {"server": f"http://127.0.0.1:{server.server_port}"}, {}
-        )
-        api = KubeApi(from_kubeconfig(kubeconfig), timeout=5)
+    tls = None
+    if scheme == "https":
+        ca = CertificateAuthority(tmp_path / "pki")
+        files = ca.issue("server", "apiserver", ips=("127.0.0.1",), server=True)
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(str(files.cert), str(files.key))
+    for server, seen in _serve(tls, close=True):
+        cluster: dict[str, Any] = {"server": f"{scheme}://127.0.0.1:{server.server_port}"}
+        if tls is not None:
+            cluster["certificate-authority"] = "pki/fledged-test-ca.crt"
+        api = KubeApi(from_kubeconfig(_kubeconfig(tmp_path / "kubeconfig", cluster, {})), 5)
         for _ in range(3):
             assert api.request("POST", "/leases", {"n": 1}) == {"echo": {"n": 1}}
         assert len(seen) == 3  # each sent once, though the connection kept was gone
