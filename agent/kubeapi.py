@@ -198,7 +198,12 @@ class KubeApi:
                 except BaseException:
                     self.close_connection()
                     raise
-        answer = json.loads(data) if data else {}
+        try:
+            answer = json.loads(data) if data else {}
+        except ValueError:  # not the apiserver's JSON: a proxy's page, say
+            answer = {"message": data[:200].decode(errors="replace")}
+            if response.status < 400:
+                raise ApiError(response.status, f"not JSON: {answer['message']!r}") from None
         if response.status >= 400:
             message = answer.get("message") if isinstance(answer, dict) else None
             raise ApiError(response.status, str(message or response.reason))

@@ -40,6 +40,15 @@ class _Handler(BaseHTTPRequestHandler):
             peer = {k: v for ((k, v),) in cert.get("subject", ())}.get("commonName", "")
         self.seen.append((self.command, self.path, self.headers.get("Authorization", ""), peer))
         answer: dict[str, Any]
+        if self.path.startswith("/page/"):  # a proxy's page, not the apiserver's JSON
+            status = int(self.path.rsplit("/", 1)[1])
+            page = b"<html><body>Bad Gateway</body></html>"
+            self.send_response(status)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+            return
         if self.path.endswith("/missing"):
             status, answer = 404, {"kind": "Status", "message": 'leases "missing" not found'}
         else:
@@ -235,6 +244,16 @@ def test_a_kept_connection_the_server_dropped_is_replaced_without_an_error(
         for _ in range(3):
             assert api.request("POST", "/leases", {"n": 1}) == {"echo": {"n": 1}}
         assert len(seen) == 3  # each sent once, though the connection kept was gone
+
+
+def test_an_answer_that_is_not_json_is_an_api_error_with_its_text(tmp_path: Path) -> None:
+    for server, _ in _serve():
+        cluster = {"server": f"http://127.0.0.1:{server.server_port}"}
+        api = KubeApi(from_kubeconfig(_kubeconfig(tmp_path / "kubeconfig", cluster, {})), 5)
+        for status in (502, 200):
+            with pytest.raises(ApiError, match="Bad Gateway") as err:
+                api.request("GET", f"/page/{status}")
+            assert err.value.status == status
 
 
 def test_a_call_to_a_server_that_never_answers_ends_at_the_timeout(tmp_path: Path) -> None:
