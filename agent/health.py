@@ -1,7 +1,10 @@
 """The standard gRPC health service, SERVING only while the runtime answers.
 
 The kubelet's native gRPC probes read it, so a node whose runtime is down shows an
-unready agent instead of one that accepts orders it cannot carry out.
+unready agent instead of one that accepts orders it cannot carry out. Liveness asks
+for its own service, SERVING whenever the agent's event loop answers: a restart cannot
+bring a runtime back, and a kubelet that killed the agent for it restarted it for
+nothing once the runtime returned.
 """
 
 from __future__ import annotations
@@ -17,6 +20,13 @@ from .runtime import Runtime
 log = logging.getLogger(__name__)
 AGENT_SERVICE = "fledged.agent.v1.Agent"
 SERVICES = ("", AGENT_SERVICE)
+LIVENESS_SERVICE = "liveness"
+
+
+async def start_health(servicer: health.aio.HealthServicer) -> None:
+    """Alive from now on; ready once the runtime has answered."""
+    await servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    await set_status(servicer, False)
 
 
 async def set_status(servicer: health.aio.HealthServicer, serving: bool) -> None:

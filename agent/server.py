@@ -22,7 +22,7 @@ from protos.fledged.agent.v1 import agent_pb2_grpc
 
 from . import __version__
 from .config import AgentConfig
-from .health import set_status, watch_runtime
+from .health import start_health, watch_runtime
 from .kubeapi import ApiConfigError, ApiTarget, api_target
 from .lease import LeaseRegistrar
 from .metrics import AgentMetrics
@@ -136,7 +136,7 @@ async def serve(cfg: AgentConfig, register_lease: bool) -> int:
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    await set_status(health_servicer, False)  # until the runtime has answered once
+    await start_health(health_servicer)
 
     creds = server_credentials(cfg)
     port = (

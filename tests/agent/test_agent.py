@@ -24,6 +24,7 @@ from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2
 from kubernetes import client
 
+from agent.health import LIVENESS_SERVICE
 from agent.runtime.cri import OWNER_LABEL
 from agent.server import SHUTDOWN_GRACE
 from common.wire import lease_name
@@ -720,15 +721,19 @@ def test_node_info_reports_containerd_and_its_image_filesystem(
 
 
 def test_health_follows_the_runtime_down_and_back(testenv: TestEnv) -> None:
+    """Readiness follows the runtime; liveness does not (the DaemonSet's liveness probe
+    asks for `liveness`: a restart cannot bring the runtime back)."""
     with own_node(testenv, "health-node") as (containerd, agent):
         assert agent.health() == health_pb2.HealthCheckResponse.SERVING
         assert agent.health("fledged.agent.v1.Agent") == health_pb2.HealthCheckResponse.SERVING
+        assert agent.health(LIVENESS_SERVICE) == health_pb2.HealthCheckResponse.SERVING
         containerd.stop()
         agent.process.wait_until(
             lambda: agent.health() == health_pb2.HealthCheckResponse.NOT_SERVING,
             timeout=15,
             what="NOT_SERVING after containerd stopped",
         )
+        assert agent.health(LIVENESS_SERVICE) == health_pb2.HealthCheckResponse.SERVING
         containerd.start()
         agent.process.wait_until(
             agent.serving, timeout=15, what="SERVING after containerd returned"

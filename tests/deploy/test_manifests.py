@@ -13,6 +13,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2
 
+from agent.health import LIVENESS_SERVICE
 from tests.testenv import TestEnv
 from tests.testenv.agents import AgentProcess
 from tests.testenv.paths import REPO_ROOT, binary
@@ -213,7 +214,8 @@ def test_the_daemonsets_probes_reach_the_agents_health_service(testenv: TestEnv)
     ds = next(d for d in objects(helm_template("tls.auto=false")) if d["kind"] == "DaemonSet")
     container = ds["spec"]["template"]["spec"]["containers"][0]
     probe_port = container["readinessProbe"]["grpc"]["port"]
-    assert container["livenessProbe"]["grpc"]["port"] == probe_port
+    assert container["livenessProbe"]["grpc"] == {"port": probe_port, "service": LIVENESS_SERVICE}
+    assert "service" not in container["readinessProbe"]["grpc"]  # the runtime's answer
     assert probe_port in {p["containerPort"] for p in container["ports"]}
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     # Run the agent exactly as the manifest configures it, on node-1's containerd.
@@ -242,5 +244,6 @@ def test_the_daemonsets_probes_reach_the_agents_health_service(testenv: TestEnv)
             timeout=30,
             what="SERVING on the probe port",
         )
+        assert probe.health(LIVENESS_SERVICE) == health_pb2.HealthCheckResponse.SERVING
     finally:
         process.stop()

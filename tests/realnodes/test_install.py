@@ -21,6 +21,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -284,6 +285,25 @@ def test_the_sample_cache_lands_on_the_kubelet_nodes(user: UserCluster) -> None:
         held = ctr_images(node)
         for image in wanted[node.name]:
             assert held[image].get("io.cri-containerd.pinned") == "pinned", (image, held[image])
+    assert_liveness_never_failed(user, AGENT_PODS)
+
+
+def assert_liveness_never_failed(user: UserCluster, selector: str) -> None:
+    """The kubelet records each failed probe as an Unhealthy Event on the pod; the
+    liveness probe first runs 10 s after the container started (a service named wrong
+    fails there). Readiness may fail once at start, before the agent listens."""
+    for pod in pods(user, selector):
+        started = pod["status"]["containerStatuses"][0]["state"]["running"]["startedAt"]
+        age = time.time() - datetime.fromisoformat(started).timestamp()
+        time.sleep(max(0.0, 15 - age))
+    events = get(user, "events", "--field-selector", "reason=Unhealthy")["items"]
+    names = {p["metadata"]["name"] for p in pods(user, selector)}
+    failed = [
+        e["message"]
+        for e in events
+        if e["involvedObject"]["name"] in names and e["message"].startswith("Liveness")
+    ]
+    assert not failed, failed
 
 
 def test_a_rolling_update_completes_while_the_cache_stays_ready(user: UserCluster) -> None:
