@@ -280,7 +280,7 @@ def test_a_call_to_a_server_that_never_answers_ends_at_the_timeout(tmp_path: Pat
 
 def test_the_agent_loads_neither_the_kubernetes_client_nor_the_docker_sdk() -> None:
     """Both cost the agent on every node memory it does not need: the kubernetes
-    client's models (about 14 MiB) and, on a CRI node, the Docker SDK with requests
+    client (about 14 MiB) and, on a CRI node, the Docker SDK with requests
     (about 7 MiB)."""
     code = (
         "import sys\n"
