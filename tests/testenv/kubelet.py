@@ -210,10 +210,8 @@ def own_mounts(binds: Mapping[str, Path]) -> list[str]:
 
 def _remove_cgroup(path: Path) -> None:
     """Kills what still runs in the group (a pod's processes outlive a stopped kubelet),
-    then rmdir bottom-up: cgroupfs removes only a group with no tasks and no children.
-    A killed process counts as a task until it is reaped, by whoever inherited it: on
-    a busy machine that took more than 5 s once (the host hygiene test failed)."""
-    for _ in range(300):
+    then rmdir bottom-up: cgroupfs removes only a group with no tasks and no children."""
+    for _ in range(50):
         if not path.exists():
             return
         for procs in path.rglob("cgroup.procs"):
