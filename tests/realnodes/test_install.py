@@ -285,23 +285,25 @@ def test_the_sample_cache_lands_on_the_kubelet_nodes(user: UserCluster) -> None:
         held = ctr_images(node)
         for image in wanted[node.name]:
             assert held[image].get("io.cri-containerd.pinned") == "pinned", (image, held[image])
-    assert_liveness_never_failed(user, AGENT_PODS)
+    assert_no_probe_failed(user)
 
 
-def assert_liveness_never_failed(user: UserCluster, selector: str) -> None:
-    """The kubelet records each failed probe as an Unhealthy Event on the pod; the
-    liveness probe first runs 10 s after the container started (a service named wrong
-    fails there). Readiness may fail once at start, before the agent listens."""
-    for pod in pods(user, selector):
+def assert_no_probe_failed(user: UserCluster) -> None:
+    """The kubelet records each failed probe as a Warning Event (Unhealthy) on the pod.
+    Its first readiness probe runs as the container starts, before anything listens,
+    and the agents' liveness probe first runs 10 s after (a service named wrong fails
+    there): the pods are given 15 s, then none may have failed a probe of any kind."""
+    selected = pods(user, AGENT_PODS) + pods(user, COORDINATOR_PODS)
+    for pod in selected:
         started = pod["status"]["containerStatuses"][0]["state"]["running"]["startedAt"]
         age = time.time() - datetime.fromisoformat(started).timestamp()
         time.sleep(max(0.0, 15 - age))
     events = get(user, "events", "--field-selector", "reason=Unhealthy")["items"]
-    names = {p["metadata"]["name"] for p in pods(user, selector)}
+    names = {p["metadata"]["name"] for p in selected}
     failed = [
-        e["message"]
+        (e["involvedObject"]["name"], e["message"])
         for e in events
-        if e["involvedObject"]["name"] in names and e["message"].startswith("Liveness")
+        if e["involvedObject"]["name"] in names
     ]
     assert not failed, failed
 
@@ -339,6 +341,7 @@ def test_a_rolling_update_completes_while_the_cache_stays_ready(user: UserCluste
     assert not before & {p["metadata"]["name"] for p in pods(user, AGENT_PODS)}
     assert len(seen) > 10
     assert {(s, r) for _, s, r in seen} == {("Succeeded", "True")}, unready[:3]
+    assert_no_probe_failed(user)  # the new pods' too
 
 
 def test_a_coordinator_pod_deleted_mid_pull_is_replaced_and_the_cache_converges(
