@@ -6,6 +6,7 @@ the agent (naming images in the runtime, attributing pull progress). Pure functi
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import re
 from dataclasses import dataclass
@@ -144,6 +145,37 @@ def same_registry(a: str, b: str) -> bool:
     """Whether credentials for registry `a` serve images of registry `b` (Docker Hub
     under any of its names)."""
     return a == b or (a in DOCKER_HUB_ALIASES and b in DOCKER_HUB_ALIASES)
+
+
+def registry_matches(pattern: str, domain: str) -> bool:
+    """Whether a docker-config entry for registry `pattern` serves images of `domain`, as
+    the kubelet matches them: Docker Hub under any of its names, otherwise the same port
+    and as many dot-separated labels, each a glob (`*.example.com` serves
+    `a.example.com`, not `a.b.example.com` nor `example.com`)."""
+    if same_registry(pattern, domain):
+        return True
+    host, port = _host_port(pattern)
+    if not any(c in host for c in "*?["):
+        return False
+    target, target_port = _host_port(domain)
+    labels, target_labels = host.split("."), target.split(".")
+    return (
+        port == target_port
+        and len(labels) == len(target_labels)
+        and all(
+            fnmatch.fnmatchcase(t, p.replace("[^", "[!"))  # Go's negation, fnmatch's spelling
+            for p, t in zip(labels, target_labels, strict=True)
+        )
+    )
+
+
+def _host_port(registry: str) -> tuple[str, str]:
+    """`host[:port]` or `[v6]:port` split; the port is empty when absent."""
+    if registry.startswith("["):
+        host, _, rest = registry[1:].partition("]")
+        return host, rest.removeprefix(":")
+    host, _, port = registry.partition(":")
+    return host, port
 
 
 def registry_of_server_address(server: str) -> str:

@@ -10,9 +10,9 @@ import base64
 import functools
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from common.reference import DOCKER_HUB, ImageRef, parse, same_registry
+from common.reference import DOCKER_HUB, ImageRef, parse, registry_matches, same_registry
 
 DOCKERCONFIGJSON = "kubernetes.io/dockerconfigjson"
 DOCKERCFG = "kubernetes.io/dockercfg"
@@ -108,11 +108,16 @@ def credentials_for_key(key: str, auths: tuple[RegistryAuth, ...]) -> tuple[Regi
 
 
 def credentials_for(ref: ImageRef, auths: Sequence[RegistryAuth]) -> list[RegistryAuth]:
-    """Entries that apply to `ref`, most specific path first (kubelet's order)."""
-    matching = [
-        a
-        for a in auths
-        if same_registry(a.registry, ref.domain)
-        and (not a.path or ref.path == a.path or ref.path.startswith(a.path + "/"))
-    ]
-    return sorted(matching, key=lambda a: -len(a.path))
+    """Entries that apply to `ref`, most specific first (kubelet's order: longer paths,
+    then a named registry before a wildcard one). A wildcard entry is addressed to the
+    registry it matched: containerd drops credentials addressed to another host."""
+    named: list[RegistryAuth] = []
+    wildcard: list[RegistryAuth] = []
+    for a in auths:
+        if a.path and ref.path != a.path and not ref.path.startswith(a.path + "/"):
+            continue
+        if same_registry(a.registry, ref.domain):
+            named.append(a)
+        elif registry_matches(a.registry, ref.domain):
+            wildcard.append(replace(a, server_address=ref.domain))
+    return sorted(named, key=lambda a: -len(a.path)) + sorted(wildcard, key=lambda a: -len(a.path))

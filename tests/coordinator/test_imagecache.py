@@ -437,6 +437,29 @@ def test_pull_secrets_authenticate_and_a_missing_one_is_a_clear_failure(
     assert AUTH_PASSWORD not in logs
 
 
+def test_a_pull_secret_entry_with_a_wildcard_host_serves_the_hosts_it_matches(
+    testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
+) -> None:
+    """The kubelet matches docker-config keys as globs, a label at a time (`*.azurecr.io`,
+    `*.dkr.ecr.<region>.amazonaws.com`), so kube-fledged's Secrets may hold such keys: the
+    entry serves the registry it matches, on every runtime."""
+    private = testenv.registry_client(authenticated=True).push_image(unique("ic/glob"), "v1")
+    host, _, port = private.registry.rpartition(":")
+    assert host == "127.0.0.1"
+    auth = base64.b64encode(f"{AUTH_USER}:{AUTH_PASSWORD}".encode()).decode()
+    entries = {f"127.0.0.*:{port}": {"auth": auth}, f"*.0.0.1:{port}9": {"auth": "eDp5"}}
+    client.CoreV1Api(testenv.api_client()).create_namespaced_secret(
+        namespace, dockerconfig_secret(namespace, "globcred", {"auths": entries})
+    )
+    apply(
+        testenv,
+        cache_manifest("glob", namespace, [{"images": [private.ref]}], secrets=["globcred"]),
+    )
+    wait_status(testenv, namespace, "glob", "Succeeded")
+    for node in ALL:
+        assert node_images(testenv, node).get(private.ref) is True
+
+
 def test_a_pull_secret_created_after_the_cache_is_picked_up_without_a_refresh(
     testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
 ) -> None:

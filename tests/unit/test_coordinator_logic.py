@@ -182,6 +182,29 @@ def test_pull_secrets_match_registries_as_the_kubelet_does() -> None:
     assert legacy[0].registry == "reg.io"
 
 
+def test_a_wildcard_entry_serves_the_registry_it_matches_after_named_ones() -> None:
+    entries = parse_secret(
+        "regcred",
+        "kubernetes.io/dockerconfigjson",
+        config_secret(
+            {
+                "*.azurecr.io": {"username": "any", "password": "p"},
+                "team.azurecr.io": {"username": "named", "password": "p"},
+                "*.azurecr.io/ns": {"username": "any-ns", "password": "p"},
+            }
+        ),
+    )
+    found = credentials_for(parse("team.azurecr.io/ns/app:v1"), entries)
+    assert [c.username for c in found] == ["named", "any-ns", "any"]
+    # addressed to the host it matched (containerd drops credentials for another host)
+    assert [c.server_address for c in found] == [
+        "team.azurecr.io",
+        "team.azurecr.io",
+        "team.azurecr.io",
+    ]
+    assert credentials_for(parse("a.b.azurecr.io/app"), entries) == []
+
+
 @pytest.mark.parametrize(
     ("kind", "data", "complaint"),
     [

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from common.reference import InvalidReference, normalize, parse, registry_of_server_address
+from common.reference import (
+    InvalidReference,
+    normalize,
+    parse,
+    registry_matches,
+    registry_of_server_address,
+)
 
 DIGEST = "sha256:" + "a" * 64
 
@@ -79,3 +85,37 @@ def test_parts_of_a_reference() -> None:
 )
 def test_server_addresses_name_their_registry(server: str, registry: str) -> None:
     assert registry_of_server_address(server) == registry
+
+
+@pytest.mark.parametrize(
+    ("pattern", "domain", "matches"),
+    [  # the kubelet's rules, from the docker-config documentation's examples
+        ("*.kubernetes.io", "abc.kubernetes.io", True),
+        ("*.kubernetes.io", "abc.def.kubernetes.io", False),  # a label at a time
+        ("*.kubernetes.io", "kubernetes.io", False),
+        ("*.*.kubernetes.io", "abc.def.kubernetes.io", True),
+        ("prefix.*.io", "prefix.kubernetes.io", True),
+        ("*-good.kubernetes.io", "prefix-good.kubernetes.io", True),
+        ("*-good.kubernetes.io", "prefix-bad.kubernetes.io", False),
+        ("*.dkr.ecr.*.amazonaws.com", "1234.dkr.ecr.eu-west-1.amazonaws.com", True),
+        ("reg?.io", "reg1.io", True),
+        ("reg[0-9].io", "reg7.io", True),
+        ("reg[^0-9].io", "reg7.io", False),  # Go's negation
+        ("reg[^0-9].io", "regx.io", True),
+        # the port must be the same, absent on both or equal
+        ("127.0.0.*:5000", "127.0.0.1:5000", True),
+        ("127.0.0.*:5000", "127.0.0.1:5001", False),
+        ("127.0.0.*:5000", "127.0.0.1", False),
+        ("*.io", "reg.io:5000", False),
+        # no glob: only the same registry, Docker Hub under any of its names
+        ("reg.io", "reg.io", True),
+        ("reg.io", "other.io", False),
+        ("docker.io", "registry-1.docker.io", True),
+        ("[::1]:5000", "[::1]:5000", True),  # brackets of an IPv6 address are no class
+        ("[::1]:5000", "[::2]:5000", False),
+    ],
+)
+def test_registry_patterns_match_as_the_kubelet_matches_them(
+    pattern: str, domain: str, matches: bool
+) -> None:
+    assert registry_matches(pattern, domain) is matches
