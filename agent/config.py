@@ -61,6 +61,8 @@ class AgentConfig:
     health_interval: float
     log_format: Literal["json", "text"]
     log_level: str
+    credential_provider_config: str | None = None
+    credential_provider_bin_dir: str | None = None
 
     def endpoint(self, port: int) -> str:
         """host:port the coordinator dials, as published in the Lease (`port`: the one
@@ -127,6 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("default-pull-deadline", "5m"),
         help="deadline of a pull whose order names none",
     )
+    a(
+        "--image-credential-provider-config",
+        default=_env("image-credential-provider-config"),
+        help="the kubelet's credential provider config (its flag of the same name): the "
+        "agent runs the same plugins for images no Secret of the cache serves",
+    )
+    a(
+        "--image-credential-provider-bin-dir",
+        default=_env("image-credential-provider-bin-dir"),
+        help="where those plugins are (the kubelet's flag of the same name)",
+    )
     a("--metrics-listen", default=_env("metrics-listen"), help="Prometheus /metrics address")
     a(
         "--health-listen",
@@ -181,6 +194,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[AgentConfig, bool]:
         parser.error("--tls-cert and --tls-key go together")
     if ns.tls_client_ca and not ns.tls_cert:
         parser.error("--tls-client-ca needs --tls-cert and --tls-key")
+    if bool(ns.image_credential_provider_config) != bool(ns.image_credential_provider_bin_dir):
+        parser.error(
+            "--image-credential-provider-config and --image-credential-provider-bin-dir go together"
+        )
     try:
         cfg = AgentConfig(
             node_name=ns.node_name,
@@ -204,6 +221,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[AgentConfig, bool]:
             health_interval=parse_duration(ns.health_interval),
             log_format=ns.log_format,
             log_level=ns.log_level.upper(),
+            credential_provider_config=ns.image_credential_provider_config,
+            credential_provider_bin_dir=ns.image_credential_provider_bin_dir,
         )
         clash = shared_port(
             {

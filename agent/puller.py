@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
@@ -84,6 +84,9 @@ def disk_refusal(free: int, capacity: int, threshold: DiskThreshold) -> str | No
         f" below the minimum of {threshold} ({required} bytes)"
     )
 
+
+# Credentials the node itself has for an image (the kubelet's credential providers).
+NodeLookup = Callable[[str], Awaitable[tuple[Credentials, ...]]]
 
 # What orders may share one runtime pull: the image and the credentials it is pulled
 # with (an order with other credentials, say a fixed Secret, must not join a pull that
@@ -201,8 +204,10 @@ class PullManager:
         min_free_disk: DiskThreshold,
         default_deadline: float,
         metrics: AgentMetrics | None = None,
+        node_credentials: NodeLookup | None = None,
     ) -> None:
         self.runtime = runtime
+        self.node_credentials = node_credentials
         self.semaphore = asyncio.Semaphore(max_concurrent)
         self.min_free_disk = min_free_disk
         self.default_deadline = default_deadline
@@ -252,6 +257,11 @@ class PullManager:
             if present is not None:
                 yield await self._finish(order, Phase.ALREADY_PRESENT, present, present.size)
                 return
+        if self.node_credentials is not None:
+            # After the cache's Secrets, as the kubelet orders its keyrings.
+            extra = await self.node_credentials(order.image)
+            if extra:
+                order = replace(order, credentials=order.credentials + extra)
         before = await self._replaced_candidate(order)
         slot = (key, order.credentials)
         shared = self.inflight.get(slot)

@@ -125,10 +125,29 @@ async def serve(cfg: AgentConfig, register_lease: bool) -> int:
         except ApiConfigError as err:
             log.error("cannot register the agent's Lease: %s", err)
             return 2
+    node_credentials = None
+    if cfg.credential_provider_config and cfg.credential_provider_bin_dir:
+        # Imported only here: YAML costs every other node's agent memory for nothing.
+        from .credproviders import ConfigError, NodeCredentials, config_summary
+
+        try:
+            providers = NodeCredentials.from_files(
+                Path(cfg.credential_provider_config), Path(cfg.credential_provider_bin_dir)
+            )
+        except ConfigError as err:
+            log.error("%s", err)
+            return 2
+        log.info("credential provider plugins: %s", config_summary(providers.providers))
+        node_credentials = providers.lookup
     metrics = AgentMetrics()
     runtime = make_runtime(cfg)
     manager = PullManager(
-        runtime, cfg.max_concurrent_pulls, cfg.min_free_disk, cfg.default_pull_deadline, metrics
+        runtime,
+        cfg.max_concurrent_pulls,
+        cfg.min_free_disk,
+        cfg.default_pull_deadline,
+        metrics,
+        node_credentials=node_credentials,
     )
     server = grpc.aio.server(interceptors=[NodeGuard(cfg.node_name)])
     agent_pb2_grpc.add_AgentServicer_to_server(

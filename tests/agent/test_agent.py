@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import sys
 import threading
 import time
 import urllib.request
@@ -20,6 +21,7 @@ from datetime import timedelta
 
 import grpc
 import pytest
+import yaml
 from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2
 from kubernetes import client
@@ -250,6 +252,91 @@ def test_authenticated_registry_needs_the_right_credentials(
     log = agent.process.log_path.read_text()
     assert AUTH_PASSWORD not in log
     assert bad_password not in log
+
+
+CREDENTIAL_PLUGIN = """#!{python}
+import json, os, sys
+request = json.load(sys.stdin)
+with open(os.environ["CALLS"], "a") as calls:
+    calls.write(request["image"] + "\\n")
+print(json.dumps({{
+    "apiVersion": request["apiVersion"],
+    "kind": "CredentialProviderResponse",
+    "cacheKeyType": "Registry",
+    "auth": {{"{host}": {{"username": "{user}", "password": "{password}"}}}},
+}}))
+"""
+
+
+@pytest.mark.parametrize("kind", ["containerd", "docker"])
+def test_the_nodes_credential_provider_plugin_serves_a_cache_without_secrets(
+    testenv: TestEnv, kind: str
+) -> None:
+    """An agent given the kubelet's credential provider config runs its plugin, as the
+    kubelet would, for an image no credentials were sent with; the answer is kept for the
+    registry as long as the config says (12h by default here)."""
+    image = testenv.registry_client(authenticated=True).push_image(unique("agent/iam"), "v1")
+    port = image.registry.rpartition(":")[2]
+    work = testenv.workdir / unique("credential-providers")
+    bin_dir = work / "bin"
+    bin_dir.mkdir(parents=True)
+    plugin = bin_dir / "test-credential-provider"
+    plugin.write_text(
+        CREDENTIAL_PLUGIN.format(
+            python=sys.executable, host=image.registry, user=AUTH_USER, password=AUTH_PASSWORD
+        )
+    )
+    plugin.chmod(0o755)
+    calls = work / "calls"
+    config = work / "credential-providers.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kubelet.config.k8s.io/v1",
+                "kind": "CredentialProviderConfig",
+                "providers": [
+                    {
+                        "name": plugin.name,
+                        "matchImages": [f"127.0.0.*:{port}"],
+                        "defaultCacheDuration": "12h",
+                        "apiVersion": "credentialprovider.kubelet.k8s.io/v1",
+                        "env": [{"name": "CALLS", "value": str(calls)}],
+                    }
+                ],
+            }
+        )
+    )
+    flags = (
+        f"--image-credential-provider-config={config}",
+        f"--image-credential-provider-bin-dir={bin_dir}",
+    )
+    with contextlib.ExitStack() as stack:
+        if kind == "containerd":
+            containerd = Containerd(
+                testenv.workdir, unique("iam-node"), [testenv.registry.host, image.registry]
+            )
+            containerd.start()
+            stack.callback(containerd.stop)
+            endpoint, runtime = containerd.endpoint, "cri"
+        else:
+            assert testenv.dockerd is not None
+            endpoint, runtime = testenv.dockerd.endpoint, "docker"
+        agent = testenv.start_agent(
+            node_name=unique("iam-node"),
+            runtime_endpoint=endpoint,
+            runtime=runtime,
+            lease=False,
+            extra_args=flags,
+            name=unique("agent-iam"),
+        )
+        stack.callback(agent.stop)
+        ok = final(agent.pull(order(image.ref)), image.ref)
+        assert ok.phase == A.PHASE_SUCCEEDED, ok.error_message
+        assert ok.image_id == image.config_digest
+        again = final(agent.pull(order(image.ref, policy=A.PULL_POLICY_ALWAYS)), image.ref)
+        assert again.phase == A.PHASE_SUCCEEDED, again.error_message
+        assert calls.read_text().splitlines() == [image.ref]  # kept for the registry
+        assert AUTH_PASSWORD not in agent.process.log_path.read_text()
 
 
 def _free_port_holding_404() -> int:

@@ -33,13 +33,14 @@ from common.reference import parse
 from tests.conftest import reported
 from tests.coordinator.helpers import get_cache, kubectl, wait_for, wait_status
 from tests.realnodes.conftest import pause_image
-from tests.realnodes.pods import NODE_IMAGES_WAIT, node_image_names
-from tests.testenv import PushedImage, TestEnv, pull_secret
+from tests.realnodes.pods import NODE_IMAGES_WAIT, node_image_names, pod_on, running
+from tests.testenv import AUTH_PASSWORD, AUTH_USER, PushedImage, TestEnv, pull_secret
 from tests.testenv.demo import SAMPLE, SIZES, adapt_sample
 from tests.testenv.kubelet import ControlPlaneExtras, KubeletCluster, KubeletNode
 from tests.testenv.paths import BIN_DIR, REPO_ROOT, binary
 from tests.testenv.project_image import push_project_image
 from tests.testenv.proxy import RegistryProxy
+from tests.testenv.workload import PAUSE_C, push_program_image, static_binary
 
 CHART = REPO_ROOT / "deploy" / "chart" / "kube-fledged"
 NAMESPACE = "kube-fledged"
@@ -55,6 +56,7 @@ class UserCluster:
     env: TestEnv
     cluster: KubeletCluster
     image: PushedImage  # the project's, under its content key
+    credential_providers: tuple[Path, Path]  # the kubelets' plugin config and bin dir
     sample: dict[str, Any] = field(default_factory=dict)  # as applied
 
     @property
@@ -68,6 +70,9 @@ class UserCluster:
             f"image.tag={tag}",
             f"k8sServiceHost={self.cluster.api_host}",
             f"k8sServicePort={self.cluster.api_port}",
+            # as on EKS: the kubelets' own credential provider plugins, for the agents too
+            f"agent.credentialProviders.config={self.credential_providers[0]}",
+            f"agent.credentialProviders.binDir={self.credential_providers[1]}",
         ]
 
 
@@ -85,10 +90,23 @@ def user() -> Iterator[UserCluster]:
             image = push_project_image(registry, ROLLOUT_TAG)
             pause = pause_image(env)
             hosts = [env.registry.host, env.auth_registry.host]
+            providers = credential_providers(env)
+            flags = (
+                f"--image-credential-provider-config={providers[0]}",
+                f"--image-credential-provider-bin-dir={providers[1]}",
+            )
             nodes = [
-                KubeletNode(env.workdir, 3, env.apiserver, hosts, pause.ref),
+                KubeletNode(env.workdir, 3, env.apiserver, hosts, pause.ref, kubelet_flags=flags),
                 # The sample's second list selects tier=backend.
-                KubeletNode(env.workdir, 4, env.apiserver, hosts, pause.ref, {"tier": "backend"}),
+                KubeletNode(
+                    env.workdir,
+                    4,
+                    env.apiserver,
+                    hosts,
+                    pause.ref,
+                    {"tier": "backend"},
+                    kubelet_flags=flags,
+                ),
             ]
             cluster = KubeletCluster(
                 env.workdir,
@@ -98,11 +116,59 @@ def user() -> Iterator[UserCluster]:
             )
             with reported("install cluster's kubelet nodes", cluster):
                 cluster.start(client.CoreV1Api(env.api_client()))
-                yield UserCluster(env, cluster, image)
+                yield UserCluster(env, cluster, image, providers)
         finally:
             if cluster is not None:
                 cluster.stop(client.CoreV1Api(env.api_client()))
             env.cleanup()
+
+
+# A credential provider plugin as the kubelet runs one (ecr-credential-provider on EKS):
+# the request on stdin, the registry's credentials on stdout. A shell script, so that
+# it runs on the host for the kubelet and in the agent's container alike.
+PLUGIN = """#!/bin/sh
+cat >/dev/null
+printf '%s\\n' '{answer}'
+"""
+PLUGIN_NAME = "fledged-test-credential-provider"
+
+
+def credential_providers(env: TestEnv) -> tuple[Path, Path]:
+    """A kubelet CredentialProviderConfig whose plugin serves the private registry, and
+    its bin dir (both in the environment's directory, removed with it)."""
+    bin_dir = env.workdir / "credential-providers"
+    bin_dir.mkdir()
+    host, _, port = env.auth_registry.host.rpartition(":")
+    auth = {env.auth_registry.host: {"username": AUTH_USER, "password": AUTH_PASSWORD}}
+    answer = {
+        "apiVersion": "credentialprovider.kubelet.k8s.io/v1",
+        "kind": "CredentialProviderResponse",
+        "cacheKeyType": "Registry",
+        "cacheDuration": "1m",
+        "auth": auth,
+    }
+    plugin = bin_dir / PLUGIN_NAME
+    plugin.write_text(PLUGIN.format(answer=json.dumps(answer)))
+    plugin.chmod(0o755)
+    config = env.workdir / "credential-providers.yaml"
+    glob = host.rsplit(".", 1)[0] + ".*"  # 127.0.0.*: a pattern, as the kubelet reads them
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kubelet.config.k8s.io/v1",
+                "kind": "CredentialProviderConfig",
+                "providers": [
+                    {
+                        "name": PLUGIN_NAME,
+                        "matchImages": [f"{glob}:{port}"],
+                        "defaultCacheDuration": "1m",
+                        "apiVersion": "credentialprovider.kubelet.k8s.io/v1",
+                    }
+                ],
+            }
+        )
+    )
+    return config, bin_dir
 
 
 def helm(user: UserCluster, *args: str, timeout: float = 300) -> str:
@@ -286,6 +352,39 @@ def test_the_sample_cache_lands_on_the_kubelet_nodes(user: UserCluster) -> None:
         for image in wanted[node.name]:
             assert held[image].get("io.cri-containerd.pinned") == "pinned", (image, held[image])
     assert_no_probe_failed(user)
+
+
+def test_a_cache_of_a_private_image_needs_no_secret_where_the_kubelet_needs_none(
+    user: UserCluster,
+) -> None:
+    """The nodes' kubelets have a credential provider plugin for the private registry
+    (as EKS nodes have for ECR): pods need no pull Secret, and neither does a cache,
+    whose agents run the same plugin from the same config, mounted by the chart."""
+    program = static_binary(user.env.workdir, "pause", PAUSE_C)
+    private = push_program_image(  # content of its own (the nodes' pause is pinned)
+        user.env.registry_client(authenticated=True), "iam/app", "v1", program, seed="iam"
+    )
+    cache = {
+        "apiVersion": "kubefledged.io/v1alpha2",
+        "kind": "ImageCache",
+        "metadata": {"name": "no-secret", "namespace": NAMESPACE},
+        "spec": {"cacheSpec": [{"images": [private.ref]}]},
+    }
+    kubectl(user.env, "apply", "-f", "-", stdin=yaml.safe_dump(cache))
+    try:
+        obj = wait_status(user.env, NAMESPACE, "no-secret", "Succeeded", timeout=120)
+        assert obj["status"]["reason"] == "ImagesPulledSuccessfully"
+        for node in user.cluster.nodes:
+            assert ctr_images(node)[private.ref].get("io.cri-containerd.pinned") == "pinned"
+        # The kubelet reads the same config: a pod pulling the image itself, no Secret.
+        pod = pod_on("no-secret", user.cluster.nodes[0].name, private.ref)
+        assert pod.spec is not None
+        pod.spec.containers[0].image_pull_policy = "Always"
+        user.core.create_namespaced_pod(NAMESPACE, pod)
+        wait_for("the pod to run", lambda: running(user.core, NAMESPACE, "no-secret"), timeout=60)
+    finally:
+        kubectl(user.env, "-n", NAMESPACE, "delete", "pod", "no-secret", "--ignore-not-found")
+        kubectl(user.env, "-n", NAMESPACE, "delete", "imagecache", "no-secret", "--wait")
 
 
 def assert_no_probe_failed(user: UserCluster) -> None:

@@ -295,6 +295,7 @@ class KubeletNode:
         pause_image: str,
         labels: dict[str, str] | None = None,
         kubelet_config: dict[str, object] | None = None,
+        kubelet_flags: tuple[str, ...] = (),
     ) -> None:
         self.index = index
         self.labels = dict(labels or {})
@@ -408,6 +409,7 @@ class KubeletNode:
             f"--root-dir={self.dir / 'root'}",
             f"--cert-dir={self.dir / 'pki'}",
             "--v=1",
+            *kubelet_flags,
         ]
         if labels:
             argv.append("--node-labels=" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())))

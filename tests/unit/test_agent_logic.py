@@ -167,6 +167,8 @@ def test_agent_flags_validate_and_default() -> None:
         parse_args([])  # no node name
     with pytest.raises(SystemExit):
         parse_args(["--node-name=n", "--tls-cert=c"])  # cert without key
+    with pytest.raises(SystemExit):  # a plugin config without the plugins' directory
+        parse_args(["--node-name=n", "--image-credential-provider-config=/etc/c.yaml"])
 
 
 def test_docker_layer_progress_is_monotonic_and_sums_layers() -> None:
