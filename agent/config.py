@@ -63,6 +63,7 @@ class AgentConfig:
     log_level: str
     credential_provider_config: str | None = None
     credential_provider_bin_dir: str | None = None
+    node_docker_config: str | None = None
 
     def endpoint(self, port: int) -> str:
         """host:port the coordinator dials, as published in the Lease (`port`: the one
@@ -139,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-credential-provider-bin-dir",
         default=_env("image-credential-provider-bin-dir"),
         help="where those plugins are (the kubelet's flag of the same name)",
+    )
+    a(
+        "--node-docker-config",
+        default=_env("node-docker-config"),
+        help="the node's docker config the kubelet reads (/var/lib/kubelet/config.json): "
+        "its credentials serve images no Secret of the cache serves",
     )
     a("--metrics-listen", default=_env("metrics-listen"), help="Prometheus /metrics address")
     a(
@@ -223,6 +230,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[AgentConfig, bool]:
             log_level=ns.log_level.upper(),
             credential_provider_config=ns.image_credential_provider_config,
             credential_provider_bin_dir=ns.image_credential_provider_bin_dir,
+            node_docker_config=ns.node_docker_config,
         )
         clash = shared_port(
             {

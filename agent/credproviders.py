@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from common.reference import registry_matches
+from common.reference import InvalidReference, parse, registry_matches
 
 from .runtime import Credentials
 
@@ -154,9 +154,19 @@ def cache_key(key_type: str, image: str) -> str:
     return ""
 
 
+def repository_of(image: str) -> str | None:
+    """What the kubelet matches and asks plugins for: the image's repository, fully
+    qualified, without tag or digest (`nginx:1.25` is `docker.io/library/nginx`)."""
+    try:
+        return parse(image).name
+    except InvalidReference:
+        return None  # the pull says what is wrong with it
+
+
 def answer_credentials(answer: PluginAnswer, image: str) -> tuple[Credentials, ...]:
-    """The answer's entries for `image`, addressed to its registry (containerd drops
-    credentials addressed to another host)."""
+    """The answer's entries for `image` (a repository as `repository_of` gives it),
+    addressed to its registry: containerd drops credentials addressed to another host
+    (Docker Hub's, docker.io, the runtime addresses itself)."""
     host = image.partition("/")[0]
     return tuple(
         Credentials(server_address=host, username=user, password=password)
@@ -188,6 +198,10 @@ class NodeCredentials:
     async def lookup(self, image: str) -> tuple[Credentials, ...]:
         """Every matching plugin's credentials for `image`; a plugin that fails is
         logged and skipped, as the kubelet does (the pull may still succeed without)."""
+        repository = repository_of(image)
+        if repository is None:
+            return ()
+        image = repository
         found: list[Credentials] = []
         for provider in self.providers:
             if not any(image_matches(p, image) for p in provider.match_images):

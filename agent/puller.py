@@ -88,6 +88,19 @@ def disk_refusal(free: int, capacity: int, threshold: DiskThreshold) -> str | No
 # Credentials the node itself has for an image (the kubelet's credential providers).
 NodeLookup = Callable[[str], Awaitable[tuple[Credentials, ...]]]
 
+
+def all_of(lookups: list[NodeLookup]) -> NodeLookup:
+    """One lookup asking each in turn (the node's config.json, then its plugins)."""
+
+    async def lookup(image: str) -> tuple[Credentials, ...]:
+        found: tuple[Credentials, ...] = ()
+        for one in lookups:
+            found += await one(image)
+        return found
+
+    return lookup
+
+
 # What orders may share one runtime pull: the image and the credentials it is pulled
 # with (an order with other credentials, say a fixed Secret, must not join a pull that
 # started with the old ones and fail with them).

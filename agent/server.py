@@ -26,7 +26,8 @@ from .health import start_health, watch_runtime
 from .kubeapi import ApiConfigError, ApiTarget, api_target
 from .lease import LeaseRegistrar
 from .metrics import AgentMetrics
-from .puller import PullManager
+from .nodeconfig import NodeDockerConfig
+from .puller import NodeLookup, PullManager, all_of
 from .runtime import Runtime
 from .runtime.cri import CriRuntime
 from .service import AgentService, NodeGuard
@@ -125,7 +126,9 @@ async def serve(cfg: AgentConfig, register_lease: bool) -> int:
         except ApiConfigError as err:
             log.error("cannot register the agent's Lease: %s", err)
             return 2
-    node_credentials = None
+    lookups: list[NodeLookup] = []
+    if cfg.node_docker_config:
+        lookups.append(NodeDockerConfig(Path(cfg.node_docker_config)).lookup)
     if cfg.credential_provider_config and cfg.credential_provider_bin_dir:
         # Imported only here: YAML costs every other node's agent memory for nothing.
         from .credproviders import ConfigError, NodeCredentials, config_summary
@@ -138,7 +141,7 @@ async def serve(cfg: AgentConfig, register_lease: bool) -> int:
             log.error("%s", err)
             return 2
         log.info("credential provider plugins: %s", config_summary(providers.providers))
-        node_credentials = providers.lookup
+        lookups.append(providers.lookup)
     metrics = AgentMetrics()
     runtime = make_runtime(cfg)
     manager = PullManager(
@@ -147,7 +150,7 @@ async def serve(cfg: AgentConfig, register_lease: bool) -> int:
         cfg.min_free_disk,
         cfg.default_pull_deadline,
         metrics,
-        node_credentials=node_credentials,
+        node_credentials=all_of(lookups) if lookups else None,
     )
     server = grpc.aio.server(interceptors=[NodeGuard(cfg.node_name)])
     agent_pb2_grpc.add_AgentServicer_to_server(

@@ -70,17 +70,7 @@ def order_from_proto(pull: agent_pb2.ImagePull) -> PullOrder:
         policy=Policy.ALWAYS
         if pull.policy == agent_pb2.PULL_POLICY_ALWAYS
         else Policy.IF_NOT_PRESENT,
-        credentials=tuple(
-            Credentials(
-                server_address=c.server_address,
-                username=c.username,
-                password=c.password,
-                auth=c.auth,
-                identity_token=c.identity_token,
-                registry_token=c.registry_token,
-            )
-            for c in pull.credentials
-        ),
+        credentials=tuple(Credentials.of(c) for c in pull.credentials),
         deadline=pull.deadline.ToTimedelta().total_seconds() if pull.HasField("deadline") else None,
         pin=pull.pin,
         replace=pull.replace,

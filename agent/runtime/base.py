@@ -36,6 +36,11 @@ class Credentials:
     identity_token: str = field(default="", repr=False)
     registry_token: str = field(default="", repr=False)
 
+    @classmethod
+    def of(cls, src: object) -> Credentials:
+        """From anything with these fields: an order's, a docker config entry's."""
+        return cls(**{f: str(getattr(src, f, "")) for f in cls.__dataclass_fields__})
+
 
 @dataclass(frozen=True)
 class Progress:

@@ -8,7 +8,9 @@ its SDK); the others exercise what only one runtime has (pinning, CRI health...)
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -18,6 +20,7 @@ import urllib.request
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import grpc
 import pytest
@@ -268,48 +271,26 @@ print(json.dumps({{
 """
 
 
+@pytest.mark.parametrize("source", ["plugin", "config.json"])
 @pytest.mark.parametrize("kind", ["containerd", "docker"])
-def test_the_nodes_credential_provider_plugin_serves_a_cache_without_secrets(
-    testenv: TestEnv, kind: str
+def test_the_nodes_own_credentials_serve_a_cache_without_secrets(
+    testenv: TestEnv, kind: str, source: str
 ) -> None:
-    """An agent given the kubelet's credential provider config runs its plugin, as the
-    kubelet would, for an image no credentials were sent with; the answer is kept for the
-    registry as long as the config says (12h by default here)."""
+    """An agent given what the kubelet reads for credentials, its credential provider
+    config or its config.json, uses it for an image no credentials were sent with. The
+    plugin's answer is kept for the registry as long as the config says (12h here)."""
     image = testenv.registry_client(authenticated=True).push_image(unique("agent/iam"), "v1")
-    port = image.registry.rpartition(":")[2]
-    work = testenv.workdir / unique("credential-providers")
+    work = testenv.workdir / unique("node-credentials")
     bin_dir = work / "bin"
     bin_dir.mkdir(parents=True)
-    plugin = bin_dir / "test-credential-provider"
-    plugin.write_text(
-        CREDENTIAL_PLUGIN.format(
-            python=sys.executable, host=image.registry, user=AUTH_USER, password=AUTH_PASSWORD
-        )
-    )
-    plugin.chmod(0o755)
     calls = work / "calls"
-    config = work / "credential-providers.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "kubelet.config.k8s.io/v1",
-                "kind": "CredentialProviderConfig",
-                "providers": [
-                    {
-                        "name": plugin.name,
-                        "matchImages": [f"127.0.0.*:{port}"],
-                        "defaultCacheDuration": "12h",
-                        "apiVersion": "credentialprovider.kubelet.k8s.io/v1",
-                        "env": [{"name": "CALLS", "value": str(calls)}],
-                    }
-                ],
-            }
-        )
-    )
-    flags = (
-        f"--image-credential-provider-config={config}",
-        f"--image-credential-provider-bin-dir={bin_dir}",
-    )
+    if source == "plugin":
+        flags = credential_plugin(work, bin_dir, calls, image)
+    else:
+        config_json = work / "config.json"
+        auth = base64.b64encode(f"{AUTH_USER}:{AUTH_PASSWORD}".encode()).decode()
+        config_json.write_text(json.dumps({"auths": {image.registry: {"auth": auth}}}))
+        flags = (f"--node-docker-config={config_json}",)
     with contextlib.ExitStack() as stack:
         if kind == "containerd":
             containerd = Containerd(
@@ -335,8 +316,47 @@ def test_the_nodes_credential_provider_plugin_serves_a_cache_without_secrets(
         assert ok.image_id == image.config_digest
         again = final(agent.pull(order(image.ref, policy=A.PULL_POLICY_ALWAYS)), image.ref)
         assert again.phase == A.PHASE_SUCCEEDED, again.error_message
-        assert calls.read_text().splitlines() == [image.ref]  # kept for the registry
+        if source == "plugin":
+            # asked for the repository, as the kubelet asks; the answer kept for the registry
+            assert calls.read_text().splitlines() == [image.ref.rpartition(":")[0]]
         assert AUTH_PASSWORD not in agent.process.log_path.read_text()
+
+
+def credential_plugin(
+    work: Path, bin_dir: Path, calls: Path, image: PushedImage
+) -> tuple[str, ...]:
+    """A kubelet credential provider config and plugin serving `image`'s registry;
+    the agent's flags for them."""
+    port = image.registry.rpartition(":")[2]
+    plugin = bin_dir / "test-credential-provider"
+    plugin.write_text(
+        CREDENTIAL_PLUGIN.format(
+            python=sys.executable, host=image.registry, user=AUTH_USER, password=AUTH_PASSWORD
+        )
+    )
+    plugin.chmod(0o755)
+    config = work / "credential-providers.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kubelet.config.k8s.io/v1",
+                "kind": "CredentialProviderConfig",
+                "providers": [
+                    {
+                        "name": plugin.name,
+                        "matchImages": [f"127.0.0.*:{port}"],
+                        "defaultCacheDuration": "12h",
+                        "apiVersion": "credentialprovider.kubelet.k8s.io/v1",
+                        "env": [{"name": "CALLS", "value": str(calls)}],
+                    }
+                ],
+            }
+        )
+    )
+    return (
+        f"--image-credential-provider-config={config}",
+        f"--image-credential-provider-bin-dir={bin_dir}",
+    )
 
 
 def _free_port_holding_404() -> int:

@@ -127,7 +127,9 @@ def user() -> Iterator[UserCluster]:
 # the request on stdin, the registry's credentials on stdout. A shell script, so that
 # it runs on the host for the kubelet and in the agent's container alike.
 PLUGIN = """#!/bin/sh
-cat >/dev/null
+request=$(cat)
+# The kubelet's requests are kept beside the plugin (the agents' mount is read-only).
+{{ printf '%s\\n' "$request" >> "$(dirname "$0")/requests"; }} 2>/dev/null || true
 printf '%s\\n' '{answer}'
 """
 PLUGIN_NAME = "fledged-test-credential-provider"
@@ -382,6 +384,9 @@ def test_a_cache_of_a_private_image_needs_no_secret_where_the_kubelet_needs_none
         pod.spec.containers[0].image_pull_policy = "Always"
         user.core.create_namespaced_pod(NAMESPACE, pod)
         wait_for("the pod to run", lambda: running(user.core, NAMESPACE, "no-secret"), timeout=60)
+        # The kubelet asks for the repository, without the tag, as the agents ask.
+        requests = (user.credential_providers[1] / "requests").read_text().splitlines()
+        assert {json.loads(r)["image"] for r in requests} == {private.ref.rpartition(":")[0]}
     finally:
         kubectl(user.env, "-n", NAMESPACE, "delete", "pod", "no-secret", "--ignore-not-found")
         kubectl(user.env, "-n", NAMESPACE, "delete", "imagecache", "no-secret", "--wait")

@@ -8,6 +8,7 @@ import json
 import stat
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,9 @@ import pytest
 from agent.credproviders import (
     ConfigError,
     NodeCredentials,
+    PluginAnswer,
     Provider,
+    answer_credentials,
     go_duration,
     image_matches,
     parse_answer,
@@ -179,7 +182,7 @@ def test_a_plugin_answer_serves_the_images_it_matches_and_is_kept_per_registry(
         assert (first.username, first.password) == ("u", "p")
         assert first.server_address == "a.example.com"  # containerd's host check
         await creds.lookup("a.example.com/other:v2")  # same registry: kept
-        assert calls(tmp_path) == ["a.example.com/app:v1 get-credentials"]
+        assert calls(tmp_path) == ["a.example.com/app get-credentials"]  # the repository
         await creds.lookup("b.example.com/app:v1")  # another registry: asked
         assert len(calls(tmp_path)) == 2
         assert await creds.lookup("not-matched.io/app:v1") == ()  # never asked
@@ -188,15 +191,15 @@ def test_a_plugin_answer_serves_the_images_it_matches_and_is_kept_per_registry(
     asyncio.run(run())
 
 
-def test_image_keyed_answers_are_kept_per_image_and_zero_duration_not_at_all(
+def test_image_keyed_answers_are_kept_per_repository_and_zero_duration_not_at_all(
     tmp_path: Path,
 ) -> None:
     per_image = node_credentials(tmp_path, "Image")
 
     async def run() -> None:
         await per_image.lookup("a.example.com/app:v1")
-        await per_image.lookup("a.example.com/app:v1")
-        await per_image.lookup("a.example.com/app:v2")
+        await per_image.lookup("a.example.com/app:v2")  # the kubelet asks by repository
+        await per_image.lookup("a.example.com/other:v1")
         assert len(calls(tmp_path)) == 2
         uncached = node_credentials(tmp_path / "x", "Global", DURATION="0s")
         await uncached.lookup("a.example.com/app:v1")
@@ -219,6 +222,30 @@ def test_a_failing_plugin_gives_no_credentials_and_is_asked_again(
     asyncio.run(run())
     assert len(calls(tmp_path)) == 2
     assert "no credentials today" in caplog.text
+
+
+def test_images_are_matched_and_asked_for_by_their_repository_as_the_kubelet_does(
+    tmp_path: Path,
+) -> None:
+    """The kubelet looks credentials up by the repository, fully qualified: a Docker Hub
+    short name matches `docker.io` and `*.*` patterns, and tags share one answer."""
+    creds = node_credentials(tmp_path, "Image")
+    provider = creds.providers[0]
+    creds.providers[0] = replace(provider, match_images=("*.*",))
+
+    async def run() -> None:
+        assert await creds.lookup("nginx:1.25") == ()  # asked; its answer is for other hosts
+        assert await creds.lookup("nginx@sha256:" + "a" * 64) == ()  # the same answer
+        assert await creds.lookup("Not A Reference") == ()  # not asked
+
+    asyncio.run(run())
+    assert calls(tmp_path) == ["docker.io/library/nginx get-credentials"]
+    answer = PluginAnswer("Global", None, (("docker.io", "hub", "p"), ("*.io", "any", "p")))
+    found = answer_credentials(answer, "docker.io/library/nginx")
+    assert [(c.server_address, c.username) for c in found] == [
+        ("docker.io", "hub"),
+        ("docker.io", "any"),
+    ]
 
 
 def test_a_missing_plugin_is_logged_not_raised(tmp_path: Path) -> None:
