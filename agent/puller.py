@@ -12,9 +12,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from typing import Any
 
 from common.reference import InvalidReference, normalize, parse
 
@@ -26,6 +27,7 @@ from .runtime import Credentials, FsUsage, ImageRecord, PinState, Progress, Runt
 log = logging.getLogger(__name__)
 PROGRESS_EVERY = 0.25  # seconds between progress events of one pull
 FS_CACHE_SECONDS = 2.0  # a disk reading this fresh is good enough to refuse or allow a pull
+DISK_WATCH_EVERY = 1.0  # seconds between free-space checks while a pull runs
 
 
 class Phase(StrEnum):
@@ -153,6 +155,37 @@ class _SharedPull:
             PullEvent(self._order.image, Phase.PULLING, progress.bytes_done, progress.bytes_total)
         )
 
+    async def _within_disk(self, pull: Coroutine[Any, Any, ImageRecord]) -> ImageRecord:
+        """The pull, stopped if the image filesystem falls below the minimum while it
+        runs: the check at its start cannot know the image's size, and a large image (or
+        two at once) would take the node past the kubelet's eviction threshold, where it
+        evicts pods to reclaim space. What was downloaded is left to the runtime's
+        garbage collection (containerd's lease ends with the pull)."""
+        m = self._manager
+        task = asyncio.ensure_future(pull)
+
+        async def stop() -> None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, AgentError):
+                await task  # the runtime's own clean-up (Docker hangs up) runs to its end
+
+        while True:
+            try:
+                done, _ = await asyncio.wait({task}, timeout=DISK_WATCH_EVERY)
+            except asyncio.CancelledError:  # the agent stopping: the pull stops with it
+                await stop()
+                raise
+            if done:
+                return task.result()
+            try:
+                fs = await m.image_fs(fresh=True)
+            except AgentError:
+                continue  # the runtime does not answer: the pull will say so
+            refusal = disk_refusal(fs.available, fs.capacity, m.min_free_disk)
+            if refusal:
+                await stop()
+                raise AgentError(Category.INSUFFICIENT_DISK, f"pull stopped: {refusal}")
+
     async def _run(self) -> None:
         m = self._manager
         image = self._order.image
@@ -171,8 +204,8 @@ class _SharedPull:
                 started = time.monotonic()
                 log.info("runtime pull of %s started", image)
                 try:
-                    record = await m.runtime.pull(
-                        image, self._order.credentials, deadline, self._on_progress
+                    record = await self._within_disk(
+                        m.runtime.pull(image, self._order.credentials, deadline, self._on_progress)
                     )
                 finally:
                     m.metrics.in_flight.dec()
@@ -228,10 +261,11 @@ class PullManager:
         self.inflight: dict[_Slot, _SharedPull] = {}
         self._fs: tuple[float, FsUsage] | None = None
 
-    async def image_fs(self) -> FsUsage:
-        """The image filesystem's usage, read at most every FS_CACHE_SECONDS."""
+    async def image_fs(self, fresh: bool = False) -> FsUsage:
+        """The image filesystem's usage, read at most every FS_CACHE_SECONDS unless
+        `fresh` (a running pull's watch)."""
         now = time.monotonic()
-        if self._fs is None or now - self._fs[0] > FS_CACHE_SECONDS:
+        if fresh or self._fs is None or now - self._fs[0] > FS_CACHE_SECONDS:
             self._fs = (now, await self.runtime.image_fs())
         return self._fs[1]
 

@@ -807,6 +807,38 @@ def test_insufficient_disk_refuses_the_pull_with_the_numbers(testenv: TestEnv) -
         assert cri.status(image.ref) is None
 
 
+def test_a_pull_that_takes_the_disk_below_the_minimum_is_stopped(testenv: TestEnv) -> None:
+    """Free space is checked at a pull's start, when the image's size is not known: a
+    pull that then takes the image filesystem below --min-free-disk is stopped (else a
+    large image drives the node into the kubelet's evictions) and its content left to
+    containerd's garbage collection."""
+    image = testenv.registry_client().push_image(unique("agent/big"), "v1", 48 << 20, 3)
+    with (
+        RegistryProxy(testenv.registry.host, rate=12 << 20) as slow,  # about 4 s of pull
+        contextlib.ExitStack() as stack,
+    ):
+        containerd = Containerd(testenv.workdir, unique("disk-node"), [slow.host])
+        containerd.start()
+        stack.callback(containerd.stop)
+        st = os.statvfs(containerd.root)
+        minimum = st.f_bavail * st.f_frsize - (16 << 20)  # crossed a second or so in
+        agent = testenv.start_agent(
+            node_name=unique("disk-node"),
+            runtime_endpoint=containerd.endpoint,
+            lease=False,
+            extra_args=(f"--min-free-disk={minimum}",),
+            name=unique("agent-disk"),
+        )
+        stack.callback(agent.stop)
+        ref = f"{slow.host}/{image.ref.split('/', 1)[1]}"
+        end = final(agent.pull(order(ref)), ref)
+        assert end.error_category == A.ERROR_CATEGORY_INSUFFICIENT_DISK, end
+        assert end.error_message.startswith("pull stopped: image filesystem has"), end
+        with NodeRuntime(containerd.endpoint) as cri:
+            assert cri.status(ref) is None
+        assert "runtime pull of" in agent.process.log_path.read_text()  # it had started
+
+
 def test_node_info_reports_docker_without_pinning(docker_agent: AgentProcess) -> None:
     info = docker_agent.call("GetNodeInfo", A.GetNodeInfoRequest())
     assert (info.runtime_name, info.runtime_api) == ("docker", "docker")  # type: ignore[attr-defined]
