@@ -22,6 +22,7 @@ from coordinator.apiclient import kube_client
 from .agents import AgentPool, TlsConfig
 from .config import CoordinatorConfig, parse_args
 from .controller import Controller, ControllerConfig
+from .crdcheck import wait_for_crd
 from .kube import KubeWriter
 from .leader import LeaderElector
 from .metrics import CoordinatorMetrics
@@ -106,6 +107,8 @@ async def _serve(cfg: CoordinatorConfig, probes: Probes) -> int:
 
     stop = asyncio.Event()
     stop_on_signals(stop)
+    if not await wait_for_crd(api, stop):  # not ready meanwhile, standbys included
+        return 0
 
     elector = None
     if cfg.leader_elect:

@@ -148,6 +148,10 @@ def can_i(env: TestEnv, who: str, *args: str) -> bool:
         (COORDINATOR, ("delete", "nodes"), False),
         (COORDINATOR, ("patch", "nodes"), False),  # only with node gating on
         (COORDINATOR, ("create", "pods", "-n", "kube-fledged"), False),
+        # its own CRD read at start (one helm kept from kube-fledged is said), none other
+        (COORDINATOR, ("get", "crd/imagecaches.kubefledged.io"), True),
+        (COORDINATOR, ("get", "crd/leases.example.io"), False),
+        (COORDINATOR, ("update", "crd/imagecaches.kubefledged.io"), False),
         (AGENT, ("update", "leases.coordination.k8s.io", "-n", "kube-fledged"), True),
         (AGENT, ("get", "leases.coordination.k8s.io", "-n", "default"), False),
         (AGENT, ("get", "secrets", "-n", "kube-fledged"), False),
