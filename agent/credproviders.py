@@ -111,6 +111,17 @@ def parse_config(text: str, source: str = "credential provider config") -> list[
             raise ConfigError(f"{where} ({name}): defaultCacheDuration: {err}") from err
         env = tuple((str(e["name"]), str(e.get("value", ""))) for e in raw.get("env") or ())
         args = tuple(str(a) for a in raw.get("args") or ())
+        tokens = raw.get("tokenAttributes") or {}
+        if isinstance(tokens, dict) and tokens and tokens.get("requireServiceAccount", True):
+            # KEP-4412: the kubelet runs it with the pulling pod's service account token;
+            # a cache pulls for no pod, so it has none to give.
+            log.warning(
+                "%s: %s needs a pod's service account token; a cache pulls for no pod, "
+                "so images only it serves need a pull Secret in their cache",
+                source,
+                name,
+            )
+            continue
         providers.append(Provider(name, tuple(match), default, api_version, args, env))
     return providers
 

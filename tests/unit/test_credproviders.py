@@ -49,6 +49,25 @@ def test_a_kubelet_config_reads_as_its_providers() -> None:
     assert p.env == (("AWS_PROFILE", "example"),)
 
 
+def test_a_provider_that_needs_a_pods_service_account_token_is_left_out(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """KEP-4412's tokenAttributes: the kubelet gives such a plugin the pulling pod's
+    token; a cache pulls for no pod. Unless the token is optional, it is not run."""
+    needs = CONFIG.replace(
+        "    env:",
+        "    tokenAttributes: {serviceAccountTokenAudience: registry.example}\n    env:",
+    )
+    assert parse_config(needs) == []
+    assert "needs a pod's service account token" in caplog.text
+    optional = CONFIG.replace(
+        "    env:",
+        "    tokenAttributes: {serviceAccountTokenAudience: r, requireServiceAccount: false}\n"
+        "    env:",
+    )
+    assert [p.name for p in parse_config(optional)] == ["ecr-credential-provider"]
+
+
 @pytest.mark.parametrize(
     ("text", "complaint"),
     [
