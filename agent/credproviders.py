@@ -17,7 +17,6 @@ import asyncio
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from common.reference import InvalidReference, parse, registry_matches
+from common.units import parse_duration
 
 from .runtime import Credentials
 
@@ -39,9 +39,7 @@ PLUGIN_API_VERSIONS = frozenset(
         "credentialprovider.kubelet.k8s.io/v1alpha1",
     }
 )
-EXEC_TIMEOUT = 60.0  # the kubelet's, per plugin call
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
-_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+EXEC_TIMEOUT = 60.0  # a plugin not answered by then is killed
 
 
 class ConfigError(ValueError):
@@ -63,22 +61,6 @@ class PluginAnswer:
     cache_key_type: str  # Image, Registry or Global
     cache_duration: float | None  # None: the provider's default
     auth: tuple[tuple[str, str, str], ...]  # (pattern, username, password)
-
-
-def go_duration(text: str) -> float:
-    """Seconds in a Go duration string (`12h`, `1h30m`, `0s`)."""
-    text = text.strip()
-    if text in ("0", ""):
-        return 0.0
-    pos, total = 0, 0.0
-    for m in _DURATION.finditer(text):
-        if m.start() != pos:
-            break
-        total += float(m.group(1)) * _UNIT[m.group(2)]
-        pos = m.end()
-    if pos != len(text) or pos == 0:
-        raise ValueError(f"invalid duration {text!r}")
-    return total
 
 
 def parse_config(text: str, source: str = "credential provider config") -> list[Provider]:
@@ -106,7 +88,7 @@ def parse_config(text: str, source: str = "credential provider config") -> list[
         if api_version not in PLUGIN_API_VERSIONS:
             raise ConfigError(f"{where} ({name}): unsupported apiVersion {api_version!r}")
         try:
-            default = go_duration(str(raw.get("defaultCacheDuration") or "0"))
+            default = parse_duration(str(raw.get("defaultCacheDuration") or "0"))
         except ValueError as err:
             raise ConfigError(f"{where} ({name}): defaultCacheDuration: {err}") from err
         env = tuple((str(e["name"]), str(e.get("value", ""))) for e in raw.get("env") or ())
@@ -154,7 +136,7 @@ def parse_answer(out: bytes, provider: Provider) -> PluginAnswer:
         (str(k), str((v or {}).get("username", "")), str((v or {}).get("password", "")))
         for k, v in auth.items()
     )
-    return PluginAnswer(key_type, go_duration(duration) if duration else None, entries)
+    return PluginAnswer(key_type, parse_duration(duration) if duration else None, entries)
 
 
 def cache_key(key_type: str, image: str) -> str:

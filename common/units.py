@@ -21,7 +21,7 @@ _UNITS = {
     "Pi": 2**50,
     "Ei": 2**60,
 }
-_DURATION_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
+_DURATION_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ns|us|µs|ms|s|m|h)")
 
 
 def parse_size(text: str) -> int:
@@ -35,7 +35,9 @@ def parse_size(text: str) -> int:
 def parse_duration(text: str) -> float:
     """Seconds from a Go-style duration (`5m`, `1h30m`, `250ms`, `0s`)."""
     text = text.strip()
+    if text == "0":  # Go's one unitless duration
+        return 0.0
     if not text or _DURATION_RE.sub("", text):
         raise ValueError(f"not a duration: {text!r} (examples: 30s, 5m, 1h30m)")
-    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    scale = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 0.001, "s": 1, "m": 60, "h": 3600}
     return sum(float(n) * scale[u] for n, u in _DURATION_RE.findall(text))

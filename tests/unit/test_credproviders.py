@@ -19,11 +19,11 @@ from agent.credproviders import (
     PluginAnswer,
     Provider,
     answer_credentials,
-    go_duration,
     image_matches,
     parse_answer,
     parse_config,
 )
+from common.units import parse_duration
 
 V1 = "credentialprovider.kubelet.k8s.io/v1"
 CONFIG = """
@@ -105,13 +105,13 @@ def test_a_config_the_kubelet_would_refuse_is_refused_with_the_reason(
     ],
 )
 def test_go_durations(text: str, seconds: float) -> None:
-    assert go_duration(text) == seconds
+    assert parse_duration(text) == seconds
 
 
 @pytest.mark.parametrize("text", ["12", "h", "1x", "1h 2m", "-1s"])
 def test_bad_go_durations(text: str) -> None:
-    with pytest.raises(ValueError, match="invalid duration"):
-        go_duration(text)
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration(text)
 
 
 @pytest.mark.parametrize(
