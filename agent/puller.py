@@ -87,7 +87,7 @@ def disk_refusal(free: int, capacity: int, threshold: DiskThreshold) -> str | No
     )
 
 
-# Credentials the node itself has for an image (the kubelet's credential providers).
+# Credentials the node itself has for an image (what its kubelet reads: config.json, plugins).
 NodeLookup = Callable[[str], Awaitable[tuple[Credentials, ...]]]
 
 
