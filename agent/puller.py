@@ -74,17 +74,22 @@ class PullEvent:
         return self.phase in TERMINAL
 
 
-def disk_refusal(free: int, capacity: int, threshold: DiskThreshold) -> str | None:
-    """Why a pull must not start, or None. Unknown capacity never refuses."""
+def disk_refusal(free: int, capacity: int, threshold: DiskThreshold, needs: int = 0) -> str | None:
+    """Why a pull must not start (or go on), or None. Unknown capacity never refuses.
+    `needs`: bytes the image is known to take still (a pull of it stopped before)."""
     if capacity <= 0:
         return None
     required = threshold.required(capacity)
-    if free >= required:
+    if free - needs >= required:
         return None
-    return (
-        f"image filesystem has {free} bytes free of {capacity} ({100 * free / capacity:.1f}%),"
-        f" below the minimum of {threshold} ({required} bytes)"
-    )
+    text = f"image filesystem has {free} bytes free of {capacity} ({100 * free / capacity:.1f}%)"
+    if free >= required:
+        return (
+            f"{text}; the image needs {needs} bytes more (learned from its last pull, which "
+            f"was stopped), which would leave less than the minimum of {threshold} "
+            f"({required} bytes)"
+        )
+    return f"{text}, below the minimum of {threshold} ({required} bytes)"
 
 
 # Credentials the node itself has for an image (what its kubelet reads: config.json, plugins).
@@ -184,6 +189,10 @@ class _SharedPull:
             refusal = disk_refusal(fs.available, fs.capacity, m.min_free_disk)
             if refusal:
                 await stop()
+                if self._latest is not None and self._latest.bytes_total:
+                    # Its retries are refused at their start while the space lacks, instead
+                    # of downloading as much again to be stopped again (an edge link).
+                    m.too_big[self._key[0]] = self._latest.bytes_total
                 raise AgentError(Category.INSUFFICIENT_DISK, f"pull stopped: {refusal}")
 
     async def _run(self) -> None:
@@ -194,7 +203,8 @@ class _SharedPull:
                 self._publish(PullEvent(image, Phase.WAITING))
             async with m.semaphore:
                 fs = await m.image_fs()
-                refusal = disk_refusal(fs.available, fs.capacity, m.min_free_disk)
+                needs = m.too_big.get(self._key[0], 0)
+                refusal = disk_refusal(fs.available, fs.capacity, m.min_free_disk, needs)
                 if refusal:
                     raise AgentError(Category.INSUFFICIENT_DISK, refusal)
                 self._publish(PullEvent(image, Phase.PULLING))
@@ -214,6 +224,7 @@ class _SharedPull:
                     )
                 m.metrics.pull_duration.observe(time.monotonic() - started)
                 m.metrics.bytes_pulled.inc(record.size)
+            m.too_big.pop(self._key[0], None)
             while self.retire:  # orders may join while one is retired
                 _, old = self.retire.popitem()
                 if old.id != record.id:
@@ -260,6 +271,8 @@ class PullManager:
         self.metrics = metrics or AgentMetrics()
         self.inflight: dict[_Slot, _SharedPull] = {}
         self._fs: tuple[float, FsUsage] | None = None
+        # image -> its size in bytes, for images whose pull was stopped for the disk
+        self.too_big: dict[str, int] = {}
 
     async def image_fs(self, fresh: bool = False) -> FsUsage:
         """The image filesystem's usage, read at most every FS_CACHE_SECONDS unless

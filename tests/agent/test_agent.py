@@ -30,12 +30,14 @@ from grpc_health.v1 import health_pb2
 from kubernetes import client
 
 from agent.health import LIVENESS_SERVICE
+from agent.puller import FS_CACHE_SECONDS
 from agent.runtime.cri import OWNER_LABEL
 from agent.server import SHUTDOWN_GRACE
 from common.wire import lease_name
 from coordinator.agents import AgentPool
 from protos.fledged.agent.v1 import agent_pb2, agent_pb2_grpc
 from tests.conftest import unique
+from tests.coordinator.helpers import wait_for
 from tests.testenv import AUTH_PASSWORD, AUTH_USER, PushedImage, TestEnv
 from tests.testenv.agents import AGENT_NAMESPACE, AgentProcess
 from tests.testenv.containerd import Containerd, DebianContainerd
@@ -836,7 +838,21 @@ def test_a_pull_that_takes_the_disk_below_the_minimum_is_stopped(testenv: TestEn
         assert end.error_message.startswith("pull stopped: image filesystem has"), end
         with NodeRuntime(containerd.endpoint) as cri:
             assert cri.status(ref) is None
-        assert "runtime pull of" in agent.process.log_path.read_text()  # it had started
+
+        # Once containerd's garbage collection has taken what was downloaded, the space is
+        # back above the minimum; sent again (the coordinator's retry), the pull is still
+        # refused at its start: its size is known now, and downloading as much again to be
+        # stopped again would waste the link.
+        def free() -> int:
+            st = os.statvfs(containerd.root)
+            return st.f_bavail * st.f_frsize
+
+        wait_for("the space to come back", lambda: free() > minimum + (4 << 20), timeout=30)
+        time.sleep(FS_CACHE_SECONDS + 0.5)  # the agent's last reading is older than that
+        again = final(agent.pull(order(ref)), ref)
+        assert again.error_category == A.ERROR_CATEGORY_INSUFFICIENT_DISK, again
+        assert "the image needs" in again.error_message, again
+        assert agent.process.log_path.read_text().count(f"runtime pull of {ref} started") == 1
 
 
 def test_node_info_reports_docker_without_pinning(docker_agent: AgentProcess) -> None:

@@ -154,6 +154,12 @@ def test_disk_guard_refuses_below_the_threshold_and_says_by_how_much() -> None:
     assert "minimum of 10% (100 bytes)" in refusal
     assert disk_refusal(free=10, capacity=0, threshold=ten_percent) is None  # unknown: allow
     assert disk_refusal(free=10, capacity=10**9, threshold=DiskThreshold.parse("1Gi")) is not None
+    # an image known to need more than the space above the minimum (its last pull stopped)
+    gib = DiskThreshold.parse("1Gi")
+    assert disk_refusal(free=3 << 30, capacity=10 << 30, threshold=gib, needs=1 << 30) is None
+    refused = disk_refusal(free=3 << 30, capacity=10 << 30, threshold=gib, needs=5 << 30)
+    assert refused is not None
+    assert "the image needs 5368709120 bytes more" in refused
 
 
 def test_agent_flags_validate_and_default() -> None:
