@@ -19,10 +19,11 @@ from typing import Any
 from kubernetes.client import ApiClient, ApiextensionsV1Api
 from kubernetes.client.exceptions import ApiException
 
+from .api import GROUP, PLURAL, VERSION
+
 log = logging.getLogger(__name__)
 
-CRD_NAME = "imagecaches.kubefledged.io"
-VERSION = "v1alpha2"
+CRD_NAME = f"{PLURAL}.{GROUP}"
 RECHECK_SECONDS = 10.0
 FIX = (
     "apply this release's CRD: kubectl apply --server-side --force-conflicts -f deploy/crds/ "
