@@ -11,7 +11,7 @@ import base64
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from common.reference import DOCKER_HUB, ImageRef, registry_matches, same_registry
+from common.reference import ImageRef, registry_matches, registry_of_server_address, same_registry
 
 
 class DockerConfigError(ValueError):
@@ -31,17 +31,8 @@ class RegistryAuth:
 
 def entry_key(key: str) -> tuple[str, str]:
     """Registry host and path prefix from a docker-config key (`https://r:5000/v1/`, `r/ns`)."""
-    text = key.strip()
-    if "://" in text:
-        text = text.split("://", 1)[1]
-    host, _, path = text.partition("/")
-    host = host.lower()
-    if host in {"index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}:
-        host = DOCKER_HUB
-    path = path.strip("/")
-    if path in ("v1", "v2"):
-        path = ""
-    return host, path
+    path = key.strip().split("://", 1)[-1].partition("/")[2].strip("/")
+    return registry_of_server_address(key), "" if path in ("v1", "v2") else path
 
 
 def registry_entries(entries: object, what: str) -> list[RegistryAuth]:
