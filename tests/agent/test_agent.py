@@ -24,7 +24,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-import yaml
 from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2
 from kubernetes import client
@@ -41,6 +40,7 @@ from tests.coordinator.helpers import wait_for
 from tests.testenv import AUTH_PASSWORD, AUTH_USER, PushedImage, TestEnv
 from tests.testenv.agents import AGENT_NAMESPACE, AgentProcess
 from tests.testenv.containerd import Containerd, DebianContainerd
+from tests.testenv.credentials import write_provider_config
 from tests.testenv.pki import CertFiles, CertificateAuthority
 from tests.testenv.procs import free_port, port_open
 from tests.testenv.proxy import RegistryProxy
@@ -337,23 +337,12 @@ def credential_plugin(
         )
     )
     plugin.chmod(0o755)
-    config = work / "credential-providers.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "kubelet.config.k8s.io/v1",
-                "kind": "CredentialProviderConfig",
-                "providers": [
-                    {
-                        "name": plugin.name,
-                        "matchImages": [f"127.0.0.*:{port}"],
-                        "defaultCacheDuration": "12h",
-                        "apiVersion": "credentialprovider.kubelet.k8s.io/v1",
-                        "env": [{"name": "CALLS", "value": str(calls)}],
-                    }
-                ],
-            }
-        )
+    config = write_provider_config(
+        work / "credential-providers.yaml",
+        plugin.name,
+        [f"127.0.0.*:{port}"],
+        "12h",
+        {"CALLS": str(calls)},
     )
     return (
         f"--image-credential-provider-config={config}",

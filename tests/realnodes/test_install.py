@@ -35,6 +35,7 @@ from tests.coordinator.helpers import get_cache, kubectl, wait_for, wait_status
 from tests.realnodes.conftest import pause_image
 from tests.realnodes.pods import NODE_IMAGES_WAIT, node_image_names, pod_on, running
 from tests.testenv import AUTH_PASSWORD, AUTH_USER, PushedImage, TestEnv, pull_secret
+from tests.testenv.credentials import write_provider_config
 from tests.testenv.demo import SAMPLE, SIZES, adapt_sample
 from tests.testenv.kubelet import ControlPlaneExtras, KubeletCluster, KubeletNode
 from tests.testenv.paths import BIN_DIR, REPO_ROOT, binary
@@ -152,23 +153,9 @@ def credential_providers(env: TestEnv) -> tuple[Path, Path]:
     plugin = bin_dir / PLUGIN_NAME
     plugin.write_text(PLUGIN.format(answer=json.dumps(answer)))
     plugin.chmod(0o755)
-    config = env.workdir / "credential-providers.yaml"
     glob = host.rsplit(".", 1)[0] + ".*"  # 127.0.0.*: a pattern, as the kubelet reads them
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "kubelet.config.k8s.io/v1",
-                "kind": "CredentialProviderConfig",
-                "providers": [
-                    {
-                        "name": PLUGIN_NAME,
-                        "matchImages": [f"{glob}:{port}"],
-                        "defaultCacheDuration": "1m",
-                        "apiVersion": "credentialprovider.kubelet.k8s.io/v1",
-                    }
-                ],
-            }
-        )
+    config = write_provider_config(
+        env.workdir / "credential-providers.yaml", PLUGIN_NAME, [f"{glob}:{port}"], "1m"
     )
     return config, bin_dir
 
