@@ -211,11 +211,13 @@ class NodeCredentials:
         return tuple(found)
 
     def _cached(self, provider: Provider, image: str) -> PluginAnswer | None:
+        """An answer kept for the image, its registry or every image (keys of the three
+        kinds cannot collide: a repository has a slash, a registry none, Global is "")."""
         now = time.monotonic()
         entries = self._cache.get(provider.name, {})
         for key in (image, image.partition("/")[0], ""):
             hit = entries.get(key)
-            if hit is not None and hit[0] > now and cache_key(hit[1].cache_key_type, image) == key:
+            if hit is not None and hit[0] > now:
                 return hit[1]
         return None
 
