@@ -130,7 +130,7 @@ async def serve(cfg: AgentConfig, register_lease: bool) -> int:
     if cfg.node_docker_config:
         lookups.append(NodeDockerConfig(Path(cfg.node_docker_config)).lookup)
     if cfg.credential_provider_config and cfg.credential_provider_bin_dir:
-        # Imported only here: YAML costs every other node's agent memory for nothing.
+        # Imported only here, with YAML: every other node's agent is spared both.
         from .credproviders import ConfigError, NodeCredentials, config_summary
 
         try:

@@ -281,7 +281,8 @@ def test_a_call_to_a_server_that_never_answers_ends_at_the_timeout(tmp_path: Pat
 def test_the_agent_loads_neither_the_kubernetes_client_nor_the_docker_sdk() -> None:
     """Both cost the agent on every node memory it does not need: the kubernetes
     client (about 14 MiB) and, on a CRI node, the Docker SDK with requests
-    (about 7 MiB)."""
+    (about 7 MiB); YAML (1.7 MiB) too, needed only to read a kubeconfig or a credential
+    provider config."""
     code = (
         "import sys\n"
         "from agent.config import parse_args\n"
@@ -292,7 +293,7 @@ def test_the_agent_loads_neither_the_kubernetes_client_nor_the_docker_sdk() -> N
         "make_runtime(cfg)\n"
         "target = ApiTarget('https', 'k', 1, '', None)\n"
         "LeaseRegistrar(target, 'ns', 'n1', 'a:1', False, 'v', 40, 10)\n"
-        "heavy = {'kubernetes', 'docker', 'requests', 'urllib3'}\n"
+        "heavy = {'kubernetes', 'docker', 'requests', 'urllib3', 'yaml'}\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & heavy))\n"
     )
     done = subprocess.run(
