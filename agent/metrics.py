@@ -10,7 +10,8 @@ class AgentMetrics:
         self.registry = registry or CollectorRegistry()
         self.pulls = Counter(
             "fledged_agent_pulls_total",
-            "Image pull orders by result (succeeded, already_present, failed) and error category.",
+            "Image pull orders by result (succeeded, already_present, failed, cancelled) "
+            "and error category.",
             ["result", "category"],
             registry=self.registry,
         )

@@ -3,7 +3,8 @@ and deadlines. Runtime-agnostic: it sees only the `Runtime` protocol.
 
 Orders for the same image that overlap share one runtime pull: each order subscribes
 to the shared pull's events. A shared pull runs to its end even when every subscriber
-has gone (a coordinator restart), so the work is not lost.
+has gone (a coordinator restart), so the work is not lost; only `cancel` stops it (no
+cache wants the image on this node any more).
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ class Phase(StrEnum):
     SUCCEEDED = "Succeeded"
     ALREADY_PRESENT = "AlreadyPresent"
     FAILED = "Failed"
+    CANCELLED = "Cancelled"
 
 
-TERMINAL = frozenset({Phase.SUCCEEDED, Phase.ALREADY_PRESENT, Phase.FAILED})
+TERMINAL = frozenset({Phase.SUCCEEDED, Phase.ALREADY_PRESENT, Phase.FAILED, Phase.CANCELLED})
 
 
 class Policy(StrEnum):
@@ -108,6 +110,13 @@ def all_of(lookups: list[NodeLookup]) -> NodeLookup:
     return lookup
 
 
+@dataclass
+class _Preparing:
+    """An order on its way to its shared pull."""
+
+    cancelled: bool = False
+
+
 # What orders may share one runtime pull: the image and the credentials it is pulled
 # with (an order with other credentials, say a fixed Secret, must not join a pull that
 # started with the old ones and fail with them).
@@ -129,7 +138,17 @@ class _SharedPull:
         # order sent again sees the new content only and had nothing left to retire).
         self.retire: dict[str, ImageRecord] = {}
         self.retired = False  # done with them: an order joining later retires its own
+        self.pulled = False  # the runtime pull is over: too late to cancel
+        self.cancelled = False
         self.task = asyncio.create_task(self._run(), name=f"pull {key[0]}")
+
+    def cancel(self) -> bool:
+        """Stops the pull, queued or running, unless the runtime has finished it."""
+        if self.pulled or self.task.done():
+            return False
+        self.cancelled = True
+        self.task.cancel()
+        return True
 
     def _publish(self, event: PullEvent) -> None:
         self._latest = event
@@ -222,6 +241,7 @@ class _SharedPull:
                     log.info(
                         "runtime pull of %s ended after %.2fs", image, time.monotonic() - started
                     )
+                self.pulled = True
                 m.metrics.pull_duration.observe(time.monotonic() - started)
                 m.metrics.bytes_pulled.inc(record.size)
             m.too_big.pop(self._key[0], None)
@@ -240,6 +260,10 @@ class _SharedPull:
                     record=record,
                 )
             )
+        except asyncio.CancelledError:
+            if not self.cancelled:
+                raise  # the agent stopping
+            self._publish(PullEvent(image, Phase.CANCELLED))
         except AgentError as err:
             self._publish(
                 PullEvent(image, Phase.FAILED, category=err.category, message=err.message)
@@ -250,7 +274,8 @@ class _SharedPull:
                 PullEvent(image, Phase.FAILED, category=Category.INTERNAL, message=str(err))
             )
         finally:
-            m.inflight.pop(self._key, None)
+            if m.inflight.get(self._key) is self:  # a cancelled pull may be replaced already
+                del m.inflight[self._key]
 
 
 class PullManager:
@@ -273,6 +298,27 @@ class PullManager:
         self._fs: tuple[float, FsUsage] | None = None
         # image -> its size in bytes, for images whose pull was stopped for the disk
         self.too_big: dict[str, int] = {}
+        # image -> orders of it not yet at their shared pull (checking what the node
+        # holds, asking its credential plugins): a cancel meanwhile stops them there.
+        self._preparing: dict[str, list[_Preparing]] = {}
+
+    def cancel(self, image: str) -> bool:
+        """Stops every pull of `image` queued or under way, and its orders still being
+        prepared: whichever streams ordered them, they end CANCELLED. Returns whether
+        there was any. What the runtime downloaded is left to its garbage collection."""
+        try:
+            key = normalize(image)
+        except InvalidReference:
+            return False
+        stopped = False
+        for preparing in self._preparing.get(key, ()):
+            preparing.cancelled = stopped = True
+        for slot, shared in list(self.inflight.items()):
+            if slot[0] == key and shared.cancel():
+                stopped = True
+        if stopped:
+            log.info("pull of %s cancelled: no longer wanted on this node", image)
+        return stopped
 
     async def image_fs(self, fresh: bool = False) -> FsUsage:
         """The image filesystem's usage, read at most every FS_CACHE_SECONDS unless
@@ -295,6 +341,7 @@ class PullManager:
                 result = {
                     Phase.SUCCEEDED: "succeeded",
                     Phase.ALREADY_PRESENT: "already_present",
+                    Phase.CANCELLED: "cancelled",
                 }.get(final.phase, "failed")
                 self.metrics.pulls.labels(result, final.category or "").inc()
 
@@ -306,26 +353,37 @@ class PullManager:
                 order.image, Phase.FAILED, category=Category.INVALID_REFERENCE, message=str(err)
             )
             return
-        if order.policy != Policy.ALWAYS:
-            try:
-                present = await self.runtime.status(order.image)
-            except AgentError as err:
-                yield PullEvent(
-                    order.image, Phase.FAILED, category=err.category, message=err.message
-                )
-                return
-            if present is not None:
-                yield await self._finish(order, Phase.ALREADY_PRESENT, present, present.size)
-                return
-        if self.node_credentials is not None:
-            # After the cache's Secrets, as the kubelet orders its keyrings.
-            extra = await self.node_credentials(order.image)
-            if extra:
-                order = replace(order, credentials=order.credentials + extra)
-        before = await self._replaced_candidate(order)
+        preparing = _Preparing()
+        self._preparing.setdefault(key, []).append(preparing)
+        try:
+            if order.policy != Policy.ALWAYS:
+                try:
+                    present = await self.runtime.status(order.image)
+                except AgentError as err:
+                    yield PullEvent(
+                        order.image, Phase.FAILED, category=err.category, message=err.message
+                    )
+                    return
+                if present is not None:
+                    yield await self._finish(order, Phase.ALREADY_PRESENT, present, present.size)
+                    return
+            if self.node_credentials is not None:
+                # After the cache's Secrets, as the kubelet orders its keyrings.
+                extra = await self.node_credentials(order.image)
+                if extra:
+                    order = replace(order, credentials=order.credentials + extra)
+            before = await self._replaced_candidate(order)
+        finally:
+            waiting = self._preparing[key]
+            waiting.remove(preparing)
+            if not waiting:
+                del self._preparing[key]
+        if preparing.cancelled:
+            yield PullEvent(order.image, Phase.CANCELLED)
+            return
         slot = (key, order.credentials)
         shared = self.inflight.get(slot)
-        if shared is None:
+        if shared is None or shared.cancelled:  # wanted again: a pull of its own
             shared = self.inflight[slot] = _SharedPull(self, slot, order)
         if before is not None and not shared.retired:
             shared.retire.setdefault(before.id, before)

@@ -32,6 +32,7 @@ PHASES = {
     Phase.SUCCEEDED: agent_pb2.PHASE_SUCCEEDED,
     Phase.ALREADY_PRESENT: agent_pb2.PHASE_ALREADY_PRESENT,
     Phase.FAILED: agent_pb2.PHASE_FAILED,
+    Phase.CANCELLED: agent_pb2.PHASE_CANCELLED,
 }
 CATEGORIES = {
     Category.NOT_FOUND: agent_pb2.ERROR_CATEGORY_NOT_FOUND,
@@ -49,7 +50,7 @@ STATUS_CODES = {
     Category.RUNTIME_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     Category.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
-OUTCOMES = frozenset({Phase.SUCCEEDED, Phase.ALREADY_PRESENT, Phase.FAILED})
+OUTCOMES = frozenset({Phase.SUCCEEDED, Phase.ALREADY_PRESENT, Phase.FAILED, Phase.CANCELLED})
 
 
 def reported(progress: int, phase: Phase) -> bool:
@@ -164,6 +165,21 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+
+    async def CancelPulls(
+        self,
+        request: agent_pb2.CancelPullsRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> agent_pb2.CancelPullsResponse:
+        log.info(
+            "cancel the pulls of %d image(s): %s", len(request.images), ", ".join(request.images)
+        )
+        return agent_pb2.CancelPullsResponse(
+            results=[
+                agent_pb2.CancelResult(image=image, was_running=self._manager.cancel(image))
+                for image in request.images
+            ]
+        )
 
     async def RemoveImages(
         self,

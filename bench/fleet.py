@@ -174,6 +174,11 @@ class FakeAgent(agent_pb2_grpc.AgentServicer):
             )
         return A.SetPinnedResponse(results=results)
 
+    async def CancelPulls(self, request: Any, context: Any) -> agent_pb2.CancelPullsResponse:
+        """No benchmark cancels: simulated pulls run to their end."""
+        results = [A.CancelResult(image=i, was_running=False) for i in request.images]
+        return A.CancelPullsResponse(results=results)
+
     async def RemoveImages(self, request: Any, context: Any) -> agent_pb2.RemoveImagesResponse:
         node = self._node(context)
         results = [

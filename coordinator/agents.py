@@ -111,6 +111,10 @@ class AgentClient:
         request = agent_pb2.SetPinnedRequest(images=images, pinned=pinned)
         return await self._unary("SetPinned", request, agent_pb2.SetPinnedResponse, node, 60)
 
+    async def cancel_pulls(self, node: str, images: Sequence[str]) -> agent_pb2.CancelPullsResponse:
+        request = agent_pb2.CancelPullsRequest(images=images)
+        return await self._unary("CancelPulls", request, agent_pb2.CancelPullsResponse, node, 30)
+
     async def remove(self, node: str, images: Sequence[str]) -> agent_pb2.RemoveImagesResponse:
         request = agent_pb2.RemoveImagesRequest(images=images)
         return await self._unary("RemoveImages", request, agent_pb2.RemoveImagesResponse, node, 300)

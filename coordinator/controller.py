@@ -590,6 +590,16 @@ class Controller:
         if result.removals:
             self.metrics.orders.labels("remove").inc(len(result.removals))
             self._registry.submit_removals(node, result.removals)
+        if result.cancels:
+            self.metrics.orders.labels("cancel").inc(len(result.cancels))
+            log.info(
+                "node %s: cancelling %d pull(s) no cache wants: %s",
+                node,
+                len(result.cancels),
+                list(result.cancels),
+            )
+            self._registry.submit_cancels(node, result.cancels)
+            result.cancels = ()
 
     # -- caches ----------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ class CoordinatorMetrics:
         )
         self.orders = Counter(
             "fledged_coordinator_orders_total",
-            "Orders sent to agents, by kind (pull, pin, unpin, remove), counted per image.",
+            "Orders sent to agents, by kind (pull, pin, unpin, remove, cancel), counted per image.",
             ["kind"],
             registry=self.registry,
         )

@@ -306,6 +306,11 @@ class NodeObservation:
     pins_in_flight: set[str] = field(default_factory=set)  # image ids
     removals_in_flight: set[ImageKey] = field(default_factory=set)
     removal_errors: dict[ImageKey, str] = field(default_factory=dict)
+    # Pulls no share wants any more, cancelled: the record each cancel was sent for
+    # (sent again only for a newer record: an order not yet at the agent, say). None
+    # while empty, as on almost every node.
+    cancels_sent: dict[ImageKey, PullRecord] | None = None
+    cancel_unsupported: bool = False  # this agent process predates CancelPulls
     # Why this agent process cannot be listed (its listings failed twice in a row):
     # said in the status instead of "listing the node's images" for good.
     unlisted: str = ""
@@ -351,6 +356,9 @@ class NodeObservation:
 
     def _record(self, key: ImageKey, record: PullRecord | None) -> None:
         """The one place a pull record is replaced: keeps the wave count right."""
+        sent = self.cancels_sent
+        if sent is not None and sent.pop(key, None) is not None and not sent:
+            self.cancels_sent = None
         old = self.pulls.pop(key, None)
         if record is not None:
             self.pulls[key] = record
@@ -372,6 +380,7 @@ class NodeObservation:
         new_process = agent is not None and (old is None or not old.same_process(agent))
         if agent is None or new_process:
             self._unlist()
+            self.cancel_unsupported = False
         lost = 0
         if new_process:
             for key in [
@@ -476,6 +485,27 @@ class NodeObservation:
     def pull_failed(self, key: ImageKey, category: str, message: str, now: float) -> None:
         record = self._pull_record(key)
         self._record(key, _failed(record, category, message, now))
+        self._changed()
+
+    def pull_cancelled(self, key: ImageKey) -> None:
+        """Stopped by our cancel: nothing of it is on the node, and no failure counts
+        (wanted again later, it is pulled at once)."""
+        self._record(key, None)
+        self._changed()
+
+    def cancels_ordered(self, keys: Iterable[ImageKey]) -> None:
+        sent = self.cancels_sent if self.cancels_sent is not None else {}
+        for key in keys:
+            record = self.pulls.get(key)
+            if record is not None:
+                sent[key] = record
+        self.cancels_sent = sent or None
+        self._changed()
+
+    def cancels_refused(self) -> None:
+        """The agent process cannot cancel (an older one, during a rolling upgrade):
+        its pulls run to their end, as before CancelPulls."""
+        self.cancel_unsupported = True
         self._changed()
 
     def pulls_lost(self, keys: Iterable[ImageKey], message: str, now: float) -> None:

@@ -53,7 +53,12 @@ CATEGORY_NAMES = {
     agent_pb2.ERROR_CATEGORY_INTERNAL: "Internal",
 }
 OUTCOMES = frozenset(
-    {agent_pb2.PHASE_SUCCEEDED, agent_pb2.PHASE_ALREADY_PRESENT, agent_pb2.PHASE_FAILED}
+    {
+        agent_pb2.PHASE_SUCCEEDED,
+        agent_pb2.PHASE_ALREADY_PRESENT,
+        agent_pb2.PHASE_FAILED,
+        agent_pb2.PHASE_CANCELLED,
+    }
 )
 LISTINGS_AT_ONCE = 64  # a restart over 5,000 nodes lists them a few dozen at a time
 LISTING_TRIES = 3  # listings taken again when a pull answer came in meanwhile
@@ -547,6 +552,8 @@ class NodeRegistry:
         elif event.phase == agent_pb2.PHASE_FAILED:
             category = CATEGORY_NAMES.get(event.error_category, "Internal")
             obs.pull_failed(key, category, event.error_message, now)
+        elif event.phase == agent_pb2.PHASE_CANCELLED:
+            obs.pull_cancelled(key)
 
     def submit_pins(self, node: str, changes: Sequence[tuple[str, bool]]) -> None:
         obs = self.observation(node)
@@ -584,6 +591,36 @@ class NodeRegistry:
             obs.pins_answered(ids)
         if not await self.sync(node, abilities=False):
             self._notify(node)  # the pins are no longer in flight, whatever they did
+
+    def submit_cancels(self, node: str, images: Sequence[ImageKey]) -> None:
+        obs = self.observation(node)
+        if obs.agent is None or not images:
+            return
+        obs.cancels_ordered(images)
+        self._spawn(self._cancel(node, obs.agent, list(images)), f"cancel {node}")
+
+    async def _cancel(self, node: str, agent: AgentInfo, images: list[ImageKey]) -> None:
+        """The streams that ordered the pulls hear of each stop (CANCELLED); a pull that
+        was not running any more has its outcome on its stream as usual."""
+        obs = self.observation(node)
+        client = self._pool.get(agent.endpoint)
+        try:
+            resp = await client.cancel_pulls(node, images)
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.UNIMPLEMENTED:
+                log.info("node %s: its agent cannot cancel pulls (an older version)", node)
+                if obs.agent is not None and obs.agent.same_process(agent):
+                    obs.cancels_refused()
+            else:
+                log.warning("cancelling pulls on %s failed: %s", node, err.details())
+            return
+        except asyncio.CancelledError:
+            if _cancelling():
+                raise
+            return  # the channel closed: the agent moved
+        over = [r.image for r in resp.results if not r.was_running]
+        if over:
+            log.debug("node %s: pulls no longer running, not cancelled: %s", node, over)
 
     def submit_removals(self, node: str, images: Sequence[ImageKey]) -> None:
         obs = self.observation(node)

@@ -4,7 +4,10 @@ one batch of orders that closes the gap. A pure function over plain data.
 
 Safe to run any number of times: an order in flight is never sent again, an image
 present is not pulled again (unless a refresh or the pull policy asks), an image some
-cache wants is never removed, and a pin some cache wants pinned is never lifted. A pin
+cache wants is never removed, and a pin some cache wants pinned is never lifted. A
+pull in flight that no share wants any more is cancelled (a deleted cache, an image
+edited out or purged, a node that left a selector): a large image is not downloaded
+to every node for nothing. A pin
 kube-fledged set that no share wants pinned is lifted by the same rule that places
 pins: a node that left a selector, a deleted cache, a list switched to `pin: false`.
 """
@@ -63,6 +66,7 @@ class NodeResult:
     pulls: list[PullItem] = field(default_factory=list)
     pins: list[tuple[str, bool]] = field(default_factory=list)  # image key (or id), pinned
     removals: list[ImageKey] = field(default_factory=list)
+    cancels: tuple[ImageKey, ...] = ()  # pulls in flight no share wants
     queued: dict[ImageKey, int] = field(default_factory=dict)  # waiting for a wave slot
     pinning: set[ImageKey] = field(default_factory=set)  # wanted images being re-pinned
     # What each pair was made from (desire, pull record, image held: all immutable):
@@ -188,6 +192,8 @@ def plan_node(
         result.basis[key] = basis
     result.pairs = _shared_map(result.pairs)
     result.basis = _shared_map(result.basis)
+    if not obs.pulls.keys() <= result.pairs.keys():  # most plans: every record is wanted
+        result.cancels = _cancels(obs, result.pairs)
     lifting = _pins(result, desired, obs, inventory, held)
     letting_go = [(k, d) for k, d in desired.items.items() if d.remove or not d.want]
     if letting_go:  # most plans let nothing go: the wanted ids only when one does
@@ -199,6 +205,22 @@ def plan_node(
         for key, desire in letting_go:
             result.released[key] = _release(result, key, desire, obs, held[key], lifting, wanted)
     return result
+
+
+def _cancels(obs: NodeObservation, wanted: Mapping[ImageKey, PairState]) -> tuple[ImageKey, ...]:
+    """Pulls in flight that no share wants, but for those a cancel went out for
+    already (sent again only for a newer record: the order may not have reached the
+    agent when the first one did)."""
+    if obs.cancel_unsupported:
+        return ()
+    sent = obs.cancels_sent or {}
+    return tuple(
+        sorted(
+            key
+            for key, record in obs.pulls.items()
+            if record.in_flight and key not in wanted and sent.get(key) is not record
+        )
+    )
 
 
 def _unreachable(
@@ -361,8 +383,8 @@ def _release(
         result.removal_errors[key] = error
         return Release.FAILED
     if present is None:
-        # A pull still under way brings the image after all: removed once it lands
-        # (purged or edited out while pulling, it was left on the node, only unpinned).
+        # A pull still under way is cancelled (_cancels); one that lands all the same
+        # (it ended as the cancel went out; an agent without CancelPulls) is removed.
         record = obs.pulls.get(key)
         landing = desire.remove and not desire.want and record is not None and record.in_flight
         return Release.BUSY if landing else Release.DONE

@@ -47,7 +47,7 @@ from tests.testenv.proxy import RegistryProxy
 from tests.testenv.runtime import PINNED_LABEL, NodeRuntime
 
 A = agent_pb2
-TERMINAL = {A.PHASE_SUCCEEDED, A.PHASE_ALREADY_PRESENT, A.PHASE_FAILED}
+TERMINAL = {A.PHASE_SUCCEEDED, A.PHASE_ALREADY_PRESENT, A.PHASE_FAILED, A.PHASE_CANCELLED}
 
 
 @dataclass(frozen=True)
@@ -418,6 +418,39 @@ def _stopped_mid_pull(agent: AgentProcess, stall: RegistryProxy, ref: str) -> in
         return proc.wait(timeout=SHUTDOWN_GRACE + 10)
     finally:
         agent.process.kill()
+
+
+def test_a_cancelled_pull_stops_its_download_and_leaves_no_image(
+    testenv: TestEnv, backend: Backend
+) -> None:
+    """A pull no cache wants any more (the cache deleted, the image edited out) stops
+    on CancelPulls, whichever stream ordered it: the runtime hangs up on the registry,
+    the stream ends CANCELLED, and the image is not on the node. Before, it ran to its
+    end: a mistaken fleet-wide cache, deleted at once, was still downloaded everywhere."""
+    image = testenv.registry_client().push_image(unique("agent/cancel"), "v1", 48 << 20, 3)
+    with RegistryProxy(testenv.registry.host, rate=8 << 20) as slow:  # about 6 s of pull
+        testenv.add_registry_host(slow.host)
+        ref = image.ref.replace(image.registry, slow.host)
+        events: list[agent_pb2.PullEvent] = []
+        stream = threading.Thread(target=lambda: events.extend(backend.agent.pull(order(ref))))
+        stream.start()
+        try:
+            wait_for("the download to begin", lambda: slow.bytes_sent > 2 << 20, timeout=30)
+            answer = backend.agent.call("CancelPulls", A.CancelPullsRequest(images=[ref]))
+        finally:
+            stream.join(60)
+        assert [(r.image, r.was_running) for r in answer.results] == [(ref, True)]  # type: ignore[attr-defined]
+        assert final(events, ref).phase == A.PHASE_CANCELLED
+        # The download stops (the runtime may keep idle connections to the registry).
+        sent = slow.bytes_sent
+        time.sleep(2)  # 16 MiB more, had the pull gone on
+        assert slow.bytes_sent - sent < 1 << 20, (sent, slow.bytes_sent)
+        assert slow.bytes_sent < backend.downloaded(image) // 2, slow.bytes_sent
+    listing = backend.agent.call("ListImages", A.ListImagesRequest())
+    assert not [i for i in listing.images if ref in i.repo_tags]  # type: ignore[attr-defined]
+    # Nothing of it runs any more: a second cancel finds nothing to stop.
+    again = backend.agent.call("CancelPulls", A.CancelPullsRequest(images=[ref]))
+    assert [r.was_running for r in again.results] == [False]  # type: ignore[attr-defined]
 
 
 def test_concurrent_orders_for_one_image_share_one_runtime_pull(

@@ -32,6 +32,7 @@ from tests.coordinator.helpers import (
 from tests.testenv import AUTH_PASSWORD, AUTH_USER, TestEnv, dockerconfig_secret, pull_secret
 from tests.testenv.agents import AGENT_NAMESPACE, AgentProcess, CoordinatorProcess
 from tests.testenv.images import PushedImage
+from tests.testenv.proxy import RegistryProxy
 from tests.testenv.runtime import NodeRuntime
 
 ALL = ("node-1", "node-2", "node-3")
@@ -351,6 +352,40 @@ def test_deleting_a_cache_unpins_its_images_and_releases_the_object(
         assert node_images(testenv, node).get(image.ref) is False, (
             f"{image.ref} still pinned on {node}"
         )
+
+
+def test_pulls_no_cache_wants_any_more_stop_on_every_node(
+    testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
+) -> None:
+    """An image edited out of a cache while it is pulled, then the cache deleted while
+    its other image is: both pulls stop on every node (the runtime hangs up on the
+    registry), and no node is left holding either. Before, each ran to its end on
+    every node: a mistaken fleet-wide cache of large images, deleted at once, was still
+    downloaded everywhere (on edge links too)."""
+    registry = testenv.registry_client()
+    pushed = [registry.push_image(unique(f"ic/unwanted-{x}"), "v1", 24 << 20, 3) for x in "ab"]
+    size = sum(image.content_size for image in pushed) * len(ALL)
+    with RegistryProxy(testenv.registry.host, rate=6 << 20) as slow:  # 24 s for the lot
+        testenv.add_registry_host(slow.host)
+        a, b = (image.ref.replace(image.registry, slow.host) for image in pushed)
+
+        def agents_log(text: str) -> bool:
+            return all(text in (testenv.logs / f"agent-{n}.log").read_text() for n in ALL)
+
+        apply(testenv, cache_manifest("mistake", namespace, [{"images": [a, b]}]))
+        wait_for("both pulls under way", lambda: agents_log(f"runtime pull of {b} started"))
+        apply(testenv, cache_manifest("mistake", namespace, [{"images": [b]}]))
+        wait_for("the edited-out pull to stop", lambda: agents_log(f"pull of {a} cancelled"))
+        kubectl(testenv, "-n", namespace, "delete", "ic", "mistake", "--timeout=30s")
+        wait_for("the other pull to stop", lambda: agents_log(f"pull of {b} cancelled"))
+        sent = slow.bytes_sent
+        time.sleep(2)  # 12 MiB more, had any pull gone on
+        assert slow.bytes_sent - sent < 1 << 20, (sent, slow.bytes_sent)
+        assert slow.bytes_sent < size // 2, (slow.bytes_sent, size)
+    for node in ALL:
+        held = node_images(testenv, node)
+        assert a not in held, node
+        assert b not in held, node
 
 
 def test_the_purge_annotation_removes_the_images_then_itself(

@@ -36,6 +36,7 @@ class RegistryProxy:
         self._server: asyncio.Server | None = None
         self._next_slot = 0.0  # the rate is shared by all connections, as one link would be
         self.open_connections = 0  # clients connected now (a cancelled pull closes its own)
+        self.bytes_sent = 0  # towards the clients, all connections together
         # Drop what the connections open now carry, both ways, keeping them open: what a
         # half-open connection does (new connections are not affected).
         self._dropping: set[int] = set()
@@ -102,7 +103,7 @@ class RegistryProxy:
         try:
             await asyncio.gather(
                 self._pipe(conn, reader, up_writer, None),
-                self._pipe(conn, up_reader, writer, self._throttle if self.rate else None),
+                self._pipe(conn, up_reader, writer, self._throttle if self.rate else None, True),
                 return_exceptions=True,
             )
         finally:
@@ -126,6 +127,7 @@ class RegistryProxy:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         throttle: Callable[[int], Awaitable[None]] | None,
+        to_client: bool = False,
     ) -> None:
         chunk = 16 * 1024
         try:
@@ -136,6 +138,8 @@ class RegistryProxy:
                     await throttle(len(data))
                 writer.write(data)
                 await writer.drain()
+                if to_client:
+                    self.bytes_sent += len(data)
         finally:
             with contextlib.suppress(Exception):
                 writer.close()

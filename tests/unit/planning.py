@@ -44,6 +44,7 @@ class Plan:
     pulls: dict[str, list[PullItem]] = field(default_factory=lambda: defaultdict(list))
     pins: dict[str, list[tuple[str, bool]]] = field(default_factory=lambda: defaultdict(list))
     removals: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    cancels: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     results: dict[str, NodeResult] = field(default_factory=dict)
     unmatched: list[CacheList] = field(default_factory=list)
     removing: tuple[Removal, ...] = ()
@@ -59,7 +60,9 @@ class Plan:
 
     @property
     def has_orders(self) -> bool:
-        return any(self.pulls.values()) or any(self.pins.values()) or any(self.removals.values())
+        return any(
+            any(orders.values()) for orders in (self.pulls, self.pins, self.removals, self.cancels)
+        )
 
     @property
     def settled(self) -> bool:
@@ -120,6 +123,8 @@ def plan_caches(
                 plan.pins[node].extend(result.pins)
             if result.removals:
                 plan.removals[node].extend(result.removals)
+            if result.cancels:
+                plan.cancels[node].extend(result.cancels)
     for view in caches:
         plan = plans[view.key]
         plan.unmatched = desired.unmatched(view.key)

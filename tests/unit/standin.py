@@ -3,6 +3,7 @@ through the coordinator's own AgentPool over real grpc.aio channels."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -34,3 +35,11 @@ async def registry_over(
         await registry.close()
         await pool.close()
         await server.stop(None)
+
+
+async def wait_until(check: Callable[[], Any], what: str, seconds: float = 10) -> None:
+    for _ in range(int(seconds / 0.02)):
+        if check():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -18,7 +18,7 @@ from coordinator.images import ImageKey
 from coordinator.model import AGENT_UNAVAILABLE, AgentInfo, Inventory, OrderPhase
 from coordinator.pairs import PullItem
 from protos.fledged.agent.v1 import agent_pb2, agent_pb2_grpc
-from tests.unit.standin import registry_over
+from tests.unit.standin import registry_over, wait_until
 
 IMAGE = "r.io/slow:1"
 
@@ -35,14 +35,6 @@ class _SlowAgent(agent_pb2_grpc.AgentServicer):
         return agent_pb2.NodeInfo()
 
 
-async def _wait(check: Any, what: str, seconds: float = 10) -> None:
-    for _ in range(int(seconds / 0.02)):
-        if check():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 async def test_a_pull_cut_by_our_own_channel_close_is_lost_not_in_flight_for_ever(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -55,10 +47,10 @@ async def test_a_pull_cut_by_our_own_channel_close_is_lost_not_in_flight_for_eve
         registry.submit_pulls(
             {"n1": [PullItem(IMAGE, False, True, caches=("ns/c",))]}, lambda i: []
         )
-        await _wait(lambda: obs.pulls[key].phase is OrderPhase.PULLING, "the pull to start")
+        await wait_until(lambda: obs.pulls[key].phase is OrderPhase.PULLING, "the pull to start")
         # The same node's agent is now reached at another address: the old channel goes.
         registry.set_agent("n1", AgentInfo("n1", new, False, expires=1e12, acquired="a"))
-        await _wait(lambda: not obs.pulls[key].in_flight, "the cut pull to end", seconds=5)
+        await wait_until(lambda: not obs.pulls[key].in_flight, "the cut pull to end", seconds=5)
         record = obs.pulls[key]
         assert record.phase is OrderPhase.FAILED
         assert record.category == AGENT_UNAVAILABLE
@@ -83,7 +75,7 @@ async def test_a_stream_that_ends_with_orders_unanswered_leaves_none_in_flight()
         obs.listed(Inventory([], 0), True)
         items = [PullItem(i, False, True, caches=("ns/c",)) for i in (IMAGE, "r.io/other:1")]
         registry.submit_pulls({"n1": items}, lambda i: [])
-        await _wait(lambda: not any(r.in_flight for r in obs.pulls.values()), "answers")
+        await wait_until(lambda: not any(r.in_flight for r in obs.pulls.values()), "answers")
         assert obs.pulls[ImageKey(IMAGE)].phase is OrderPhase.DONE
         unanswered = obs.pulls[ImageKey("r.io/other:1")]
         assert (unanswered.phase, unanswered.category) == (OrderPhase.FAILED, AGENT_UNAVAILABLE)

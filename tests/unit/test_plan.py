@@ -323,18 +323,60 @@ def test_purge_removes_every_image_then_reports_done() -> None:
     assert {p.phase for p in after.pairs} == {PairPhase.REMOVED}
 
 
-def test_a_purge_waits_for_a_pull_under_way_and_removes_what_it_brings() -> None:
+def test_a_purge_cancels_a_pull_under_way_and_removes_it_if_it_lands_anyway() -> None:
     """Purged while a pull ran: the image was absent, so the purge read done, and the
-    pull then left it on the node (only unpinned), the status saying it was removed."""
+    pull then left it on the node (only unpinned), the status saying it was removed.
+    The pull is cancelled now; one that ends as the cancel goes out is removed."""
     pulling = node()
     pulling.pulls_ordered([A], {})
     purge = view(everything_list(A), purge=True)
     plan = plan_cache(purge, {"n1": {}}, {"n1": pulling}, Settings(), NOW)
+    assert plan.cancels == {"n1": [A]}
     assert not plan.purge_done
     assert [p.phase for p in plan.pairs] == [PairPhase.REMOVING]
+    pulling.pull_cancelled(A)
+    assert plan_cache(purge, {"n1": {}}, {"n1": pulling}, Settings(), NOW).purge_done
     landed = node(image(A, True, True))
     after = plan_cache(purge, {"n1": {}}, {"n1": landed}, Settings(), NOW)
     assert after.removals == {"n1": [A]}
+
+
+def test_pulls_no_share_wants_are_cancelled_once_for_each_record() -> None:
+    """A deleted cache, an image edited out, a node that left a selector: the pull in
+    flight stops instead of downloading the image for nothing (every node, for a
+    fleet-wide cache deleted by mistake)."""
+    obs = node()
+    obs.pulls_ordered([A, B], {})
+    wants_b = view(everything_list(B))
+    plan = plan_cache(wants_b, {"n1": {}}, {"n1": obs}, Settings(), NOW)
+    assert plan.cancels == {"n1": [A]}  # B is wanted: it goes on
+    assert not plan.pulls  # and is not ordered again
+    obs.cancels_ordered([A])
+    assert not plan_cache(wants_b, {"n1": {}}, {"n1": obs}, Settings(), NOW).cancels
+    # The agent answered that no pull of A ran (the order had not reached it): once the
+    # order says it is there, the cancel goes again.
+    obs.pull_progress(A, True, 5, 10, NOW)
+    assert plan_cache(wants_b, {"n1": {}}, {"n1": obs}, Settings(), NOW).cancels == {"n1": [A]}
+    obs.pull_cancelled(A)
+    assert A not in obs.pulls
+    assert not obs.slots.pulling.get(A)
+    assert not plan_cache(wants_b, {"n1": {}}, {"n1": obs}, Settings(), NOW).cancels
+    # Wanted again, it is ordered at once (a cancel is no failure to back off from).
+    both = view(everything_list(A, B))
+    assert [
+        i.image for i in plan_cache(both, {"n1": {}}, {"n1": obs}, Settings(), NOW).pulls["n1"]
+    ] == [A]
+
+
+def test_an_agent_that_cannot_cancel_lets_its_pulls_run() -> None:
+    obs = node()
+    obs.pulls_ordered([A], {})
+    obs.cancels_refused()
+    assert not plan_cache(
+        view(everything_list(B)), {"n1": {}}, {"n1": obs}, Settings(), NOW
+    ).cancels
+    obs.set_agent(AgentInfo("n", "127.0.0.1:2", False, NOW + 1000, acquired="t2"), NOW)
+    assert not obs.cancel_unsupported  # a new agent process may well cancel
 
 
 def test_a_purged_cache_stays_empty_until_edited_or_refreshed() -> None:

@@ -178,6 +178,67 @@ async def test_the_cap_queues_pulls_as_waiting() -> None:
     assert all(r[-1].phase == Phase.SUCCEEDED for r in results)
 
 
+async def test_cancel_stops_running_queued_and_preparing_pulls_of_an_image() -> None:
+    """Every order of the image ends CANCELLED, whichever stream sent it, and the runtime
+    pull is stopped; other images go on; an order after the cancel pulls afresh."""
+    runtime = ScriptedRuntime()
+    manager = manager_for(runtime, cap=1)
+    running = asyncio.create_task(collect(manager, PullOrder("r.io/a:1")))
+    joined = asyncio.create_task(collect(manager, PullOrder("r.io/a:1")))
+    queued = asyncio.create_task(collect(manager, PullOrder("r.io/b:1")))
+    await asyncio.sleep(0.05)
+    assert runtime.pulls == ["r.io/a:1"]
+    assert manager.cancel("r.io/b:1")  # queued behind the cap: never reaches the runtime
+    assert manager.cancel("docker.io/library/nothing:1") is False
+    assert manager.cancel("not a reference") is False
+    assert (await queued)[-1].phase == Phase.CANCELLED
+    assert manager.cancel("r.io/a:1")
+    for events in (await running, await joined):
+        assert events[-1].phase == Phase.CANCELLED
+    assert "r.io/a:1" not in runtime.images
+    assert not manager.inflight
+    # Being prepared (its presence asked of the runtime) when the cancel comes.
+    asked = asyncio.Event()
+    go_on = asyncio.Event()
+    status = runtime.status
+
+    async def slow_status(ref: str) -> ImageRecord | None:
+        asked.set()
+        await go_on.wait()
+        return await status(ref)
+
+    runtime.status = slow_status  # type: ignore[method-assign]
+    preparing = asyncio.create_task(collect(manager, PullOrder("r.io/a:1")))
+    await asyncio.wait_for(asked.wait(), 5)
+    assert manager.cancel("r.io/a:1")
+    go_on.set()
+    assert [e.phase for e in await preparing] == [Phase.CANCELLED]
+    assert runtime.pulls == ["r.io/a:1"]
+    runtime.release.set()
+    again = await collect(manager, PullOrder("r.io/a:1"))
+    assert again[-1].phase == Phase.SUCCEEDED
+    assert runtime.pulls == ["r.io/a:1"] * 2
+
+
+async def test_a_cancel_that_comes_after_the_runtime_pull_ended_changes_nothing() -> None:
+    runtime = ScriptedRuntime()
+    manager = manager_for(runtime)
+    pinning = asyncio.Event()
+    set_pinned = runtime.set_pinned
+
+    async def slow_pin(ref: str, pinned: bool) -> PinState:
+        pinning.set()
+        await asyncio.sleep(0.1)
+        return await set_pinned(ref, pinned)
+
+    runtime.set_pinned = slow_pin  # type: ignore[method-assign]
+    order = asyncio.create_task(collect(manager, PullOrder("r.io/a:1", pin=True)))
+    runtime.release.set()
+    await asyncio.wait_for(pinning.wait(), 5)  # pulled; its pin being set
+    assert not manager.cancel("r.io/a:1")
+    assert (await order)[-1].phase == Phase.SUCCEEDED
+
+
 async def test_if_not_present_does_not_pull_and_always_does() -> None:
     runtime = ScriptedRuntime()
     runtime.images["r.io/a:1"] = ImageRecord("sha256:x", ("r.io/a:1",), (), 5, PinState.UNPINNED)

@@ -26,23 +26,23 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#protos/fledged/agent/v1/agent.proto\x12\x10\x66ledged.agent.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8f\x01\n\x13RegistryCredentials\x12\x16\n\x0eserver_address\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\x12\x10\n\x08password\x18\x03 \x01(\t\x12\x0c\n\x04\x61uth\x18\x04 \x01(\t\x12\x16\n\x0eidentity_token\x18\x05 \x01(\t\x12\x16\n\x0eregistry_token\x18\x06 \x01(\t\"\xcf\x01\n\tImagePull\x12\r\n\x05image\x18\x01 \x01(\t\x12,\n\x06policy\x18\x02 \x01(\x0e\x32\x1c.fledged.agent.v1.PullPolicy\x12:\n\x0b\x63redentials\x18\x03 \x03(\x0b\x32%.fledged.agent.v1.RegistryCredentials\x12+\n\x08\x64\x65\x61\x64line\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0b\n\x03pin\x18\x05 \x01(\x08\x12\x0f\n\x07replace\x18\x06 \x01(\x08\"\x82\x01\n\x11PullImagesRequest\x12+\n\x06images\x18\x01 \x03(\x0b\x32\x1b.fledged.agent.v1.ImagePull\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12,\n\x08progress\x18\x03 \x01(\x0e\x32\x1a.fledged.agent.v1.Progress\"\xc3\x02\n\tPullEvent\x12\r\n\x05image\x18\x01 \x01(\t\x12&\n\x05phase\x18\x02 \x01(\x0e\x32\x17.fledged.agent.v1.Phase\x12\x12\n\nbytes_done\x18\x03 \x01(\x03\x12\x13\n\x0b\x62ytes_total\x18\x04 \x01(\x03\x12\x10\n\x08image_id\x18\x05 \x01(\t\x12\x13\n\x0brepo_digest\x18\x06 \x01(\t\x12\x0c\n\x04size\x18\x07 \x01(\x03\x12\'\n\x03pin\x18\x08 \x01(\x0e\x32\x1a.fledged.agent.v1.PinState\x12\x37\n\x0e\x65rror_category\x18\t \x01(\x0e\x32\x1f.fledged.agent.v1.ErrorCategory\x12\x15\n\rerror_message\x18\n \x01(\t\x12(\n\x04time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"%\n\x13RemoveImagesRequest\x12\x0e\n\x06images\x18\x01 \x03(\t\"\x82\x01\n\x0cRemoveResult\x12\r\n\x05image\x18\x01 \x01(\t\x12\x13\n\x0bwas_present\x18\x02 \x01(\x08\x12\x37\n\x0e\x65rror_category\x18\x03 \x01(\x0e\x32\x1f.fledged.agent.v1.ErrorCategory\x12\x15\n\rerror_message\x18\x04 \x01(\t\"G\n\x14RemoveImagesResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.fledged.agent.v1.RemoveResult\"2\n\x10SetPinnedRequest\x12\x0e\n\x06images\x18\x01 \x03(\t\x12\x0e\n\x06pinned\x18\x02 \x01(\x08\"\x93\x01\n\tPinResult\x12\r\n\x05image\x18\x01 \x01(\t\x12\'\n\x03pin\x18\x02 \x01(\x0e\x32\x1a.fledged.agent.v1.PinState\x12\x37\n\x0e\x65rror_category\x18\x03 \x01(\x0e\x32\x1f.fledged.agent.v1.ErrorCategory\x12\x15\n\rerror_message\x18\x04 \x01(\t\"A\n\x11SetPinnedResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.fledged.agent.v1.PinResult\"\x13\n\x11ListImagesRequest\"\x92\x01\n\tImageInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\trepo_tags\x18\x02 \x03(\t\x12\x14\n\x0crepo_digests\x18\x03 \x03(\t\x12\x0c\n\x04size\x18\x04 \x01(\x03\x12\'\n\x03pin\x18\x05 \x01(\x0e\x32\x1a.fledged.agent.v1.PinState\x12\x19\n\x11pinned_by_fledged\x18\x06 \x01(\x08\"A\n\x12ListImagesResponse\x12+\n\x06images\x18\x01 \x03(\x0b\x32\x1b.fledged.agent.v1.ImageInfo\"\x14\n\x12GetNodeInfoRequest\"\xd1\x01\n\x08NodeInfo\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x14\n\x0cruntime_name\x18\x02 \x01(\t\x12\x17\n\x0fruntime_version\x18\x03 \x01(\t\x12\x13\n\x0bruntime_api\x18\x04 \x01(\t\x12\x1b\n\x13image_fs_used_bytes\x18\x05 \x01(\x04\x12\x1f\n\x17image_fs_capacity_bytes\x18\x06 \x01(\x04\x12\x15\n\ragent_version\x18\x07 \x01(\t\x12\x19\n\x11pinning_supported\x18\x08 \x01(\x08*a\n\nPullPolicy\x12\x1b\n\x17PULL_POLICY_UNSPECIFIED\x10\x00\x12\x1e\n\x1aPULL_POLICY_IF_NOT_PRESENT\x10\x01\x12\x16\n\x12PULL_POLICY_ALWAYS\x10\x02*\x86\x01\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x11\n\rPHASE_WAITING\x10\x01\x12\x11\n\rPHASE_PULLING\x10\x02\x12\x13\n\x0fPHASE_SUCCEEDED\x10\x03\x12\x19\n\x15PHASE_ALREADY_PRESENT\x10\x04\x12\x10\n\x0cPHASE_FAILED\x10\x05*\xce\x02\n\rErrorCategory\x12\x1e\n\x1a\x45RROR_CATEGORY_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45RROR_CATEGORY_NOT_FOUND\x10\x01\x12\x1f\n\x1b\x45RROR_CATEGORY_UNAUTHORIZED\x10\x02\x12\'\n#ERROR_CATEGORY_REGISTRY_UNAVAILABLE\x10\x03\x12$\n ERROR_CATEGORY_DEADLINE_EXCEEDED\x10\x04\x12$\n ERROR_CATEGORY_INVALID_REFERENCE\x10\x05\x12$\n ERROR_CATEGORY_INSUFFICIENT_DISK\x10\x06\x12&\n\"ERROR_CATEGORY_RUNTIME_UNAVAILABLE\x10\x07\x12\x1b\n\x17\x45RROR_CATEGORY_INTERNAL\x10\x08*n\n\x08PinState\x12\x19\n\x15PIN_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10PIN_STATE_PINNED\x10\x01\x12\x16\n\x12PIN_STATE_UNPINNED\x10\x02\x12\x19\n\x15PIN_STATE_UNSUPPORTED\x10\x03*N\n\x08Progress\x12\x18\n\x14PROGRESS_UNSPECIFIED\x10\x00\x12\x11\n\rPROGRESS_FULL\x10\x01\x12\x15\n\x11PROGRESS_OUTCOMES\x10\x02\x32\xb8\x03\n\x05\x41gent\x12P\n\nPullImages\x12#.fledged.agent.v1.PullImagesRequest\x1a\x1b.fledged.agent.v1.PullEvent0\x01\x12]\n\x0cRemoveImages\x12%.fledged.agent.v1.RemoveImagesRequest\x1a&.fledged.agent.v1.RemoveImagesResponse\x12T\n\tSetPinned\x12\".fledged.agent.v1.SetPinnedRequest\x1a#.fledged.agent.v1.SetPinnedResponse\x12W\n\nListImages\x12#.fledged.agent.v1.ListImagesRequest\x1a$.fledged.agent.v1.ListImagesResponse\x12O\n\x0bGetNodeInfo\x12$.fledged.agent.v1.GetNodeInfoRequest\x1a\x1a.fledged.agent.v1.NodeInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#protos/fledged/agent/v1/agent.proto\x12\x10\x66ledged.agent.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8f\x01\n\x13RegistryCredentials\x12\x16\n\x0eserver_address\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\x12\x10\n\x08password\x18\x03 \x01(\t\x12\x0c\n\x04\x61uth\x18\x04 \x01(\t\x12\x16\n\x0eidentity_token\x18\x05 \x01(\t\x12\x16\n\x0eregistry_token\x18\x06 \x01(\t\"\xcf\x01\n\tImagePull\x12\r\n\x05image\x18\x01 \x01(\t\x12,\n\x06policy\x18\x02 \x01(\x0e\x32\x1c.fledged.agent.v1.PullPolicy\x12:\n\x0b\x63redentials\x18\x03 \x03(\x0b\x32%.fledged.agent.v1.RegistryCredentials\x12+\n\x08\x64\x65\x61\x64line\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0b\n\x03pin\x18\x05 \x01(\x08\x12\x0f\n\x07replace\x18\x06 \x01(\x08\"\x82\x01\n\x11PullImagesRequest\x12+\n\x06images\x18\x01 \x03(\x0b\x32\x1b.fledged.agent.v1.ImagePull\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12,\n\x08progress\x18\x03 \x01(\x0e\x32\x1a.fledged.agent.v1.Progress\"\xc3\x02\n\tPullEvent\x12\r\n\x05image\x18\x01 \x01(\t\x12&\n\x05phase\x18\x02 \x01(\x0e\x32\x17.fledged.agent.v1.Phase\x12\x12\n\nbytes_done\x18\x03 \x01(\x03\x12\x13\n\x0b\x62ytes_total\x18\x04 \x01(\x03\x12\x10\n\x08image_id\x18\x05 \x01(\t\x12\x13\n\x0brepo_digest\x18\x06 \x01(\t\x12\x0c\n\x04size\x18\x07 \x01(\x03\x12\'\n\x03pin\x18\x08 \x01(\x0e\x32\x1a.fledged.agent.v1.PinState\x12\x37\n\x0e\x65rror_category\x18\t \x01(\x0e\x32\x1f.fledged.agent.v1.ErrorCategory\x12\x15\n\rerror_message\x18\n \x01(\t\x12(\n\x04time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"%\n\x13RemoveImagesRequest\x12\x0e\n\x06images\x18\x01 \x03(\t\"\x82\x01\n\x0cRemoveResult\x12\r\n\x05image\x18\x01 \x01(\t\x12\x13\n\x0bwas_present\x18\x02 \x01(\x08\x12\x37\n\x0e\x65rror_category\x18\x03 \x01(\x0e\x32\x1f.fledged.agent.v1.ErrorCategory\x12\x15\n\rerror_message\x18\x04 \x01(\t\"G\n\x14RemoveImagesResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.fledged.agent.v1.RemoveResult\"$\n\x12\x43\x61ncelPullsRequest\x12\x0e\n\x06images\x18\x01 \x03(\t\"2\n\x0c\x43\x61ncelResult\x12\r\n\x05image\x18\x01 \x01(\t\x12\x13\n\x0bwas_running\x18\x02 \x01(\x08\"F\n\x13\x43\x61ncelPullsResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.fledged.agent.v1.CancelResult\"2\n\x10SetPinnedRequest\x12\x0e\n\x06images\x18\x01 \x03(\t\x12\x0e\n\x06pinned\x18\x02 \x01(\x08\"\x93\x01\n\tPinResult\x12\r\n\x05image\x18\x01 \x01(\t\x12\'\n\x03pin\x18\x02 \x01(\x0e\x32\x1a.fledged.agent.v1.PinState\x12\x37\n\x0e\x65rror_category\x18\x03 \x01(\x0e\x32\x1f.fledged.agent.v1.ErrorCategory\x12\x15\n\rerror_message\x18\x04 \x01(\t\"A\n\x11SetPinnedResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.fledged.agent.v1.PinResult\"\x13\n\x11ListImagesRequest\"\x92\x01\n\tImageInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\trepo_tags\x18\x02 \x03(\t\x12\x14\n\x0crepo_digests\x18\x03 \x03(\t\x12\x0c\n\x04size\x18\x04 \x01(\x03\x12\'\n\x03pin\x18\x05 \x01(\x0e\x32\x1a.fledged.agent.v1.PinState\x12\x19\n\x11pinned_by_fledged\x18\x06 \x01(\x08\"A\n\x12ListImagesResponse\x12+\n\x06images\x18\x01 \x03(\x0b\x32\x1b.fledged.agent.v1.ImageInfo\"\x14\n\x12GetNodeInfoRequest\"\xd1\x01\n\x08NodeInfo\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x14\n\x0cruntime_name\x18\x02 \x01(\t\x12\x17\n\x0fruntime_version\x18\x03 \x01(\t\x12\x13\n\x0bruntime_api\x18\x04 \x01(\t\x12\x1b\n\x13image_fs_used_bytes\x18\x05 \x01(\x04\x12\x1f\n\x17image_fs_capacity_bytes\x18\x06 \x01(\x04\x12\x15\n\ragent_version\x18\x07 \x01(\t\x12\x19\n\x11pinning_supported\x18\x08 \x01(\x08*a\n\nPullPolicy\x12\x1b\n\x17PULL_POLICY_UNSPECIFIED\x10\x00\x12\x1e\n\x1aPULL_POLICY_IF_NOT_PRESENT\x10\x01\x12\x16\n\x12PULL_POLICY_ALWAYS\x10\x02*\x9b\x01\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x11\n\rPHASE_WAITING\x10\x01\x12\x11\n\rPHASE_PULLING\x10\x02\x12\x13\n\x0fPHASE_SUCCEEDED\x10\x03\x12\x19\n\x15PHASE_ALREADY_PRESENT\x10\x04\x12\x10\n\x0cPHASE_FAILED\x10\x05\x12\x13\n\x0fPHASE_CANCELLED\x10\x06*\xce\x02\n\rErrorCategory\x12\x1e\n\x1a\x45RROR_CATEGORY_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45RROR_CATEGORY_NOT_FOUND\x10\x01\x12\x1f\n\x1b\x45RROR_CATEGORY_UNAUTHORIZED\x10\x02\x12\'\n#ERROR_CATEGORY_REGISTRY_UNAVAILABLE\x10\x03\x12$\n ERROR_CATEGORY_DEADLINE_EXCEEDED\x10\x04\x12$\n ERROR_CATEGORY_INVALID_REFERENCE\x10\x05\x12$\n ERROR_CATEGORY_INSUFFICIENT_DISK\x10\x06\x12&\n\"ERROR_CATEGORY_RUNTIME_UNAVAILABLE\x10\x07\x12\x1b\n\x17\x45RROR_CATEGORY_INTERNAL\x10\x08*n\n\x08PinState\x12\x19\n\x15PIN_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10PIN_STATE_PINNED\x10\x01\x12\x16\n\x12PIN_STATE_UNPINNED\x10\x02\x12\x19\n\x15PIN_STATE_UNSUPPORTED\x10\x03*N\n\x08Progress\x12\x18\n\x14PROGRESS_UNSPECIFIED\x10\x00\x12\x11\n\rPROGRESS_FULL\x10\x01\x12\x15\n\x11PROGRESS_OUTCOMES\x10\x02\x32\x94\x04\n\x05\x41gent\x12P\n\nPullImages\x12#.fledged.agent.v1.PullImagesRequest\x1a\x1b.fledged.agent.v1.PullEvent0\x01\x12Z\n\x0b\x43\x61ncelPulls\x12$.fledged.agent.v1.CancelPullsRequest\x1a%.fledged.agent.v1.CancelPullsResponse\x12]\n\x0cRemoveImages\x12%.fledged.agent.v1.RemoveImagesRequest\x1a&.fledged.agent.v1.RemoveImagesResponse\x12T\n\tSetPinned\x12\".fledged.agent.v1.SetPinnedRequest\x1a#.fledged.agent.v1.SetPinnedResponse\x12W\n\nListImages\x12#.fledged.agent.v1.ListImagesRequest\x1a$.fledged.agent.v1.ListImagesResponse\x12O\n\x0bGetNodeInfo\x12$.fledged.agent.v1.GetNodeInfoRequest\x1a\x1a.fledged.agent.v1.NodeInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.fledged.agent.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PULLPOLICY']._serialized_start=1922
-  _globals['_PULLPOLICY']._serialized_end=2019
-  _globals['_PHASE']._serialized_start=2022
-  _globals['_PHASE']._serialized_end=2156
-  _globals['_ERRORCATEGORY']._serialized_start=2159
-  _globals['_ERRORCATEGORY']._serialized_end=2493
-  _globals['_PINSTATE']._serialized_start=2495
-  _globals['_PINSTATE']._serialized_end=2605
-  _globals['_PROGRESS']._serialized_start=2607
-  _globals['_PROGRESS']._serialized_end=2685
+  _globals['_PULLPOLICY']._serialized_start=2084
+  _globals['_PULLPOLICY']._serialized_end=2181
+  _globals['_PHASE']._serialized_start=2184
+  _globals['_PHASE']._serialized_end=2339
+  _globals['_ERRORCATEGORY']._serialized_start=2342
+  _globals['_ERRORCATEGORY']._serialized_end=2676
+  _globals['_PINSTATE']._serialized_start=2678
+  _globals['_PINSTATE']._serialized_end=2788
+  _globals['_PROGRESS']._serialized_start=2790
+  _globals['_PROGRESS']._serialized_end=2868
   _globals['_REGISTRYCREDENTIALS']._serialized_start=123
   _globals['_REGISTRYCREDENTIALS']._serialized_end=266
   _globals['_IMAGEPULL']._serialized_start=269
@@ -57,22 +57,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REMOVERESULT']._serialized_end=1107
   _globals['_REMOVEIMAGESRESPONSE']._serialized_start=1109
   _globals['_REMOVEIMAGESRESPONSE']._serialized_end=1180
-  _globals['_SETPINNEDREQUEST']._serialized_start=1182
-  _globals['_SETPINNEDREQUEST']._serialized_end=1232
-  _globals['_PINRESULT']._serialized_start=1235
-  _globals['_PINRESULT']._serialized_end=1382
-  _globals['_SETPINNEDRESPONSE']._serialized_start=1384
-  _globals['_SETPINNEDRESPONSE']._serialized_end=1449
-  _globals['_LISTIMAGESREQUEST']._serialized_start=1451
-  _globals['_LISTIMAGESREQUEST']._serialized_end=1470
-  _globals['_IMAGEINFO']._serialized_start=1473
-  _globals['_IMAGEINFO']._serialized_end=1619
-  _globals['_LISTIMAGESRESPONSE']._serialized_start=1621
-  _globals['_LISTIMAGESRESPONSE']._serialized_end=1686
-  _globals['_GETNODEINFOREQUEST']._serialized_start=1688
-  _globals['_GETNODEINFOREQUEST']._serialized_end=1708
-  _globals['_NODEINFO']._serialized_start=1711
-  _globals['_NODEINFO']._serialized_end=1920
-  _globals['_AGENT']._serialized_start=2688
-  _globals['_AGENT']._serialized_end=3128
+  _globals['_CANCELPULLSREQUEST']._serialized_start=1182
+  _globals['_CANCELPULLSREQUEST']._serialized_end=1218
+  _globals['_CANCELRESULT']._serialized_start=1220
+  _globals['_CANCELRESULT']._serialized_end=1270
+  _globals['_CANCELPULLSRESPONSE']._serialized_start=1272
+  _globals['_CANCELPULLSRESPONSE']._serialized_end=1342
+  _globals['_SETPINNEDREQUEST']._serialized_start=1344
+  _globals['_SETPINNEDREQUEST']._serialized_end=1394
+  _globals['_PINRESULT']._serialized_start=1397
+  _globals['_PINRESULT']._serialized_end=1544
+  _globals['_SETPINNEDRESPONSE']._serialized_start=1546
+  _globals['_SETPINNEDRESPONSE']._serialized_end=1611
+  _globals['_LISTIMAGESREQUEST']._serialized_start=1613
+  _globals['_LISTIMAGESREQUEST']._serialized_end=1632
+  _globals['_IMAGEINFO']._serialized_start=1635
+  _globals['_IMAGEINFO']._serialized_end=1781
+  _globals['_LISTIMAGESRESPONSE']._serialized_start=1783
+  _globals['_LISTIMAGESRESPONSE']._serialized_end=1848
+  _globals['_GETNODEINFOREQUEST']._serialized_start=1850
+  _globals['_GETNODEINFOREQUEST']._serialized_end=1870
+  _globals['_NODEINFO']._serialized_start=1873
+  _globals['_NODEINFO']._serialized_end=2082
+  _globals['_AGENT']._serialized_start=2871
+  _globals['_AGENT']._serialized_end=3403
 # @@protoc_insertion_point(module_scope)

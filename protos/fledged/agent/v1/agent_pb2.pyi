@@ -57,6 +57,8 @@ class _PhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Phase.ValueType
     PHASE_SUCCEEDED: _Phase.ValueType  # 3
     PHASE_ALREADY_PRESENT: _Phase.ValueType  # 4
     PHASE_FAILED: _Phase.ValueType  # 5
+    PHASE_CANCELLED: _Phase.ValueType  # 6
+    """stopped by CancelPulls: the image was not pulled"""
 
 class Phase(_Phase, metaclass=_PhaseEnumTypeWrapper):
     """Phases an image goes through on one node. WAITING means queued behind the
@@ -70,6 +72,8 @@ PHASE_PULLING: Phase.ValueType  # 2
 PHASE_SUCCEEDED: Phase.ValueType  # 3
 PHASE_ALREADY_PRESENT: Phase.ValueType  # 4
 PHASE_FAILED: Phase.ValueType  # 5
+PHASE_CANCELLED: Phase.ValueType  # 6
+"""stopped by CancelPulls: the image was not pulled"""
 Global___Phase: _TypeAlias = Phase  # noqa: Y015
 
 class _ErrorCategory:
@@ -382,6 +386,69 @@ class RemoveImagesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RemoveImagesResponse: _TypeAlias = RemoveImagesResponse  # noqa: Y015
+
+@_typing.final
+class CancelPullsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def images(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        images: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelPullsRequest: _TypeAlias = CancelPullsRequest  # noqa: Y015
+
+@_typing.final
+class CancelResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGE_FIELD_NUMBER: _builtins.int
+    WAS_RUNNING_FIELD_NUMBER: _builtins.int
+    image: _builtins.str
+    was_running: _builtins.bool
+    """a pull of it was under way or queued, and is stopped"""
+    def __init__(
+        self,
+        *,
+        image: _builtins.str = ...,
+        was_running: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "was_running", b"was_running"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelResult: _TypeAlias = CancelResult  # noqa: Y015
+
+@_typing.final
+class CancelPullsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___CancelResult]: ...
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___CancelResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelPullsResponse: _TypeAlias = CancelPullsResponse  # noqa: Y015
 
 @_typing.final
 class SetPinnedRequest(_message.Message):

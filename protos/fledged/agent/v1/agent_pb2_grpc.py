@@ -39,6 +39,11 @@ class AgentStub:
                 request_serializer=protos_dot_fledged_dot_agent_dot_v1_dot_agent__pb2.PullImagesRequest.SerializeToString,
                 response_deserializer=protos_dot_fledged_dot_agent_dot_v1_dot_agent__pb2.PullEvent.FromString,
                 _registered_method=True)
+        self.CancelPulls = channel.unary_unary(
+                '/fledged.agent.v1.Agent/CancelPulls',
+                request_serializer=protos_dot_fledged_dot_agent_dot_v1_dot_agent__pb2.CancelPullsRequest.SerializeToString,
+                response_deserializer=protos_dot_fledged_dot_agent_dot_v1_dot_agent__pb2.CancelPullsResponse.FromString,
+                _registered_method=True)
         self.RemoveImages = channel.unary_unary(
                 '/fledged.agent.v1.Agent/RemoveImages',
                 request_serializer=protos_dot_fledged_dot_agent_dot_v1_dot_agent__pb2.RemoveImagesRequest.SerializeToString,
@@ -66,7 +71,19 @@ class AgentServicer:
 
     def PullImages(self, request, context):
         """Pulls a batch of images and streams per-image events until each image has a final
-        phase (SUCCEEDED, ALREADY_PRESENT or FAILED). The stream ends when all have.
+        phase (SUCCEEDED, ALREADY_PRESENT, FAILED or CANCELLED). The stream ends when all
+        have. A pull runs to its end even when its stream is gone (a coordinator restart
+        does not lose the work); only CancelPulls stops it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelPulls(self, request, context):
+        """Stops the pulls of these images under way or queued on the node, whichever
+        streams ordered them: no cache wants them there any more (a deleted cache, an
+        image edited out or purged, a node that left a selector). Their streams get
+        CANCELLED; what was downloaded is left to the runtime's garbage collection.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -108,6 +125,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.PullImages,
                     request_deserializer=protos_dot_fledged_dot_agent_dot_v1_dot_agent__pb2.PullImagesRequest.FromString,
                     response_serializer=protos_dot_fledged_dot_agent_dot_v1_dot_agent__pb2.PullEvent.SerializeToString,
+            ),
+            'CancelPulls': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelPulls,
+                    request_deserializer=protos_dot_fledged_dot_agent_dot_v1_dot_agent__pb2.CancelPullsRequest.FromString,
+                    response_serializer=protos_dot_fledged_dot_agent_dot_v1_dot_agent__pb2.CancelPullsResponse.SerializeToString,
             ),
             'RemoveImages': grpc.unary_unary_rpc_method_handler(
                     servicer.RemoveImages,
@@ -157,6 +179,33 @@ class Agent:
             '/fledged.agent.v1.Agent/PullImages',
             protos_dot_fledged_dot_agent_dot_v1_dot_agent__pb2.PullImagesRequest.SerializeToString,
             protos_dot_fledged_dot_agent_dot_v1_dot_agent__pb2.PullEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelPulls(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fledged.agent.v1.Agent/CancelPulls',
+            protos_dot_fledged_dot_agent_dot_v1_dot_agent__pb2.CancelPullsRequest.SerializeToString,
+            protos_dot_fledged_dot_agent_dot_v1_dot_agent__pb2.CancelPullsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -38,7 +38,15 @@ class AgentStub:
     def __new__(cls, channel: _aio.Channel) -> AgentAsyncStub: ...
     PullImages: _grpc.UnaryStreamMultiCallable[_agent_pb2.PullImagesRequest, _agent_pb2.PullEvent]
     """Pulls a batch of images and streams per-image events until each image has a final
-    phase (SUCCEEDED, ALREADY_PRESENT or FAILED). The stream ends when all have.
+    phase (SUCCEEDED, ALREADY_PRESENT, FAILED or CANCELLED). The stream ends when all
+    have. A pull runs to its end even when its stream is gone (a coordinator restart
+    does not lose the work); only CancelPulls stops it.
+    """
+    CancelPulls: _grpc.UnaryUnaryMultiCallable[_agent_pb2.CancelPullsRequest, _agent_pb2.CancelPullsResponse]
+    """Stops the pulls of these images under way or queued on the node, whichever
+    streams ordered them: no cache wants them there any more (a deleted cache, an
+    image edited out or purged, a node that left a selector). Their streams get
+    CANCELLED; what was downloaded is left to the runtime's garbage collection.
     """
     RemoveImages: _grpc.UnaryUnaryMultiCallable[_agent_pb2.RemoveImagesRequest, _agent_pb2.RemoveImagesResponse]
     """Unpins, then removes images. Idempotent: an absent image counts as removed."""
@@ -56,7 +64,15 @@ class AgentAsyncStub(AgentStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     PullImages: _aio.UnaryStreamMultiCallable[_agent_pb2.PullImagesRequest, _agent_pb2.PullEvent]  # type: ignore[assignment]
     """Pulls a batch of images and streams per-image events until each image has a final
-    phase (SUCCEEDED, ALREADY_PRESENT or FAILED). The stream ends when all have.
+    phase (SUCCEEDED, ALREADY_PRESENT, FAILED or CANCELLED). The stream ends when all
+    have. A pull runs to its end even when its stream is gone (a coordinator restart
+    does not lose the work); only CancelPulls stops it.
+    """
+    CancelPulls: _aio.UnaryUnaryMultiCallable[_agent_pb2.CancelPullsRequest, _agent_pb2.CancelPullsResponse]  # type: ignore[assignment]
+    """Stops the pulls of these images under way or queued on the node, whichever
+    streams ordered them: no cache wants them there any more (a deleted cache, an
+    image edited out or purged, a node that left a selector). Their streams get
+    CANCELLED; what was downloaded is left to the runtime's garbage collection.
     """
     RemoveImages: _aio.UnaryUnaryMultiCallable[_agent_pb2.RemoveImagesRequest, _agent_pb2.RemoveImagesResponse]  # type: ignore[assignment]
     """Unpins, then removes images. Idempotent: an absent image counts as removed."""
@@ -77,7 +93,21 @@ class AgentServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_agent_pb2.PullEvent], _abc.AsyncIterator[_agent_pb2.PullEvent]]:
         """Pulls a batch of images and streams per-image events until each image has a final
-        phase (SUCCEEDED, ALREADY_PRESENT or FAILED). The stream ends when all have.
+        phase (SUCCEEDED, ALREADY_PRESENT, FAILED or CANCELLED). The stream ends when all
+        have. A pull runs to its end even when its stream is gone (a coordinator restart
+        does not lose the work); only CancelPulls stops it.
+        """
+
+    @_abc_1.abstractmethod
+    def CancelPulls(
+        self,
+        request: _agent_pb2.CancelPullsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.CancelPullsResponse, _abc.Awaitable[_agent_pb2.CancelPullsResponse]]:
+        """Stops the pulls of these images under way or queued on the node, whichever
+        streams ordered them: no cache wants them there any more (a deleted cache, an
+        image edited out or purged, a node that left a selector). Their streams get
+        CANCELLED; what was downloaded is left to the runtime's garbage collection.
         """
 
     @_abc_1.abstractmethod
