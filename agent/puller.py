@@ -142,6 +142,10 @@ class _SharedPull:
         self.cancelled = False
         self.task = asyncio.create_task(self._run(), name=f"pull {key[0]}")
 
+    @property
+    def image(self) -> str:
+        return self._order.image
+
     def cancel(self) -> bool:
         """Stops the pull, queued or running, unless the runtime has finished it."""
         if self.pulled or self.task.done():
@@ -301,6 +305,12 @@ class PullManager:
         # image -> orders of it not yet at their shared pull (checking what the node
         # holds, asking its credential plugins): a cancel meanwhile stops them there.
         self._preparing: dict[str, list[_Preparing]] = {}
+
+    def running(self) -> list[str]:
+        """The images of the pulls under way, queued or being prepared."""
+        images = {shared.image for shared in self.inflight.values() if not shared.cancelled}
+        images.update(key for key, orders in self._preparing.items() if orders)
+        return sorted(images)
 
     def cancel(self, image: str) -> bool:
         """Stops every pull of `image` queued or under way, and its orders still being

@@ -239,7 +239,9 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             await _abort(context, err)
             raise
         self._metrics.pinned_images.set(sum(r.pin == PinState.PINNED for r in records))
-        return agent_pb2.ListImagesResponse(images=[image_to_proto(r) for r in records])
+        return agent_pb2.ListImagesResponse(
+            images=[image_to_proto(r) for r in records], pulling=self._manager.running()
+        )
 
     async def GetNodeInfo(
         self,

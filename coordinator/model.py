@@ -311,6 +311,9 @@ class NodeObservation:
     # while empty, as on almost every node.
     cancels_sent: dict[ImageKey, PullRecord] | None = None
     cancel_unsupported: bool = False  # this agent process predates CancelPulls
+    # Pulls the last listing found under way that this process did not order (its
+    # predecessor did): cancelled if no share wants them. None while empty.
+    unordered: frozenset[ImageKey] | None = None
     # Why this agent process cannot be listed (its listings failed twice in a row):
     # said in the status instead of "listing the node's images" for good.
     unlisted: str = ""
@@ -407,11 +410,21 @@ class NodeObservation:
             self.unlisted = why
             self._changed()
 
-    def listed(self, inventory: Inventory, pinning_supported: bool | None) -> bool:
-        """A fresh listing (and, with a new agent process, what its runtime can do).
-        Returns whether anything changed beyond what the answers already said."""
+    def listed(
+        self,
+        inventory: Inventory,
+        pinning_supported: bool | None,
+        pulling: Iterable[ImageKey] = (),
+    ) -> bool:
+        """A fresh listing (and, with a new agent process, what its runtime can do;
+        `pulling`: the agent's pulls under way). Returns whether anything changed
+        beyond what the answers already said."""
+        unordered = frozenset(
+            key for key in pulling if key not in self.pulls or not self.pulls[key].in_flight
+        )
         same = (
-            not self.answered_since_listing
+            unordered == (self.unordered or frozenset())
+            and not self.answered_since_listing
             and self.inventory is not None
             and self.inventory.same_images(inventory)
             and not self.removal_errors
@@ -420,6 +433,7 @@ class NodeObservation:
         self.inventory = inventory
         self.listed_answers = self.answers
         self.unlisted = ""
+        self.unordered = unordered or None
         if same:
             return False
         if pinning_supported is not None:
@@ -500,6 +514,8 @@ class NodeObservation:
             if record is not None:
                 sent[key] = record
         self.cancels_sent = sent or None
+        if self.unordered is not None:  # asked again only if the next listing shows it
+            self.unordered = self.unordered.difference(keys) or None
         self._changed()
 
     def cancels_refused(self) -> None:

@@ -25,7 +25,7 @@ from google.protobuf import duration_pb2
 from protos.fledged.agent.v1 import agent_pb2
 
 from .agents import AgentPool
-from .images import ImageKey, image_key, ref_of
+from .images import ImageKey, image_key, key_or_none, ref_of
 from .model import (
     AgentInfo,
     Inventory,
@@ -413,7 +413,8 @@ class NodeRegistry:
         if obs.agent is None or not obs.agent.same_process(agent):
             return False  # another process took over meanwhile: it is listed anew
         fresh = inventory_from(listing, time.time())
-        if not obs.listed(fresh, info.pinning_supported if info is not None else None):
+        pulling = [key for image in listing.pulling if (key := key_or_none(image)) is not None]
+        if not obs.listed(fresh, info.pinning_supported if info is not None else None, pulling):
             return False  # as the answers already told: nothing to plan anew
         self._notify(node)
         return True

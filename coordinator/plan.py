@@ -192,7 +192,7 @@ def plan_node(
         result.basis[key] = basis
     result.pairs = _shared_map(result.pairs)
     result.basis = _shared_map(result.basis)
-    if not obs.pulls.keys() <= result.pairs.keys():  # most plans: every record is wanted
+    if obs.unordered or not obs.pulls.keys() <= result.pairs.keys():  # most plans: neither
         result.cancels = _cancels(obs, result.pairs)
     lifting = _pins(result, desired, obs, inventory, held)
     letting_go = [(k, d) for k, d in desired.items.items() if d.remove or not d.want]
@@ -210,17 +210,18 @@ def plan_node(
 def _cancels(obs: NodeObservation, wanted: Mapping[ImageKey, PairState]) -> tuple[ImageKey, ...]:
     """Pulls in flight that no share wants, but for those a cancel went out for
     already (sent again only for a newer record: the order may not have reached the
-    agent when the first one did)."""
+    agent when the first one did), and those the agent's listing shows that a
+    predecessor of this process ordered."""
     if obs.cancel_unsupported:
         return ()
     sent = obs.cancels_sent or {}
-    return tuple(
-        sorted(
-            key
-            for key, record in obs.pulls.items()
-            if record.in_flight and key not in wanted and sent.get(key) is not record
-        )
-    )
+    ours = {
+        key
+        for key, record in obs.pulls.items()
+        if record.in_flight and key not in wanted and sent.get(key) is not record
+    }
+    theirs = {key for key in obs.unordered or () if key not in wanted}
+    return tuple(sorted(ours | theirs))
 
 
 def _unreachable(

@@ -436,9 +436,11 @@ def test_a_cancelled_pull_stops_its_download_and_leaves_no_image(
         stream.start()
         try:
             wait_for("the download to begin", lambda: slow.bytes_sent > 2 << 20, timeout=30)
+            during = backend.agent.call("ListImages", A.ListImagesRequest())
             answer = backend.agent.call("CancelPulls", A.CancelPullsRequest(images=[ref]))
         finally:
             stream.join(60)
+        assert list(during.pulling) == [ref]  # type: ignore[attr-defined]  # what a successor learns
         assert [(r.image, r.was_running) for r in answer.results] == [(ref, True)]  # type: ignore[attr-defined]
         assert final(events, ref).phase == A.PHASE_CANCELLED
         # The download stops (the runtime may keep idle connections to the registry).
@@ -448,6 +450,7 @@ def test_a_cancelled_pull_stops_its_download_and_leaves_no_image(
         assert slow.bytes_sent < backend.downloaded(image) // 2, slow.bytes_sent
     listing = backend.agent.call("ListImages", A.ListImagesRequest())
     assert not [i for i in listing.images if ref in i.repo_tags]  # type: ignore[attr-defined]
+    assert not listing.pulling  # type: ignore[attr-defined]
     # Nothing of it runs any more: a second cancel finds nothing to stop.
     again = backend.agent.call("CancelPulls", A.CancelPullsRequest(images=[ref]))
     assert [r.was_running for r in again.results] == [False]  # type: ignore[attr-defined]

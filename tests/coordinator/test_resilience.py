@@ -69,6 +69,9 @@ def pull_intervals(testenv: TestEnv, image: str) -> dict[str, tuple[float, float
     return out
 
 
+ALL = ("node-1", "node-2", "node-3")
+
+
 def test_a_killed_coordinator_resumes_a_cache_without_pulling_anything_twice(
     testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
 ) -> None:
@@ -182,6 +185,38 @@ def test_a_cache_deleted_while_no_coordinator_runs_is_released_by_the_next_one(
         assert held.get(own.ref) is False, f"{own.ref} still pinned on {node}"
         assert held.get(shared.ref) is True, f"{shared.ref} lost its pin on {node}"
     assert wait_status(testenv, namespace, "keeper", "Succeeded")["status"]["ready"] == "3/3"
+
+
+def test_pulls_of_a_cache_deleted_while_no_coordinator_ran_are_cancelled_by_the_next(
+    testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
+) -> None:
+    """Pulls outlive the coordinator that ordered them (the work is not lost to a
+    restart). The next one has no record of them, but each agent's listing names its
+    pulls under way: those of a cache deleted meanwhile are cancelled, not downloaded
+    to the end on every node."""
+    image = testenv.registry_client().push_image(unique("ic/orphan"), "v1", 24 << 20, 3)
+    with RegistryProxy(testenv.registry.host, rate=3 << 20) as slow:  # 24 s for 3 nodes
+        testenv.add_registry_host(slow.host)
+        ref = image.ref.replace(image.registry, slow.host)
+
+        def agents_log(text: str) -> bool:
+            return all(text in (testenv.logs / f"agent-{n}.log").read_text() for n in ALL)
+
+        apply(testenv, cache_manifest("orphan", namespace, [{"images": [ref]}]))
+        wait_for("the pulls to start", lambda: agents_log(f"runtime pull of {ref} started"))
+        coordinator.kill()
+        try:
+            kubectl(testenv, "-n", namespace, "delete", "ic", "orphan", "--wait=false")
+        finally:
+            coordinator.restart()
+        wait_for("the pulls to stop", lambda: agents_log(f"pull of {ref} cancelled"), timeout=30)
+        sent = slow.bytes_sent
+        time.sleep(2)  # 6 MiB more, had a pull gone on
+        assert slow.bytes_sent - sent < 1 << 20, (sent, slow.bytes_sent)
+        assert slow.bytes_sent < image.content_size * len(ALL) // 2, slow.bytes_sent
+    wait_for("the cache to go", lambda: get_cache(testenv, namespace, "orphan") is None)
+    for node in ALL:
+        assert ref not in node_images(testenv, node), node
 
 
 def test_the_wave_size_keeps_one_node_at_a_time_on_an_image(

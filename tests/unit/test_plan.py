@@ -368,6 +368,26 @@ def test_pulls_no_share_wants_are_cancelled_once_for_each_record() -> None:
     ] == [A]
 
 
+def test_pulls_a_predecessor_ordered_are_cancelled_if_no_share_wants_them() -> None:
+    """This process has no record of them; the agent's listing names them."""
+    obs = node()
+    obs.pulls_ordered([B], {})
+    c = ImageKey("reg.io/app/c:v1")
+    assert obs.listed(Inventory([], NOW), None, [A, B, c])
+    assert obs.unordered == frozenset({A, c})  # B is ours, in flight
+    wants_c = view(everything_list(B, c))
+    plan = plan_cache(wants_c, {"n1": {}}, {"n1": obs}, Settings(), NOW)
+    assert plan.cancels == {"n1": [A]}
+    # c, wanted, is ordered: the order joins the pull under way there (B's is ours).
+    assert [i.image for i in plan.pulls["n1"]] == [c]
+    obs.cancels_ordered([A])
+    assert obs.unordered == frozenset({c})
+    assert not plan_cache(wants_c, {"n1": {}}, {"n1": obs}, Settings(), NOW).cancels
+    assert not obs.listed(Inventory([], NOW), None, [c, B])  # nothing new
+    assert obs.listed(Inventory([], NOW), None, [])
+    assert obs.unordered is None
+
+
 def test_an_agent_that_cannot_cancel_lets_its_pulls_run() -> None:
     obs = node()
     obs.pulls_ordered([A], {})

@@ -188,6 +188,7 @@ async def test_cancel_stops_running_queued_and_preparing_pulls_of_an_image() -> 
     queued = asyncio.create_task(collect(manager, PullOrder("r.io/b:1")))
     await asyncio.sleep(0.05)
     assert runtime.pulls == ["r.io/a:1"]
+    assert manager.running() == ["r.io/a:1", "r.io/b:1"]  # what a listing tells
     assert manager.cancel("r.io/b:1")  # queued behind the cap: never reaches the runtime
     assert manager.cancel("docker.io/library/nothing:1") is False
     assert manager.cancel("not a reference") is False

@@ -580,16 +580,25 @@ class ListImagesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     IMAGES_FIELD_NUMBER: _builtins.int
+    PULLING_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def images(self) -> _containers.RepeatedCompositeFieldContainer[Global___ImageInfo]: ...
+    @_builtins.property
+    def pulling(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Pulls under way or queued on the node, as their first order named them: a
+        coordinator that took over learns what its predecessor ordered (and cancels what
+        no cache wants any more, say a cache deleted meanwhile).
+        """
+
     def __init__(
         self,
         *,
         images: _abc.Iterable[Global___ImageInfo] | None = ...,
+        pulling: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images", "pulling", b"pulling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
