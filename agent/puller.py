@@ -142,10 +142,6 @@ class _SharedPull:
         self.cancelled = False
         self.task = asyncio.create_task(self._run(), name=f"pull {key[0]}")
 
-    @property
-    def image(self) -> str:
-        return self._order.image
-
     def cancel(self) -> bool:
         """Stops the pull, queued or running, unless the runtime has finished it."""
         if self.pulled or self.task.done():
@@ -307,8 +303,8 @@ class PullManager:
         self._preparing: dict[str, list[_Preparing]] = {}
 
     def running(self) -> list[str]:
-        """The images of the pulls under way, queued or being prepared."""
-        images = {shared.image for shared in self.inflight.values() if not shared.cancelled}
+        """The images (normalized) of the pulls under way, queued or being prepared."""
+        images = {slot[0] for slot, shared in self.inflight.items() if not shared.cancelled}
         images.update(key for key, orders in self._preparing.items() if orders)
         return sorted(images)
 

@@ -508,6 +508,7 @@ class NodeObservation:
         self._changed()
 
     def cancels_ordered(self, keys: Iterable[ImageKey]) -> None:
+        keys = tuple(keys)
         sent = self.cancels_sent if self.cancels_sent is not None else {}
         for key in keys:
             record = self.pulls.get(key)

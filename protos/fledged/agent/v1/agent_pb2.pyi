@@ -585,9 +585,9 @@ class ListImagesResponse(_message.Message):
     def images(self) -> _containers.RepeatedCompositeFieldContainer[Global___ImageInfo]: ...
     @_builtins.property
     def pulling(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Pulls under way or queued on the node, as their first order named them: a
-        coordinator that took over learns what its predecessor ordered (and cancels what
-        no cache wants any more, say a cache deleted meanwhile).
+        """Pulls under way or queued on the node (normalized references): a coordinator
+        that took over learns what its predecessor ordered (and cancels what no cache
+        wants any more, say a cache deleted meanwhile).
         """
 
     def __init__(
