@@ -17,6 +17,7 @@ from google.protobuf import empty_pb2, field_mask_pb2
 from common.reference import DOCKER_HUB, registry_of_server_address
 from protos.containerd.services.content.v1 import content_pb2_grpc
 from protos.containerd.services.images.v1 import images_pb2, images_pb2_grpc
+from protos.containerd.services.leases.v1 import leases_pb2_grpc
 from protos.containerd.services.version.v1 import version_pb2_grpc
 from protos.cri.runtime.v1 import api_pb2, api_pb2_grpc
 
@@ -32,6 +33,7 @@ from .base import (
     pull_with_each,
 )
 from .containerd_progress import PullProgressTracker, tracking
+from .pull_lease import Metadata, PullLeases
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +144,7 @@ class CriRuntime:
         self._metadata: tuple[tuple[str, str | bytes], ...] = (
             (NAMESPACE_HEADER, containerd_namespace),
         )
+        self._leases = PullLeases(leases_pb2_grpc.LeasesStub(self._channel), self._metadata)
         self._is_containerd: bool | None = None
         self._pins_honoured = False
         self._identity_at = 0.0  # monotonic: when the runtime's identity was read
@@ -264,18 +267,30 @@ class CriRuntime:
         on_progress: ProgressCallback,
     ) -> ImageRecord:
         parsed = parse_reference(ref)
-        tracker = None
-        if await self._containerd_or_not():
-            tracker = PullProgressTracker(
-                self._ctr_content, self._metadata, parsed, host_arch(), on_progress
-            )
+        if not await self._containerd_or_not():
+            return await self._pull(ref, credentials, deadline, on_progress, None, ())
+        tracker = PullProgressTracker(
+            self._ctr_content, self._metadata, parsed, host_arch(), on_progress
+        )
+        async with self._leases.held(ref) as lease:
+            return await self._pull(ref, credentials, deadline, on_progress, tracker, lease)
+
+    async def _pull(
+        self,
+        ref: str,
+        credentials: Sequence[Credentials],
+        deadline: float,
+        on_progress: ProgressCallback,
+        tracker: PullProgressTracker | None,
+        lease: Metadata,
+    ) -> ImageRecord:
         auths: list[api_pb2.AuthConfig | None] = [auth_config(c) for c in credentials] or [None]
 
         async def attempt(auth: api_pb2.AuthConfig | None, left: float) -> None:
             request = api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=ref), auth=auth)
             ends = time.monotonic() + left
             try:
-                await self._images.PullImage(request, timeout=left)
+                await self._images.PullImage(request, timeout=left, metadata=lease or None)
             except grpc.RpcError as err:
                 failure = classify_rpc_error(err, ref)
                 # Ours only if our deadline is what ran out: a runtime that gave up on

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -41,6 +42,7 @@ from tests.testenv import AUTH_PASSWORD, AUTH_USER, PushedImage, TestEnv
 from tests.testenv.agents import AGENT_NAMESPACE, AgentProcess
 from tests.testenv.containerd import Containerd, DebianContainerd
 from tests.testenv.credentials import write_provider_config
+from tests.testenv.paths import binary
 from tests.testenv.pki import CertFiles, CertificateAuthority
 from tests.testenv.procs import free_port, port_open
 from tests.testenv.proxy import RegistryProxy
@@ -380,6 +382,43 @@ def test_a_stalling_registry_hits_the_pull_deadline(testenv: TestEnv, backend: B
         backend.agent.process.wait_until(
             lambda: stall.open_connections == 0, timeout=20, what="the runtime to hang up"
         )
+
+
+def test_a_pull_cut_by_its_deadline_keeps_its_layers_for_the_retry(testenv: TestEnv) -> None:
+    """An edge node's slow link: a pull cut by its deadline kept nothing (containerd
+    drops what a pull downloaded with its call), so every retry downloaded the image
+    from the start and a large image never arrived. Under the image's lease, the retry
+    downloads only what is missing; the lease goes with the success."""
+    image = testenv.registry_client().push_image(unique("agent/resume"), "v1", 32 << 20, 4)
+    with (
+        RegistryProxy(testenv.registry.host, rate=8 << 20) as slow,  # 4 s for the image
+        contextlib.ExitStack() as stack,
+    ):
+        name = unique("resume-node")
+        containerd = Containerd(testenv.workdir, name, [slow.host])
+        containerd.start()
+        stack.callback(containerd.stop)
+        agent = testenv.start_agent(
+            node_name=name, runtime_endpoint=containerd.endpoint, lease=False, name=f"agent-{name}"
+        )
+        stack.callback(agent.stop)
+        ctr = [str(binary("ctr")), "-a", str(containerd.socket), "-n", "k8s.io"]
+
+        def leases() -> list[str]:
+            listing = subprocess.run([*ctr, "leases", "ls", "-q"], capture_output=True, text=True)
+            return [line for line in listing.stdout.split() if line.startswith("kubefledged-")]
+
+        ref = f"{slow.host}/{image.ref.split('/', 1)[1]}"
+        cut = final(agent.pull(order(ref, deadline=duration_pb2.Duration(seconds=3))), ref)
+        assert cut.error_category == A.ERROR_CATEGORY_DEADLINE_EXCEEDED, cut
+        first = slow.bytes_sent
+        assert image.content_size // 4 < first < image.content_size, first
+        assert len(leases()) == 1
+        done = final(agent.pull(order(ref)), ref)
+        assert done.phase == A.PHASE_SUCCEEDED, done
+        second = slow.bytes_sent - first
+        assert second < image.content_size - first // 2, (first, second, image.content_size)
+        assert not leases()
 
 
 def test_a_docker_agent_stops_at_once_with_a_pull_under_way(testenv: TestEnv) -> None:

@@ -1,0 +1,80 @@
+"""A containerd lease for each image being pulled through CRI, named in the pull's
+`containerd-lease` header: containerd then keeps what the pull downloaded under it
+instead of dropping it with the call. A pull cut by its deadline or by a broken link
+(an edge node's) keeps its finished layers, and the retry downloads only the rest.
+
+The lease goes with the pull's success (the image holds its content then), with a
+failure no retry can resume from (not found, refused, the disk guard), and with a
+cancel; a resumable failure keeps it for the retries, and it expires by itself
+(containerd's garbage collection) an hour after it was made, so a pull given up for
+good holds no disk past that."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import grpc
+
+from common.reference import normalize
+from protos.containerd.services.leases.v1 import leases_pb2, leases_pb2_grpc
+
+from ..errors import AgentError, Category
+
+log = logging.getLogger(__name__)
+
+LEASE_HEADER = "containerd-lease"
+EXPIRE_LABEL = "containerd.io/gc.expire"
+KEEP_FOR = timedelta(hours=1)
+RESUMABLE = frozenset({Category.DEADLINE_EXCEEDED, Category.REGISTRY_UNAVAILABLE})
+Metadata = tuple[tuple[str, str | bytes], ...]
+
+
+def lease_id(ref: str) -> str:
+    """One per image (the same for every attempt), in containerd's identifier syntax."""
+    return "kubefledged-pull-" + hashlib.sha256(normalize(ref).encode()).hexdigest()[:24]
+
+
+class PullLeases:
+    def __init__(self, stub: leases_pb2_grpc.LeasesAsyncStub, metadata: Metadata) -> None:
+        self._stub = stub
+        self._metadata = metadata
+
+    @contextlib.asynccontextmanager
+    async def held(self, ref: str) -> AsyncIterator[Metadata]:
+        """The metadata that puts a pull's downloads under the image's lease (none if
+        the lease cannot be made: the pull then runs as containerd's own would)."""
+        lease = lease_id(ref)
+        expires = (datetime.now(UTC) + KEEP_FOR).strftime("%Y-%m-%dT%H:%M:%SZ")
+        request = leases_pb2.CreateRequest(id=lease, labels={EXPIRE_LABEL: expires})
+        try:
+            await self._stub.Create(request, metadata=self._metadata, timeout=10)
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.ALREADY_EXISTS:  # a retry: what it holds serves
+                log.warning("no lease for the pull of %s (%s): a retry starts over", ref, err)
+                yield ()
+                return
+        keep = False
+        try:
+            yield ((LEASE_HEADER, lease),)
+        except AgentError as err:
+            keep = err.category in RESUMABLE
+            raise
+        finally:
+            if keep:
+                log.info("the pull of %s keeps what it downloaded for its retry", ref)
+            else:
+                await self._delete(lease)
+
+    async def _delete(self, lease: str) -> None:
+        """Best effort: a lease left behind expires by itself."""
+        try:
+            await self._stub.Delete(
+                leases_pb2.DeleteRequest(id=lease), metadata=self._metadata, timeout=10
+            )
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.NOT_FOUND:
+                log.warning("lease %s not deleted (it expires by itself): %s", lease, err)
