@@ -11,9 +11,11 @@ good holds no disk past that."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
@@ -42,32 +44,61 @@ class PullLeases:
     def __init__(self, stub: leases_pb2_grpc.LeasesAsyncStub, metadata: Metadata) -> None:
         self._stub = stub
         self._metadata = metadata
+        # Pulls under each lease now: two pulls of one image with other credentials (a
+        # Secret fixed while the old one's pull runs) share it, and the first to end
+        # must not take it from under the other.
+        self._holders: Counter[str] = Counter()
+        self._deleting: dict[str, asyncio.Future[None]] = {}
 
     @contextlib.asynccontextmanager
     async def held(self, ref: str) -> AsyncIterator[Metadata]:
         """The metadata that puts a pull's downloads under the image's lease (none if
         the lease cannot be made: the pull then runs as containerd's own would)."""
         lease = lease_id(ref)
+        self._holders[lease] += 1  # counted before any wait: the lease is not let go meanwhile
+        held = keep = False
+        try:
+            deleting = self._deleting.get(lease)
+            if deleting is not None:
+                await asyncio.shield(deleting)  # a lease going away is not joined
+            held = await self._create(ref, lease)
+            try:
+                yield ((LEASE_HEADER, lease),) if held else ()
+            except AgentError as err:
+                keep = err.category in RESUMABLE
+                raise
+        finally:
+            self._holders[lease] -= 1
+            if self._holders[lease] <= 0:
+                del self._holders[lease]
+                if held and keep:
+                    log.info("the pull of %s keeps what it downloaded for its retry", ref)
+                elif held:
+                    await self._let_go(lease)
+
+    async def _create(self, ref: str, lease: str) -> bool:
         expires = (datetime.now(UTC) + KEEP_FOR).strftime("%Y-%m-%dT%H:%M:%SZ")
         request = leases_pb2.CreateRequest(id=lease, labels={EXPIRE_LABEL: expires})
         try:
             await self._stub.Create(request, metadata=self._metadata, timeout=10)
         except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.ALREADY_EXISTS:  # a retry: what it holds serves
-                log.warning("no lease for the pull of %s (%s): a retry starts over", ref, err)
-                yield ()
-                return
-        keep = False
-        try:
-            yield ((LEASE_HEADER, lease),)
-        except AgentError as err:
-            keep = err.category in RESUMABLE
-            raise
-        finally:
-            if keep:
-                log.info("the pull of %s keeps what it downloaded for its retry", ref)
-            else:
-                await self._delete(lease)
+            if err.code() == grpc.StatusCode.ALREADY_EXISTS:
+                return True  # a retry: what it holds serves
+            log.warning("no lease for the pull of %s (%s): a retry starts over", ref, err)
+            return False
+        return True
+
+    async def _let_go(self, lease: str) -> None:
+        """Deletes the lease; a pull of the image starting meanwhile waits for that, and
+        makes the lease anew, instead of pulling under one about to go."""
+        task = self._deleting[lease] = asyncio.ensure_future(self._delete(lease))
+
+        def forget(done: asyncio.Future[None]) -> None:
+            if self._deleting.get(lease) is done:
+                del self._deleting[lease]
+
+        task.add_done_callback(forget)
+        await asyncio.shield(task)
 
     async def _delete(self, lease: str) -> None:
         """Best effort: a lease left behind expires by itself."""

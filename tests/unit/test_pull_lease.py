@@ -92,6 +92,19 @@ async def _each_outcome(servicer: _Leases, leases: PullLeases) -> None:
     assert not servicer.held
 
 
+async def test_a_pull_that_ends_first_leaves_the_lease_to_the_other_one() -> None:
+    """Two pulls of one image with other credentials run at once (a Secret fixed while
+    the old one's pull runs): the refused one must not take the lease from under the
+    other, whose downloads it protects."""
+    servicer = _Leases()
+    async with _leases_of(servicer) as leases, leases.held(REF):
+        with pytest.raises(AgentError):
+            async with leases.held(REF):
+                raise AgentError(Category.UNAUTHORIZED, "refused")
+        assert lease_id(REF) in servicer.held
+    assert not servicer.held  # the last one's success lets it go
+
+
 async def test_without_a_leases_service_the_pull_runs_as_containerds_own() -> None:
     async with (
         _leases_of(_Leases(refuse=grpc.StatusCode.UNIMPLEMENTED)) as leases,
