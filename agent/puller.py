@@ -184,7 +184,7 @@ class _SharedPull:
         runs: the check at its start cannot know the image's size, and a large image (or
         two at once) would take the node past the kubelet's eviction threshold, where it
         evicts pods to reclaim space. What was downloaded is left to the runtime's
-        garbage collection (containerd's lease ends with the pull)."""
+        garbage collection (on containerd, the pull's lease goes with the stop)."""
         m = self._manager
         task = asyncio.ensure_future(pull)
 

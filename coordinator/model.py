@@ -420,7 +420,7 @@ class NodeObservation:
         `pulling`: the agent's pulls under way). Returns whether anything changed
         beyond what the answers already said."""
         unordered = frozenset(
-            key for key in pulling if key not in self.pulls or not self.pulls[key].in_flight
+            key for key in pulling if (mine := self.pulls.get(key)) is None or not mine.in_flight
         )
         same = (
             unordered == (self.unordered or frozenset())

@@ -7,9 +7,9 @@ present is not pulled again (unless a refresh or the pull policy asks), an image
 cache wants is never removed, and a pin some cache wants pinned is never lifted. A
 pull in flight that no share wants any more is cancelled (a deleted cache, an image
 edited out or purged, a node that left a selector): a large image is not downloaded
-to every node for nothing. A pin
-kube-fledged set that no share wants pinned is lifted by the same rule that places
-pins: a node that left a selector, a deleted cache, a list switched to `pin: false`.
+to every node for nothing. A pin kube-fledged set that no share wants pinned is
+lifted by the same rule that places pins: a node that left a selector, a deleted
+cache, a list switched to `pin: false`.
 """
 
 from __future__ import annotations
