@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -96,11 +96,15 @@ def final(events: Iterable[agent_pb2.PullEvent], image: str) -> agent_pb2.PullEv
 
 @contextlib.contextmanager
 def own_node(
-    testenv: TestEnv, name: str, kind: type[Containerd] = Containerd
+    testenv: TestEnv,
+    name: str,
+    kind: type[Containerd] = Containerd,
+    registries: Sequence[str] | None = None,
 ) -> Iterator[tuple[Containerd, AgentProcess]]:
-    """A node of the test's own: its containerd (of `kind`) and an agent without a
-    Lease, both stopped afterwards."""
-    containerd = kind(testenv.workdir, name, [testenv.registry.host])
+    """A node of the test's own: its containerd (of `kind`, reaching `registries`, by
+    default the suite's) and an agent without a Lease, both stopped afterwards."""
+    hosts = list(registries) if registries is not None else [testenv.registry.host]
+    containerd = kind(testenv.workdir, name, hosts)
     containerd.start()
     try:
         agent = testenv.start_agent(
@@ -392,16 +396,8 @@ def test_a_pull_cut_by_its_deadline_keeps_its_layers_for_the_retry(testenv: Test
     image = testenv.registry_client().push_image(unique("agent/resume"), "v1", 32 << 20, 4)
     with (
         RegistryProxy(testenv.registry.host, rate=8 << 20) as slow,  # 4 s for the image
-        contextlib.ExitStack() as stack,
+        own_node(testenv, unique("resume-node"), registries=[slow.host]) as (containerd, agent),
     ):
-        name = unique("resume-node")
-        containerd = Containerd(testenv.workdir, name, [slow.host])
-        containerd.start()
-        stack.callback(containerd.stop)
-        agent = testenv.start_agent(
-            node_name=name, runtime_endpoint=containerd.endpoint, lease=False, name=f"agent-{name}"
-        )
-        stack.callback(agent.stop)
         ctr = [str(binary("ctr")), "-a", str(containerd.socket), "-n", "k8s.io"]
 
         def leases() -> list[str]:
@@ -483,9 +479,7 @@ def test_a_cancelled_pull_stops_its_download_and_leaves_no_image(
         assert [(r.image, r.was_running) for r in answer.results] == [(ref, True)]  # type: ignore[attr-defined]
         assert final(events, ref).phase == A.PHASE_CANCELLED
         # The download stops (the runtime may keep idle connections to the registry).
-        sent = slow.bytes_sent
-        time.sleep(2)  # 16 MiB more, had the pull gone on
-        assert slow.bytes_sent - sent < 1 << 20, (sent, slow.bytes_sent)
+        assert slow.sent_during(2) < 1 << 20  # 16 MiB, had the pull gone on
         assert slow.bytes_sent < backend.downloaded(image) // 2, slow.bytes_sent
     listing = backend.agent.call("ListImages", A.ListImagesRequest())
     assert not [i for i in listing.images if ref in i.repo_tags]  # type: ignore[attr-defined]

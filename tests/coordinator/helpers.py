@@ -6,7 +6,7 @@ import contextlib
 import json
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,6 +123,11 @@ def runtime_images(endpoint: str) -> dict[str, bool]:
     """repo tag -> pinned, as the containerd at `endpoint` reports through CRI."""
     with NodeRuntime(endpoint) as cri:
         return {tag: img.pinned for img in cri.list() for tag in img.repo_tags}
+
+
+def agents_logged(env: TestEnv, text: str, nodes: Iterable[str]) -> bool:
+    """Whether the agent of every one of `nodes` has logged `text`."""
+    return all(text in (env.logs / f"agent-{node}.log").read_text() for node in nodes)
 
 
 def events(env: TestEnv, namespace: str, name: str) -> list[tuple[str, str, str]]:

@@ -18,6 +18,7 @@ from tests.coordinator.helpers import (
     GROUP,
     PLURAL,
     VERSION,
+    agents_logged,
     apply,
     cache_manifest,
     events,
@@ -369,18 +370,21 @@ def test_pulls_no_cache_wants_any_more_stop_on_every_node(
         testenv.add_registry_host(slow.host)
         a, b = (image.ref.replace(image.registry, slow.host) for image in pushed)
 
-        def agents_log(text: str) -> bool:
-            return all(text in (testenv.logs / f"agent-{n}.log").read_text() for n in ALL)
-
         apply(testenv, cache_manifest("mistake", namespace, [{"images": [a, b]}]))
-        wait_for("both pulls under way", lambda: agents_log(f"runtime pull of {b} started"))
+        wait_for(
+            "both pulls under way",
+            lambda: agents_logged(testenv, f"runtime pull of {b} started", ALL),
+        )
         apply(testenv, cache_manifest("mistake", namespace, [{"images": [b]}]))
-        wait_for("the edited-out pull to stop", lambda: agents_log(f"pull of {a} cancelled"))
+        wait_for(
+            "the edited-out pull to stop",
+            lambda: agents_logged(testenv, f"pull of {a} cancelled", ALL),
+        )
         kubectl(testenv, "-n", namespace, "delete", "ic", "mistake", "--timeout=30s")
-        wait_for("the other pull to stop", lambda: agents_log(f"pull of {b} cancelled"))
-        sent = slow.bytes_sent
-        time.sleep(2)  # 12 MiB more, had any pull gone on
-        assert slow.bytes_sent - sent < 1 << 20, (sent, slow.bytes_sent)
+        wait_for(
+            "the other pull to stop", lambda: agents_logged(testenv, f"pull of {b} cancelled", ALL)
+        )
+        assert slow.sent_during(2) < 1 << 20  # 12 MiB, had any pull gone on
         assert slow.bytes_sent < size // 2, (slow.bytes_sent, size)
     for node in ALL:
         held = node_images(testenv, node)

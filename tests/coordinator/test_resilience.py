@@ -30,6 +30,7 @@ from coordinator.pairs import Counts
 from coordinator.statuswriter import StatusWriter
 from tests.conftest import unique
 from tests.coordinator.helpers import (
+    agents_logged,
     apply,
     cache_manifest,
     events,
@@ -199,20 +200,22 @@ def test_pulls_of_a_cache_deleted_while_no_coordinator_ran_are_cancelled_by_the_
         testenv.add_registry_host(slow.host)
         ref = image.ref.replace(image.registry, slow.host)
 
-        def agents_log(text: str) -> bool:
-            return all(text in (testenv.logs / f"agent-{n}.log").read_text() for n in ALL)
-
         apply(testenv, cache_manifest("orphan", namespace, [{"images": [ref]}]))
-        wait_for("the pulls to start", lambda: agents_log(f"runtime pull of {ref} started"))
+        wait_for(
+            "the pulls to start",
+            lambda: agents_logged(testenv, f"runtime pull of {ref} started", ALL),
+        )
         coordinator.kill()
         try:
             kubectl(testenv, "-n", namespace, "delete", "ic", "orphan", "--wait=false")
         finally:
             coordinator.restart()
-        wait_for("the pulls to stop", lambda: agents_log(f"pull of {ref} cancelled"), timeout=30)
-        sent = slow.bytes_sent
-        time.sleep(2)  # 6 MiB more, had a pull gone on
-        assert slow.bytes_sent - sent < 1 << 20, (sent, slow.bytes_sent)
+        wait_for(
+            "the pulls to stop",
+            lambda: agents_logged(testenv, f"pull of {ref} cancelled", ALL),
+            timeout=30,
+        )
+        assert slow.sent_during(2) < 1 << 20  # 6 MiB, had a pull gone on
         assert slow.bytes_sent < image.content_size * len(ALL) // 2, slow.bytes_sent
     wait_for("the cache to go", lambda: get_cache(testenv, namespace, "orphan") is None)
     for node in ALL:

@@ -110,6 +110,13 @@ class RegistryProxy:
             self._live.discard(conn)
             self._dropping.discard(conn)
 
+    def sent_during(self, seconds: float) -> int:
+        """Bytes sent towards the clients over the next `seconds` (0: the transfers
+        have stopped)."""
+        before = self.bytes_sent
+        time.sleep(seconds)
+        return self.bytes_sent - before
+
     def black_hole(self) -> None:
         """The connections open now go silent (their bytes dropped), as after a link
         failure no FIN crossed; connections made later work."""

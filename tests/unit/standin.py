@@ -12,7 +12,17 @@ import grpc
 
 from coordinator.agents import AgentPool
 from coordinator.nodes import NodeRegistry
-from protos.fledged.agent.v1 import agent_pb2_grpc
+from protos.fledged.agent.v1 import agent_pb2, agent_pb2_grpc
+
+
+class EmptyNodeAgent(agent_pb2_grpc.AgentServicer):
+    """A stand-in whose node holds nothing: subclasses add the calls a test is about."""
+
+    async def ListImages(self, request: Any, context: Any) -> Any:
+        return agent_pb2.ListImagesResponse()
+
+    async def GetNodeInfo(self, request: Any, context: Any) -> Any:
+        return agent_pb2.NodeInfo()
 
 
 @contextlib.asynccontextmanager

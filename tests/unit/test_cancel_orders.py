@@ -13,12 +13,12 @@ from coordinator.images import ImageKey
 from coordinator.model import AgentInfo, OrderPhase
 from coordinator.pairs import PullItem
 from protos.fledged.agent.v1 import agent_pb2, agent_pb2_grpc
-from tests.unit.standin import registry_over, wait_until
+from tests.unit.standin import EmptyNodeAgent, registry_over, wait_until
 
 A = ImageKey("reg.io/app/a:v1")
 
 
-class _Cancelling(agent_pb2_grpc.AgentServicer):
+class _Cancelling(EmptyNodeAgent):
     """Pulls that run until cancelled."""
 
     def __init__(self) -> None:
@@ -37,12 +37,6 @@ class _Cancelling(agent_pb2_grpc.AgentServicer):
         self.stop.set()
         results = [agent_pb2.CancelResult(image=i, was_running=True) for i in request.images]
         return agent_pb2.CancelPullsResponse(results=results)
-
-    async def ListImages(self, request: Any, context: Any) -> Any:
-        return agent_pb2.ListImagesResponse()
-
-    async def GetNodeInfo(self, request: Any, context: Any) -> Any:
-        return agent_pb2.NodeInfo(pinning_supported=True)
 
 
 class _Older(_Cancelling):

@@ -17,22 +17,16 @@ from coordinator import nodes
 from coordinator.images import ImageKey
 from coordinator.model import AGENT_UNAVAILABLE, AgentInfo, Inventory, OrderPhase
 from coordinator.pairs import PullItem
-from protos.fledged.agent.v1 import agent_pb2, agent_pb2_grpc
-from tests.unit.standin import registry_over, wait_until
+from protos.fledged.agent.v1 import agent_pb2
+from tests.unit.standin import EmptyNodeAgent, registry_over, wait_until
 
 IMAGE = "r.io/slow:1"
 
 
-class _SlowAgent(agent_pb2_grpc.AgentServicer):
+class _SlowAgent(EmptyNodeAgent):
     async def PullImages(self, request: Any, context: Any) -> Any:
         yield agent_pb2.PullEvent(image=request.images[0].image, phase=agent_pb2.PHASE_PULLING)
         await asyncio.sleep(3600)
-
-    async def ListImages(self, request: Any, context: Any) -> Any:
-        return agent_pb2.ListImagesResponse()
-
-    async def GetNodeInfo(self, request: Any, context: Any) -> Any:
-        return agent_pb2.NodeInfo()
 
 
 async def test_a_pull_cut_by_our_own_channel_close_is_lost_not_in_flight_for_ever(
