@@ -251,3 +251,18 @@ def test_the_daemonsets_probes_reach_the_agents_health_service(testenv: TestEnv)
         assert probe.health(LIVENESS_SERVICE) == health_pb2.HealthCheckResponse.SERVING
     finally:
         process.stop()
+
+
+def test_no_probe_runs_before_its_container_can_listen() -> None:
+    """A probe without an initial delay can run at its container's first instant: the
+    kubelet's first probe comes at a random point of its first period when the kubelet
+    itself started less than a period ago. Nothing listens yet then, and the pod gets a
+    Warning Event (a coordinator liveness probe did so in CI)."""
+    workloads = [d for d in objects(helm_template()) if d["kind"] in ("Deployment", "DaemonSet")]
+    assert workloads
+    for workload in workloads:
+        for container in workload["spec"]["template"]["spec"]["containers"]:
+            for kind in ("livenessProbe", "readinessProbe", "startupProbe"):
+                if kind in container:
+                    where = (workload["metadata"]["name"], container["name"], kind)
+                    assert container[kind].get("initialDelaySeconds", 0) >= 1, where

@@ -381,9 +381,11 @@ def test_a_cache_of_a_private_image_needs_no_secret_where_the_kubelet_needs_none
 
 def assert_no_probe_failed(user: UserCluster) -> None:
     """The kubelet records each failed probe as a Warning Event (Unhealthy) on the pod.
-    Its first readiness probe runs as the container starts, before anything listens,
-    and the agents' liveness probe first runs 10 s after (a service named wrong fails
-    there): the pods are given 15 s, then none may have failed a probe of any kind."""
+    Without an initial delay a probe can run as the container starts, before anything
+    listens (a kubelet started less than a period ago probes at a random point of its
+    first period), and the liveness probes first run 10 s after the start (a service
+    named wrong fails there): the pods are given 15 s, then none may have failed a
+    probe of any kind."""
     selected = pods(user, AGENT_PODS) + pods(user, COORDINATOR_PODS)
     for pod in selected:
         started = pod["status"]["containerStatuses"][0]["state"]["running"]["startedAt"]
