@@ -470,6 +470,7 @@ class PullManager:
         )
 
     async def close(self) -> None:
+        self.runtime.stopping()
         for shared in list(self.inflight.values()):
             shared.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -132,6 +132,11 @@ class Runtime(Protocol):
 
     async def image_fs(self) -> FsUsage: ...
 
+    def stopping(self) -> None:
+        """The agent is stopping: pulls cut from now on keep what they downloaded where
+        the runtime can, for the next agent (a rolling update) to resume."""
+        ...
+
     async def close(self) -> None: ...
 
 

@@ -149,6 +149,9 @@ class CriRuntime:
         self._pins_honoured = False
         self._identity_at = 0.0  # monotonic: when the runtime's identity was read
 
+    def stopping(self) -> None:
+        self._leases.stopping()
+
     async def close(self) -> None:
         await self._channel.close()
 

@@ -147,6 +147,9 @@ class DockerRuntime:
         self.endpoint = endpoint
         self._api = docker.APIClient(base_url=endpoint, timeout=60)
 
+    def stopping(self) -> None:
+        """Nothing to do: Docker keeps the layers a cut pull finished by itself."""
+
     async def close(self) -> None:
         await asyncio.to_thread(self._api.close)
 

@@ -5,7 +5,8 @@ instead of dropping it with the call. A pull cut by its deadline or by a broken 
 
 The lease goes with the pull's success (the image holds its content then), with a
 failure no retry can resume from (not found, refused, the disk guard), and with a
-cancel; a resumable failure keeps it for the retries, and it expires by itself
+cancel; a resumable failure keeps it for the retries, and so does a pull cut by the
+agent's stop, for the next agent (a rolling update) to resume. It expires by itself
 (containerd's garbage collection) an hour after it was made, so a pull given up for
 good holds no disk past that."""
 
@@ -49,6 +50,11 @@ class PullLeases:
         # must not take it from under the other.
         self._holders: Counter[str] = Counter()
         self._deleting: dict[str, asyncio.Future[None]] = {}
+        self._stopping = False
+
+    def stopping(self) -> None:
+        """Pulls cut from now on are cut by the agent's stop: they keep their lease."""
+        self._stopping = True
 
     @contextlib.asynccontextmanager
     async def held(self, ref: str) -> AsyncIterator[Metadata]:
@@ -67,12 +73,15 @@ class PullLeases:
             except AgentError as err:
                 keep = err.category in RESUMABLE
                 raise
+            except asyncio.CancelledError:
+                keep = self._stopping  # else a cancel: no cache wants the image
+                raise
         finally:
             self._holders[lease] -= 1
             if self._holders[lease] <= 0:
                 del self._holders[lease]
                 if held and keep:
-                    log.info("the pull of %s keeps what it downloaded for its retry", ref)
+                    log.info("the pull of %s keeps what it downloaded, to resume", ref)
                 elif held:
                     await self._let_go(lease)
 

@@ -398,23 +398,62 @@ def test_a_pull_cut_by_its_deadline_keeps_its_layers_for_the_retry(testenv: Test
         RegistryProxy(testenv.registry.host, rate=8 << 20) as slow,  # 4 s for the image
         own_node(testenv, unique("resume-node"), registries=[slow.host]) as (containerd, agent),
     ):
-        ctr = [str(binary("ctr")), "-a", str(containerd.socket), "-n", "k8s.io"]
-
-        def leases() -> list[str]:
-            listing = subprocess.run([*ctr, "leases", "ls", "-q"], capture_output=True, text=True)
-            return [line for line in listing.stdout.split() if line.startswith("kubefledged-")]
-
         ref = f"{slow.host}/{image.ref.split('/', 1)[1]}"
         cut = final(agent.pull(order(ref, deadline=duration_pb2.Duration(seconds=3))), ref)
         assert cut.error_category == A.ERROR_CATEGORY_DEADLINE_EXCEEDED, cut
         first = slow.bytes_sent
         assert image.content_size // 4 < first < image.content_size, first
-        assert len(leases()) == 1
+        assert len(pull_leases(containerd)) == 1
         done = final(agent.pull(order(ref)), ref)
         assert done.phase == A.PHASE_SUCCEEDED, done
         second = slow.bytes_sent - first
         assert second < image.content_size - first // 2, (first, second, image.content_size)
-        assert not leases()
+        assert not pull_leases(containerd)
+
+
+def test_an_agent_restarted_mid_pull_leaves_its_successor_only_the_rest(
+    testenv: TestEnv,
+) -> None:
+    """A rolling update of the agents during a rollout of large images (or any restart
+    of a node's agent): the stopping agent let its pulls' leases go, so containerd
+    dropped what they had downloaded and the successor pulled each image from the
+    start, over an edge node's slow link as well. The leases now stay with the stop.
+    The image takes 16 s, longer than the agent's grace for the pulls under way."""
+    assert SHUTDOWN_GRACE < 12
+    image = testenv.registry_client().push_image(unique("agent/restart"), "v1", 32 << 20, 4)
+    with (
+        RegistryProxy(testenv.registry.host, rate=2 << 20) as slow,
+        own_node(testenv, unique("restart-node"), registries=[slow.host]) as (containerd, agent),
+    ):
+        ref = f"{slow.host}/{image.ref.split('/', 1)[1]}"
+
+        def pull() -> None:
+            with contextlib.suppress(grpc.RpcError):  # the agent going ends the call
+                agent.pull(order(ref))
+
+        threading.Thread(target=pull, daemon=True).start()
+        agent.process.wait_until(
+            lambda: slow.bytes_sent > image.content_size // 8,
+            timeout=30,
+            what="the pull under way",
+        )
+        agent.stop()
+        first = slow.bytes_sent
+        assert first < image.content_size, first
+        assert len(pull_leases(containerd)) == 1
+        agent.start()
+        done = final(agent.pull(order(ref)), ref)
+        assert done.phase == A.PHASE_SUCCEEDED, done
+        second = slow.bytes_sent - first
+        assert second < image.content_size - first // 2, (first, second, image.content_size)
+        assert not pull_leases(containerd)
+
+
+def pull_leases(containerd: Containerd) -> list[str]:
+    """The leases our agents made on `containerd`."""
+    ctr = [str(binary("ctr")), "-a", str(containerd.socket), "-n", "k8s.io", "leases", "ls", "-q"]
+    listing = subprocess.run(ctr, capture_output=True, text=True, check=True)
+    return [line for line in listing.stdout.split() if line.startswith("kubefledged-")]
 
 
 def test_a_docker_agent_stops_at_once_with_a_pull_under_way(testenv: TestEnv) -> None:

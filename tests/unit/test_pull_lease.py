@@ -105,6 +105,25 @@ async def test_a_pull_that_ends_first_leaves_the_lease_to_the_other_one() -> Non
     assert not servicer.held  # the last one's success lets it go
 
 
+async def test_a_pull_cut_by_the_agents_stop_keeps_its_lease_for_the_next_agent() -> None:
+    """A rolling update of the agents mid-pull: the next agent's pull finds the lease
+    (ALREADY_EXISTS) and resumes what the stopped one downloaded."""
+    servicer = _Leases()
+    async with _leases_of(servicer) as leases:
+        leases.stopping()
+
+        async def cut() -> None:
+            async with leases.held(REF):
+                raise asyncio.CancelledError
+
+        with pytest.raises(asyncio.CancelledError):
+            await cut()
+        assert lease_id(REF) in servicer.held
+        async with leases.held(REF) as metadata:  # what the next agent does
+            assert metadata == ((LEASE_HEADER, lease_id(REF)),)
+        assert not servicer.held
+
+
 async def test_without_a_leases_service_the_pull_runs_as_containerds_own() -> None:
     async with (
         _leases_of(_Leases(refuse=grpc.StatusCode.UNIMPLEMENTED)) as leases,

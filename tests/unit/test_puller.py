@@ -67,6 +67,9 @@ class ScriptedRuntime:
     async def image_fs(self) -> FsUsage:
         return self.fs
 
+    def stopping(self) -> None:
+        pass
+
     async def close(self) -> None:
         pass
 
