@@ -715,7 +715,6 @@ class Controller:
             self._forget(key)
             return
         meta = obj["metadata"]
-        namespace, name = meta["namespace"], meta["name"]
         deleting = bool(meta.get("deletionTimestamp"))
         finalizers = list(meta.get("finalizers") or [])
         if deleting and api.FINALIZER not in finalizers:
@@ -726,15 +725,11 @@ class Controller:
         if deleting:
             if projection.finalize_done:
                 log.info("%s: pins lifted; releasing the finalizer", key)
-                await asyncio.to_thread(
-                    self._kube.patch_metadata,
-                    namespace,
-                    name,
-                    {
-                        "finalizers": [f for f in finalizers if f != api.FINALIZER],
-                        "resourceVersion": meta["resourceVersion"],
-                    },
+                released = await asyncio.to_thread(
+                    self._kube.set_finalizers, obj, [f for f in finalizers if f != api.FINALIZER]
                 )
+                if not released:
+                    log.debug("%s: gone or its finalizers changed; its watch event follows", key)
             return
         if not projection.pending:
             started = time.monotonic()
@@ -744,15 +739,11 @@ class Controller:
         if api.FINALIZER not in finalizers:
             # After the shares and the first orders: its round trip is not on their way.
             # Pins set before it lands are lifted by the nodes' pin rule if the cache goes.
-            await asyncio.to_thread(
-                self._kube.patch_metadata,
-                namespace,
-                name,
-                {
-                    "finalizers": [*finalizers, api.FINALIZER],
-                    "resourceVersion": meta["resourceVersion"],
-                },
+            added = await asyncio.to_thread(
+                self._kube.set_finalizers, obj, [*finalizers, api.FINALIZER]
             )
+            if not added:
+                log.debug("%s: gone or its finalizers changed; its watch event follows", key)
         if not projection.pending:
             await self._finish_operations(key, obj, view, state)
         if view.credentials and (secret_errors or projection.tally.failed):

@@ -273,6 +273,11 @@ def _unavailable(err: Exception) -> bool:
     return True
 
 
+def _finalizers_of(cache: Obj) -> tuple[str, list[str]]:
+    meta = cache.get("metadata") or {}
+    return meta.get("uid", ""), list(meta.get("finalizers") or [])
+
+
 class KubeWriter:
     """The coordinator's writes: status, metadata patches, Events; and Secret reads."""
 
@@ -310,6 +315,40 @@ class KubeWriter:
         except client.ApiException as err:
             if err.status == 404:
                 return False
+            raise
+        return True
+
+    def set_finalizers(self, cache: Obj, finalizers: list[str]) -> bool:
+        """Sets the cache's finalizers, provided the object (by uid) still has those our
+        copy shows: a JSON patch testing them, not a resourceVersion, so our own status
+        write or a spec edit since our read does not fail it (that 409 was logged as a
+        failed reconcile at nearly every cache's creation), while a finalizer another
+        controller added meanwhile is never erased. False: the cache is gone or its
+        finalizers changed; either way its watch event brings the newer copy."""
+        meta = cache["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        patch = [
+            {"op": "test", "path": "/metadata/uid", "value": meta["uid"]},
+            {"op": "test", "path": "/metadata/finalizers", "value": meta.get("finalizers")},
+            {"op": "add", "path": "/metadata/finalizers", "value": finalizers},
+        ]
+        try:
+            self._custom.patch_namespaced_custom_object(
+                GROUP,
+                VERSION,
+                namespace,
+                PLURAL,
+                name,
+                patch,
+                _content_type="application/json-patch+json",
+            )
+        except client.ApiException as err:
+            if err.status == 404:
+                return False
+            if err.status == 422:  # a test failed, or the patch is invalid: which one?
+                now = self.get_cache(namespace, name)
+                if now is None or _finalizers_of(now) != _finalizers_of(cache):
+                    return False
             raise
         return True
 

@@ -355,6 +355,30 @@ def test_deleting_a_cache_unpins_its_images_and_releases_the_object(
         )
 
 
+def test_creating_editing_and_deleting_caches_fails_no_reconcile(
+    testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
+) -> None:
+    """A cache's first reconcile sends its orders, writes its status, then adds its
+    finalizer: that patch was conditional on the version read, which the status write
+    (or an edit meanwhile) had changed, so it failed with a conflict at nearly every
+    creation, logged as an error with its traceback and counted as a failed reconcile.
+    The caches here are created, edited at once, and deleted: no reconcile fails."""
+    registry = testenv.registry_client()
+    first, second = (registry.push_image(unique(f"ic/quiet-{x}"), "v1") for x in "ab")
+    names = [f"quiet-{i}" for i in range(4)]
+    for name in names:
+        apply(testenv, cache_manifest(name, namespace, [{"images": [first.ref]}]))
+    for name in names:
+        apply(testenv, cache_manifest(name, namespace, [{"images": [first.ref, second.ref]}]))
+    for name in names:
+        obj = wait_status(testenv, namespace, name, "Succeeded")
+        assert obj["metadata"]["finalizers"] == ["kubefledged.io/unpin-images"]
+    kubectl(testenv, "-n", namespace, "delete", "ic", *names, "--timeout=30s")
+    log = coordinator.process.log_path.read_text()
+    failed = [n for n in names if f"reconcile of cache {namespace}/{n} failed" in log]
+    assert not failed, coordinator.process.log_tail(80)
+
+
 def test_pulls_no_cache_wants_any_more_stop_on_every_node(
     testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
 ) -> None:

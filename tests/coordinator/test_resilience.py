@@ -24,6 +24,7 @@ from common.wire import (
     TLS_ANNOTATION,
     lease_name,
 )
+from coordinator.api import FINALIZER
 from coordinator.kube import KubeWriter
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.pairs import Counts
@@ -324,6 +325,47 @@ def test_a_cache_deleted_while_reconciled_is_not_patched_and_not_an_error(
     assert writer.patch_metadata(namespace, "gone", {"annotations": {"example.com/a": "1"}})
     kubectl(testenv, "-n", namespace, "delete", "ic/gone", "--wait=true")
     assert not writer.patch_metadata(namespace, "gone", {"annotations": {"example.com/a": None}})
+
+
+def test_finalizers_are_set_on_their_own_condition_not_the_caches_version(
+    testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
+) -> None:
+    """The finalizer patch against the real apiserver (the coordinator stopped so
+    nothing else writes): a status write and a spec edit after our read do not fail
+    it (they did, 409, on the version read); a finalizer another controller added
+    since our read is not erased; a cache made anew under the name is not patched from
+    the old one's copy."""
+    custom = client.CustomObjectsApi(testenv.api_client())
+    writer = KubeWriter(testenv.api_client())
+    manifest = cache_manifest("fin", namespace, [{"images": ["reg.invalid/a:v1"]}])
+    coordinator.stop()
+    try:
+        apply(testenv, manifest)
+        read = get_cache(testenv, namespace, "fin") or {}
+        writer.replace_status({**read, "status": {"status": "Processing"}})
+        apply(testenv, cache_manifest("fin", namespace, [{"images": ["reg.invalid/b:v1"]}]))
+        assert writer.set_finalizers(read, [FINALIZER])
+        read = get_cache(testenv, namespace, "fin") or {}
+        assert read["metadata"]["finalizers"] == [FINALIZER]
+
+        theirs = "example.com/theirs"
+        custom.patch_namespaced_custom_object(
+            "kubefledged.io", "v1alpha2", namespace, "imagecaches", "fin",
+            [{"op": "add", "path": "/metadata/finalizers/-", "value": theirs}],
+            _content_type="application/json-patch+json",
+        )  # fmt: skip
+        assert not writer.set_finalizers(read, [])
+        now = get_cache(testenv, namespace, "fin") or {}
+        assert now["metadata"]["finalizers"] == [FINALIZER, theirs]
+
+        assert writer.set_finalizers(now, [])
+        kubectl(testenv, "-n", namespace, "delete", "ic/fin", "--wait=true")
+        apply(testenv, manifest)
+        assert not writer.set_finalizers(now, [FINALIZER])  # the old one's copy
+        assert "finalizers" not in (get_cache(testenv, namespace, "fin") or {})["metadata"]
+        kubectl(testenv, "-n", namespace, "delete", "ic/fin", "--wait=true")
+    finally:
+        coordinator.restart()
 
 
 def test_a_status_write_that_meets_a_concurrent_change_retries_on_a_fresh_read(
