@@ -67,6 +67,7 @@ class AgentClient:
             self._channel = grpc.aio.secure_channel(endpoint, tls.credentials(), options=options)
         else:
             self._channel = grpc.aio.insecure_channel(endpoint, options=options)
+        self._closed = False
         # PullImages with the request already serialized: a fleet-wide order keeps one
         # small bytes object per node for the stream's life, not a message tree.
         self._pull_bytes: Any = self._channel.unary_stream(
@@ -77,11 +78,25 @@ class AgentClient:
 
     async def close(self, grace: float | None = None) -> None:
         """Calls still running get `grace` seconds to end (None: cancelled now)."""
+        self._closed = True
         await self._channel.close(grace)
+
+    def _open(self) -> None:
+        """A call on a closed channel fails as an agent out of reach (UNAVAILABLE), as
+        callers expect; grpc.aio's own refusal is a UsageError, no RpcError. A call
+        that waited its turn while its agent moved (a rollout) meets it."""
+        if self._closed:
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.aio.Metadata(),
+                grpc.aio.Metadata(),
+                f"the channel to {self.endpoint} is closed: its agent moved",
+            )
 
     def pull(self, node: str, request: bytes, limit: float) -> AsyncIterable[agent_pb2.PullEvent]:
         """`request`: a serialized PullImagesRequest. The call itself is iterated (no
         generator of ours around it: one layer less for each of a fleet's answers)."""
+        self._open()
         call = self._pull_bytes(request, timeout=limit, metadata=_for(node))
         return cast(AsyncIterable[agent_pb2.PullEvent], call)
 
@@ -90,6 +105,7 @@ class AgentClient:
     ) -> R:
         """A multicallable made for the call, not kept: a stub's five would cost a few
         KiB per channel for calls made once a resync period."""
+        self._open()
         call = self._channel.unary_unary(
             f"{SERVICE}/{method}",
             request_serializer=type(request).SerializeToString,

@@ -378,6 +378,8 @@ class NodeRegistry:
         client = self._pool.get(agent.endpoint)
         try:
             async with self._listings:
+                if obs.agent is None or not obs.agent.same_process(agent):
+                    return False  # it moved while this waited its turn: listed anew
                 info = await client.node_info(node) if abilities else None
                 for _ in range(LISTING_TRIES):
                     answers = obs.answers
@@ -387,6 +389,9 @@ class NodeRegistry:
                 else:  # answers keep coming: the sync at the end of their batch lists
                     return False
         except grpc.RpcError as err:
+            if obs.agent is None or not obs.agent.same_process(agent):
+                log.debug("listing %s through %s ended: its agent moved", node, agent.endpoint)
+                return False  # the new process is listed anew
             failures = self._listing_failures[node] = self._listing_failures.get(node, 0) + 1
             retry = min(self._resync_every, RELIST_AFTER * 2 ** (failures - 1))
             detail = str(err.details() if hasattr(err, "details") else err)

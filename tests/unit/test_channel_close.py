@@ -11,9 +11,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import grpc
 import pytest
 
+from common.wire import NODE_HEADER
 from coordinator import nodes
+from coordinator.agents import AgentPool
 from coordinator.images import ImageKey
 from coordinator.model import AGENT_UNAVAILABLE, AgentInfo, Inventory, OrderPhase
 from coordinator.pairs import PullItem
@@ -75,3 +78,87 @@ async def test_a_stream_that_ends_with_orders_unanswered_leaves_none_in_flight()
         assert (unanswered.phase, unanswered.category) == (OrderPhase.FAILED, AGENT_UNAVAILABLE)
         assert "without answering" in unanswered.message
         assert obs.slots.pulling == {}  # no wave slot held
+
+
+class _HeldListing(EmptyNodeAgent):
+    """Node n0's listing lasts until released: listings behind it wait their turn."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+
+    async def ListImages(self, request: Any, context: Any) -> Any:
+        if dict(context.invocation_metadata()).get(NODE_HEADER) == "n0":
+            await self.release.wait()
+        return agent_pb2.ListImagesResponse()
+
+
+async def test_a_listing_whose_agent_moved_while_it_waited_is_dropped_quietly(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A listing waits its turn (LISTINGS_AT_ONCE) while its agent restarts at another
+    address (every agent does in a DaemonSet rollout): the old channel is closed by
+    then, and grpc.aio refuses a call on it with a UsageError, which was no RpcError:
+    the coordinator logged an ERROR with its traceback for the node. The new agent's
+    own listing is the one that counts."""
+    monkeypatch.setattr(nodes, "LISTINGS_AT_ONCE", 1)
+    monkeypatch.setattr(nodes, "CHANNEL_CLOSE_GRACE", 0.2)
+    agent = _HeldListing()  # type: ignore[abstract]
+    async with registry_over(agent, endpoints=3) as (registry, (busy, old, new)):
+        registry.set_agent("n0", AgentInfo("n0", busy, False, expires=1e12, acquired="a"))
+        registry.set_agent("n1", AgentInfo("n1", old, False, expires=1e12, acquired="a"))
+        await asyncio.sleep(0.1)  # n1's listing waits behind n0's
+        registry.set_agent("n1", AgentInfo("n1", new, False, expires=1e12, acquired="b"))
+        await asyncio.sleep(0.5)  # the old channel is closed
+        agent.release.set()
+        obs = registry.observation("n1")
+        await wait_until(lambda: obs.inventory is not None, "n1 listed through its new agent")
+        await wait_until(lambda: not registry._tasks, "the listings to end")
+    failed = [r.getMessage() for r in caplog.records if r.levelname in ("ERROR", "WARNING")]
+    assert not failed, failed
+
+
+class _HeldInfo(EmptyNodeAgent):
+    """The first GetNodeInfo lasts until released."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.held = asyncio.Event()
+
+    async def GetNodeInfo(self, request: Any, context: Any) -> Any:
+        if not self.held.is_set():
+            self.held.set()
+            await self.release.wait()
+        return agent_pb2.NodeInfo()
+
+
+async def test_a_listing_whose_agent_moved_between_its_calls_is_dropped_quietly(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The agent moves between a listing's two calls: the second one, on the closed
+    channel, fails as an agent out of reach (not grpc.aio's UsageError), and as the
+    agent moved it is no listing failure of the node (no warning, no retry)."""
+    monkeypatch.setattr(nodes, "CHANNEL_CLOSE_GRACE", 5.0)
+    agent = _HeldInfo()  # type: ignore[abstract]
+    async with registry_over(agent, endpoints=2) as (registry, (old, new)):
+        registry.set_agent("n1", AgentInfo("n1", old, False, expires=1e12, acquired="a"))
+        await asyncio.wait_for(agent.held.wait(), 5)
+        registry.set_agent("n1", AgentInfo("n1", new, False, expires=1e12, acquired="b"))
+        await asyncio.sleep(0.1)  # the old channel closes, its call still running
+        agent.release.set()
+        obs = registry.observation("n1")
+        await wait_until(lambda: obs.inventory is not None, "n1 listed through its new agent")
+        await wait_until(lambda: not registry._tasks, "the listings to end")
+        assert not registry._relists
+    failed = [r.getMessage() for r in caplog.records if r.levelname in ("ERROR", "WARNING")]
+    assert not failed, failed
+
+
+async def test_a_call_on_a_closed_channel_fails_as_an_agent_out_of_reach() -> None:
+    client = AgentPool(None).get("127.0.0.1:9")
+    await client.close(1.0)
+    with pytest.raises(grpc.RpcError) as listing:
+        await client.list_images("n1")
+    assert listing.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "127.0.0.1:9" in str(listing.value.details())
+    with pytest.raises(grpc.RpcError):
+        client.pull("n1", b"", 5.0)
