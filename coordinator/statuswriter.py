@@ -143,6 +143,8 @@ class StatusWriter:
                 except client.ApiException as err:
                     if err.status == 409:
                         continue  # changed meanwhile: read again
+                    if err.status == 404:
+                        return None  # deleted since the read: nothing to write
                     if _too_large(err):
                         if small:
                             message = (

@@ -410,6 +410,38 @@ def test_a_status_write_that_meets_a_concurrent_change_retries_on_a_fresh_read(
         coordinator.restart()
 
 
+def test_a_status_write_for_a_cache_deleted_since_its_read_is_dropped(
+    testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
+) -> None:
+    """The cache deleted between the writer's read and its write (its namespace
+    deleted, say): nothing to write, no error (it was a warning with the apiserver's
+    whole answer, and a retry)."""
+    apply(testenv, cache_manifest("going", namespace, [{"images": ["reg.invalid/a:v1"]}]))
+    wait_for("its finalizer", lambda: (get_cache(testenv, namespace, "going") or {})
+             .get("metadata", {}).get("finalizers"))  # fmt: skip
+    custom = client.CustomObjectsApi(testenv.api_client())
+
+    class Deleting(KubeWriter):
+        """A real writer; the cache goes right after its read."""
+
+        def get_cache(self, ns: str, name: str) -> dict[str, Any] | None:
+            obj = super().get_cache(ns, name)
+            custom.patch_namespaced_custom_object(
+                "kubefledged.io", "v1alpha2", ns, "imagecaches", name,
+                {"metadata": {"finalizers": None}},
+            )  # fmt: skip
+            custom.delete_namespaced_custom_object(
+                "kubefledged.io", "v1alpha2", ns, "imagecaches", name
+            )
+            return obj
+
+    counts = Counts(nodes=3, images=1, totals={}, failed={})
+    status = {"status": "Processing", "message": "never written"}
+    writer = StatusWriter(Deleting(testenv.api_client()), 0.0, CoordinatorMetrics())
+    assert writer._write(f"{namespace}/going", status, counts) is None
+    assert get_cache(testenv, namespace, "going") is None
+
+
 def test_the_refresh_timer_repulls_a_moved_tag_without_any_annotation(
     testenv: TestEnv, coordinator: CoordinatorProcess, namespace: str
 ) -> None:
