@@ -40,6 +40,16 @@ def _for(node: str) -> tuple[tuple[str, str | bytes], ...]:
     return ((NODE_HEADER, node),)
 
 
+def moved_away(endpoint: str) -> grpc.aio.AioRpcError:
+    """The error of a call to an endpoint whose agent moved (its channel closed)."""
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(),
+        f"the channel to {endpoint} is closed: its agent moved",
+    )
+
+
 class AgentClient:
     def __init__(self, endpoint: str, tls: TlsConfig | None) -> None:
         self.endpoint = endpoint
@@ -82,16 +92,11 @@ class AgentClient:
         await self._channel.close(grace)
 
     def _open(self) -> None:
-        """A call on a closed channel fails as an agent out of reach (UNAVAILABLE), as
-        callers expect; grpc.aio's own refusal is a UsageError, no RpcError. A call
-        that waited its turn while its agent moved (a rollout) meets it."""
+        """A call on a closed channel fails as an agent out of reach, as callers
+        expect; grpc.aio's own refusal is a UsageError, no RpcError. A call that
+        waited its turn while its agent moved (a rollout) meets it."""
         if self._closed:
-            raise grpc.aio.AioRpcError(
-                grpc.StatusCode.UNAVAILABLE,
-                grpc.aio.Metadata(),
-                grpc.aio.Metadata(),
-                f"the channel to {self.endpoint} is closed: its agent moved",
-            )
+            raise moved_away(self.endpoint)
 
     def pull(self, node: str, request: bytes, limit: float) -> AsyncIterable[agent_pb2.PullEvent]:
         """`request`: a serialized PullImagesRequest. The call itself is iterated (no

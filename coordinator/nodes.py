@@ -24,7 +24,7 @@ from google.protobuf import duration_pb2
 
 from protos.fledged.agent.v1 import agent_pb2
 
-from .agents import AgentPool
+from .agents import AgentClient, AgentPool
 from .images import ImageKey, image_key, key_or_none, ref_of
 from .model import (
     AgentInfo,
@@ -309,6 +309,13 @@ class NodeRegistry:
         if timer is not None:
             timer.cancel()
 
+    def _client(self, agent: AgentInfo) -> AgentClient:
+        """The channel to the node's agent, taken when work for it is queued: if the
+        agent moves before the work runs, that channel is closed and the work fails as
+        out of reach. Taken when it runs, the pool would dial anew an address no node
+        uses, a channel nobody would close."""
+        return self._pool.get(agent.endpoint)
+
     def _move(self, old: AgentInfo | None, new: AgentInfo | None) -> None:
         """Counts the nodes behind each endpoint; closes the channel of one that has
         none left (agent pods get a new address on every restart: without this, each
@@ -375,11 +382,11 @@ class NodeRegistry:
         agent = obs.agent
         if agent is None:
             return False
-        client = self._pool.get(agent.endpoint)
         try:
             async with self._listings:
                 if obs.agent is None or not obs.agent.same_process(agent):
                     return False  # it moved while this waited its turn: listed anew
+                client = self._pool.get(agent.endpoint)  # the node's agent now
                 info = await client.node_info(node) if abilities else None
                 for _ in range(LISTING_TRIES):
                     answers = obs.answers
@@ -467,7 +474,9 @@ class NodeRegistry:
                 self._open_orders.update(item.caches)
             gather = ANSWERS_GATHER if detailed else OUTCOMES_GATHER
             self._spawn(
-                self._stream_pull(node, obs.agent, request, waiting, gather),
+                self._stream_pull(
+                    node, obs.agent, self._client(obs.agent), request, waiting, gather
+                ),
                 f"pull {node} {request_id}",
             )
 
@@ -487,6 +496,7 @@ class NodeRegistry:
         self,
         node: str,
         agent: AgentInfo,
+        client: AgentClient,
         request: bytes,
         waiting: dict[ImageKey, tuple[str, ...]],
         gather: float,
@@ -495,7 +505,6 @@ class NodeRegistry:
         with the caches waiting for its answer; `gather`: how long answers that close
         nothing gather before the node is planned again."""
         obs = self.observation(node)
-        client = self._pool.get(agent.endpoint)
         # The agent enforces each pull's deadline, from when the pull starts there: the
         # node's earlier batches still running go first, so the limit counts them too
         # (a batch of one behind a long one was cut, "lost the agent", while it waited).
@@ -568,13 +577,13 @@ class NodeRegistry:
         held = obs.inventory
         ids = [held.resolve(name) if held is not None else name for name, _ in changes]
         obs.pins_ordered(ids)
-        self._spawn(self._pin(node, obs.agent, list(changes), ids), f"pin {node}")
+        pin = self._pin(node, self._client(obs.agent), list(changes), ids)
+        self._spawn(pin, f"pin {node}")
 
     async def _pin(
-        self, node: str, agent: AgentInfo, changes: list[tuple[str, bool]], ids: list[str]
+        self, node: str, client: AgentClient, changes: list[tuple[str, bool]], ids: list[str]
     ) -> None:
         obs = self.observation(node)
-        client = self._pool.get(agent.endpoint)
         try:
             for pinned in (True, False):
                 images = [image for image, p in changes if p is pinned]
@@ -603,13 +612,15 @@ class NodeRegistry:
         if obs.agent is None or not images:
             return
         obs.cancels_ordered(images)
-        self._spawn(self._cancel(node, obs.agent, list(images)), f"cancel {node}")
+        cancel = self._cancel(node, obs.agent, self._client(obs.agent), list(images))
+        self._spawn(cancel, f"cancel {node}")
 
-    async def _cancel(self, node: str, agent: AgentInfo, images: list[ImageKey]) -> None:
+    async def _cancel(
+        self, node: str, agent: AgentInfo, client: AgentClient, images: list[ImageKey]
+    ) -> None:
         """The streams that ordered the pulls hear of each stop (CANCELLED); a pull that
         was not running any more has its outcome on its stream as usual."""
         obs = self.observation(node)
-        client = self._pool.get(agent.endpoint)
         try:
             resp = await client.cancel_pulls(node, images)
         except grpc.RpcError as err:
@@ -633,11 +644,10 @@ class NodeRegistry:
         if obs.agent is None or not images:
             return
         obs.removals_ordered(images)
-        self._spawn(self._remove(node, obs.agent, list(images)), f"remove {node}")
+        self._spawn(self._remove(node, self._client(obs.agent), list(images)), f"remove {node}")
 
-    async def _remove(self, node: str, agent: AgentInfo, images: list[ImageKey]) -> None:
+    async def _remove(self, node: str, client: AgentClient, images: list[ImageKey]) -> None:
         obs = self.observation(node)
-        client = self._pool.get(agent.endpoint)
         errors: dict[ImageKey, str] = {}
         removed: list[ImageKey] = []
         try:

@@ -162,3 +162,27 @@ async def test_a_call_on_a_closed_channel_fails_as_an_agent_out_of_reach() -> No
     assert "127.0.0.1:9" in str(listing.value.details())
     with pytest.raises(grpc.RpcError):
         client.pull("n1", b"", 5.0)
+
+
+async def test_work_queued_for_an_agent_that_moved_dials_no_channel_to_its_old_address(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Orders queued, then the agent moves before they go out (the same turn of the
+    loop): they go over the channel they were queued for, which closes, and count as
+    lost with that agent; no channel is dialled anew to the old address (the pool kept
+    that one for good: nothing closes a channel no node uses)."""
+    monkeypatch.setattr(nodes, "CHANNEL_CLOSE_GRACE", 0.2)
+    async with registry_over(_SlowAgent(), endpoints=2) as (registry, (old, new)):  # type: ignore[abstract]
+        registry.set_agent("n1", AgentInfo("n1", old, False, expires=1e12, acquired="a"))
+        obs = registry.observation("n1")
+        obs.listed(Inventory([], 0), True)
+        key = ImageKey(IMAGE)
+        registry.submit_pulls(
+            {"n1": [PullItem(IMAGE, False, True, caches=("ns/c",))]}, lambda i: []
+        )
+        registry.submit_pins("n1", [("r.io/pinned:1", True)])
+        registry.set_agent("n1", AgentInfo("n1", new, False, expires=1e12, acquired="b"))
+        await wait_until(lambda: not obs.pulls[key].in_flight, "the order to be lost")
+        await wait_until(lambda: not obs.pins_in_flight, "the pin change to end")
+        assert obs.pulls[key].category == AGENT_UNAVAILABLE
+        assert old not in registry._pool._clients
