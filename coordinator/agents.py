@@ -41,12 +41,12 @@ def _for(node: str) -> tuple[tuple[str, str | bytes], ...]:
 
 
 def moved_away(endpoint: str) -> grpc.aio.AioRpcError:
-    """The error of a call to an endpoint whose agent moved (its channel closed)."""
+    """The error of a call on a channel we closed: its agent moved, or the pool was reset."""
     return grpc.aio.AioRpcError(
         grpc.StatusCode.UNAVAILABLE,
         grpc.aio.Metadata(),
         grpc.aio.Metadata(),
-        f"the channel to {endpoint} is closed: its agent moved",
+        f"the channel to {endpoint} was closed (its agent moved, or our certificate was renewed)",
     )
 
 
