@@ -8,7 +8,8 @@ store (containerd labels it `containerd.io/distribution.source.<host>=<repo>`; i
 new since the pull started), it reads the manifest and from then on counts only that
 manifest's config and layers. Blobs already present (shared layers) count as done.
 A re-pull whose manifest was already stored has nothing left to download; it reports
-its size when done.
+its size when done. A pull that resumes one cut short finds its manifest among the
+blobs its lease holds (pull_lease.py), and counts from what was kept.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
@@ -80,7 +81,10 @@ class PullProgressTracker:
         arch: str,
         on_progress: ProgressCallback,
         interval: float = 0.2,
+        held: Callable[[], Awaitable[list[str]]] | None = None,
     ) -> None:
+        """`held`: the blobs the pull's lease holds already (a resumed pull's manifest,
+        stored by the attempt that was cut), asked once."""
         self._content = content
         self._metadata = metadata
         self._ref = ref
@@ -89,6 +93,7 @@ class PullProgressTracker:
         self._interval = interval
         self._started = time.time() - 2  # clock skew slack; only blobs stored since count
         self._candidates: list[str] = [ref.digest] if ref.digest else []
+        self._held = held
         self._rejected: set[str] = set()
         self._blobs: dict[str, int] | None = None  # manifest + config + layers
         self._done: set[str] = set()
@@ -156,7 +161,11 @@ class PullProgressTracker:
         return found
 
     async def _resolve(self, active: dict[str, content_pb2.Status]) -> None:
-        for digest in await self._new_labelled_blobs():
+        found = await self._new_labelled_blobs()
+        if self._held is not None:
+            held, self._held = self._held, None
+            found += await held()
+        for digest in found:
             if digest not in self._candidates:
                 self._candidates.append(digest)
         for digest in list(self._candidates):
@@ -164,6 +173,9 @@ class PullProgressTracker:
                 continue
             info = await self._info(digest)
             if info is None:
+                continue
+            if info.size > MAX_MANIFEST_SIZE:  # a layer the lease holds: not read
+                self._rejected.add(digest)
                 continue
             sources = info.labels.get(SOURCE_LABEL + self._ref.hostname, "").split(",")
             if self._ref.path not in sources and digest != self._ref.digest:

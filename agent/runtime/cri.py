@@ -4,6 +4,7 @@ CRI lacks when the socket turns out to be containerd: pin labels and byte progre
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import re
@@ -273,7 +274,12 @@ class CriRuntime:
         if not await self._containerd_or_not():
             return await self._pull(ref, credentials, deadline, on_progress, None, ())
         tracker = PullProgressTracker(
-            self._ctr_content, self._metadata, parsed, host_arch(), on_progress
+            self._ctr_content,
+            self._metadata,
+            parsed,
+            host_arch(),
+            on_progress,
+            held=functools.partial(self._leases.contents, ref),
         )
         async with self._leases.held(ref) as lease:
             return await self._pull(ref, credentials, deadline, on_progress, tracker, lease)

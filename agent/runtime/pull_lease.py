@@ -85,6 +85,17 @@ class PullLeases:
                 elif held:
                     await self._let_go(lease)
 
+    async def contents(self, ref: str) -> list[str]:
+        """The blobs the image's lease holds already: a resumed pull's manifest is among
+        them (stored by the cut attempt, so not new to this one), which its byte
+        progress needs. Empty without the lease or a leases service."""
+        request = leases_pb2.ListResourcesRequest(id=lease_id(ref))
+        try:
+            resp = await self._stub.ListResources(request, metadata=self._metadata, timeout=10)
+        except grpc.RpcError:
+            return []
+        return [resource.id for resource in resp.resources if resource.type == "content"]
+
     async def _create(self, ref: str, lease: str) -> bool:
         expires = (datetime.now(UTC) + KEEP_FOR).strftime("%Y-%m-%dT%H:%M:%SZ")
         request = leases_pb2.CreateRequest(id=lease, labels={EXPIRE_LABEL: expires})

@@ -392,7 +392,9 @@ def test_a_pull_cut_by_its_deadline_keeps_its_layers_for_the_retry(testenv: Test
     """An edge node's slow link: a pull cut by its deadline kept nothing (containerd
     drops what a pull downloaded with its call), so every retry downloaded the image
     from the start and a large image never arrived. Under the image's lease, the retry
-    downloads only what is missing; the lease goes with the success."""
+    downloads only what is missing, and reports its progress from what was kept (its
+    manifest, stored by the cut attempt, was not taken for this pull's: no progress at
+    all); the lease goes with the success."""
     image = testenv.registry_client().push_image(unique("agent/resume"), "v1", 32 << 20, 4)
     with (
         RegistryProxy(testenv.registry.host, rate=8 << 20) as slow,  # 4 s for the image
@@ -404,11 +406,13 @@ def test_a_pull_cut_by_its_deadline_keeps_its_layers_for_the_retry(testenv: Test
         first = slow.bytes_sent
         assert image.content_size // 4 < first < image.content_size, first
         assert len(pull_leases(containerd)) == 1
-        done = final(agent.pull(order(ref)), ref)
+        events = agent.pull(order(ref))
+        done = final(events, ref)
         assert done.phase == A.PHASE_SUCCEEDED, done
         second = slow.bytes_sent - first
         assert second < image.content_size - first // 2, (first, second, image.content_size)
         assert not pull_leases(containerd)
+        assert_progress_resumed(events, first)
 
 
 def test_an_agent_restarted_mid_pull_leaves_its_successor_only_the_rest(
@@ -442,11 +446,22 @@ def test_an_agent_restarted_mid_pull_leaves_its_successor_only_the_rest(
         assert first < image.content_size, first
         assert len(pull_leases(containerd)) == 1
         agent.start()
-        done = final(agent.pull(order(ref)), ref)
+        events = agent.pull(order(ref))
+        done = final(events, ref)
         assert done.phase == A.PHASE_SUCCEEDED, done
         second = slow.bytes_sent - first
         assert second < image.content_size - first // 2, (first, second, image.content_size)
         assert not pull_leases(containerd)
+        assert_progress_resumed(events, first)
+
+
+def assert_progress_resumed(events: list[agent_pb2.PullEvent], kept: int) -> None:
+    """A resumed pull reports byte progress while it runs, from about what was `kept`."""
+    done = events[-1]
+    progress = [e for e in events if e.phase == A.PHASE_PULLING and e.bytes_total]
+    assert any(e.bytes_done < e.bytes_total for e in progress), "no progress while it ran"
+    assert progress[0].bytes_total == done.bytes_total
+    assert progress[0].bytes_done >= kept // 2, (progress[0], kept)
 
 
 def pull_leases(containerd: Containerd) -> list[str]:

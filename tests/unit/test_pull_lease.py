@@ -23,6 +23,7 @@ REF = "reg.io/app/a:v1"
 class _Leases(leases_pb2_grpc.LeasesServicer):
     def __init__(self, refuse: grpc.StatusCode | None = None) -> None:
         self.held: dict[str, dict[str, str]] = {}
+        self.resources: dict[str, list[tuple[str, str]]] = {}  # lease -> (id, type)
         self.refuse = refuse
 
     async def Create(self, request: Any, context: Any) -> Any:
@@ -32,6 +33,14 @@ class _Leases(leases_pb2_grpc.LeasesServicer):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, "exists")
         self.held[request.id] = dict(request.labels)
         return leases_pb2.CreateResponse(lease=leases_pb2.Lease(id=request.id))
+
+    async def ListResources(self, request: Any, context: Any) -> Any:
+        if self.refuse is not None:
+            await context.abort(self.refuse, "no")
+        if request.id not in self.held:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "none")
+        resources = [leases_pb2.Resource(id=i, type=t) for i, t in self.resources[request.id]]
+        return leases_pb2.ListResourcesResponse(resources=resources)
 
     async def Delete(self, request: Any, context: Any) -> Any:
         if self.held.pop(request.id, None) is None:
@@ -124,12 +133,27 @@ async def test_a_pull_cut_by_the_agents_stop_keeps_its_lease_for_the_next_agent(
         assert not servicer.held
 
 
+async def test_a_resumed_pull_learns_the_blobs_its_lease_holds() -> None:
+    """For its byte progress: its manifest, stored by the attempt that was cut."""
+    servicer = _Leases()
+    async with _leases_of(servicer) as leases:
+        assert await leases.contents(REF) == []  # no lease yet: a first attempt
+        servicer.held[lease_id(REF)] = {}
+        servicer.resources[lease_id(REF)] = [
+            ("sha256:m", "content"),
+            ("sha256:l", "content"),
+            ("k8s.io/1/extract", "snapshots/overlayfs"),
+        ]
+        assert await leases.contents(REF) == ["sha256:m", "sha256:l"]
+
+
 async def test_without_a_leases_service_the_pull_runs_as_containerds_own() -> None:
     async with (
         _leases_of(_Leases(refuse=grpc.StatusCode.UNIMPLEMENTED)) as leases,
         leases.held(REF) as metadata,
     ):
         assert metadata == ()
+        assert await leases.contents(REF) == []
 
 
 def test_lease_ids_are_one_per_image_and_valid_for_containerd() -> None:

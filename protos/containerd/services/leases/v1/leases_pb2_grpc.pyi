@@ -4,7 +4,8 @@ isort:skip_file
 containerd's leases service (package containerd.services.leases.v1), the subset the
 agent uses, written for this project from containerd's published API. A lease named
 in a CRI pull's `containerd-lease` header holds what the pull downloaded: a pull cut
-by its deadline or a broken link keeps its finished layers for the next attempt.
+by its deadline or a broken link keeps its finished layers for the next attempt,
+whose byte progress starts from what the lease lists.
 """
 
 from collections import abc as _abc
@@ -38,12 +39,14 @@ class LeasesStub:
     def __new__(cls, channel: _aio.Channel) -> LeasesAsyncStub: ...
     Create: _grpc.UnaryUnaryMultiCallable[_leases_pb2.CreateRequest, _leases_pb2.CreateResponse]
     Delete: _grpc.UnaryUnaryMultiCallable[_leases_pb2.DeleteRequest, _empty_pb2.Empty]
+    ListResources: _grpc.UnaryUnaryMultiCallable[_leases_pb2.ListResourcesRequest, _leases_pb2.ListResourcesResponse]
 
 @_typing.type_check_only
 class LeasesAsyncStub(LeasesStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Create: _aio.UnaryUnaryMultiCallable[_leases_pb2.CreateRequest, _leases_pb2.CreateResponse]  # type: ignore[assignment]
     Delete: _aio.UnaryUnaryMultiCallable[_leases_pb2.DeleteRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    ListResources: _aio.UnaryUnaryMultiCallable[_leases_pb2.ListResourcesRequest, _leases_pb2.ListResourcesResponse]  # type: ignore[assignment]
 
 class LeasesServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -59,5 +62,12 @@ class LeasesServicer(metaclass=_abc_1.ABCMeta):
         request: _leases_pb2.DeleteRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]: ...
+
+    @_abc_1.abstractmethod
+    def ListResources(
+        self,
+        request: _leases_pb2.ListResourcesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_leases_pb2.ListResourcesResponse, _abc.Awaitable[_leases_pb2.ListResourcesResponse]]: ...
 
 def add_LeasesServicer_to_server(servicer: LeasesServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
