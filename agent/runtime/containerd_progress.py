@@ -32,12 +32,17 @@ from .base import Progress, ProgressCallback
 log = logging.getLogger(__name__)
 
 SOURCE_LABEL = "containerd.io/distribution.source."
+CHILDREN_LABEL = "containerd.io/gc.ref.content."  # on manifests and indexes only
 _INDEX_TYPES = (
     "application/vnd.oci.image.index.v1+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
 )
 MAX_MANIFEST_SIZE = 4 << 20  # the OCI distribution spec's limit for manifests
 Metadata = tuple[tuple[str, str | bytes], ...]
+
+
+def _names_children(label: str) -> bool:
+    return label.startswith(CHILDREN_LABEL)
 
 
 def _ingest_kind(ref: str) -> str:
@@ -94,6 +99,7 @@ class PullProgressTracker:
         self._started = time.time() - 2  # clock skew slack; only blobs stored since count
         self._candidates: list[str] = [ref.digest] if ref.digest else []
         self._held = held
+        self._leased: set[str] = set()
         self._rejected: set[str] = set()
         self._blobs: dict[str, int] | None = None  # manifest + config + layers
         self._done: set[str] = set()
@@ -164,7 +170,8 @@ class PullProgressTracker:
         found = await self._new_labelled_blobs()
         if self._held is not None:
             held, self._held = self._held, None
-            found += await held()
+            self._leased = set(await held())
+            found += self._leased
         for digest in found:
             if digest not in self._candidates:
                 self._candidates.append(digest)
@@ -174,8 +181,8 @@ class PullProgressTracker:
             info = await self._info(digest)
             if info is None:
                 continue
-            if info.size > MAX_MANIFEST_SIZE:  # a layer the lease holds: not read
-                self._rejected.add(digest)
+            if digest in self._leased and not any(map(_names_children, info.labels)):
+                self._rejected.add(digest)  # a layer or config the lease holds: not read
                 continue
             sources = info.labels.get(SOURCE_LABEL + self._ref.hostname, "").split(",")
             if self._ref.path not in sources and digest != self._ref.digest:
