@@ -725,11 +725,7 @@ class Controller:
         if deleting:
             if projection.finalize_done:
                 log.info("%s: pins lifted; releasing the finalizer", key)
-                released = await asyncio.to_thread(
-                    self._kube.set_finalizers, obj, [f for f in finalizers if f != api.FINALIZER]
-                )
-                if not released:
-                    log.debug("%s: gone or its finalizers changed; its watch event follows", key)
+                await self._set_finalizers(key, obj, [f for f in finalizers if f != api.FINALIZER])
             return
         if not projection.pending:
             started = time.monotonic()
@@ -739,16 +735,16 @@ class Controller:
         if api.FINALIZER not in finalizers:
             # After the shares and the first orders: its round trip is not on their way.
             # Pins set before it lands are lifted by the nodes' pin rule if the cache goes.
-            added = await asyncio.to_thread(
-                self._kube.set_finalizers, obj, [*finalizers, api.FINALIZER]
-            )
-            if not added:
-                log.debug("%s: gone or its finalizers changed; its watch event follows", key)
+            await self._set_finalizers(key, obj, [*finalizers, api.FINALIZER])
         if not projection.pending:
             await self._finish_operations(key, obj, view, state)
         if view.credentials and (secret_errors or projection.tally.failed):
             # No Secret is watched: look again for one created or fixed meanwhile.
             self.queue.add_after((CACHE, key), SECRET_TTL)
+
+    async def _set_finalizers(self, key: str, obj: Obj, finalizers: list[str]) -> None:
+        if not await asyncio.to_thread(self._kube.set_finalizers, obj, finalizers):
+            log.debug("%s: gone or its finalizers changed; its watch event follows", key)
 
     def _write_status(
         self,

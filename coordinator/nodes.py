@@ -310,10 +310,10 @@ class NodeRegistry:
             timer.cancel()
 
     def _client(self, agent: AgentInfo) -> AgentClient:
-        """The channel to the node's agent, taken when work for it is queued: if the
-        agent moves before the work runs, that channel is closed and the work fails as
-        out of reach. Taken when it runs, the pool would dial anew an address no node
-        uses, a channel nobody would close."""
+        """The channel to `agent`, taken only while it is the node's agent (when work
+        for it is queued, or a listing's turn comes): if the agent moves before the work
+        runs, that channel is closed and the work fails as out of reach. Taken later,
+        the pool would dial anew an address no node uses, a channel nobody would close."""
         return self._pool.get(agent.endpoint)
 
     def _move(self, old: AgentInfo | None, new: AgentInfo | None) -> None:
@@ -386,7 +386,7 @@ class NodeRegistry:
             async with self._listings:
                 if obs.agent is None or not obs.agent.same_process(agent):
                     return False  # it moved while this waited its turn: listed anew
-                client = self._pool.get(agent.endpoint)  # the node's agent now
+                client = self._client(agent)
                 info = await client.node_info(node) if abilities else None
                 for _ in range(LISTING_TRIES):
                     answers = obs.answers
