@@ -406,13 +406,7 @@ def test_a_pull_cut_by_its_deadline_keeps_its_layers_for_the_retry(testenv: Test
         first = slow.bytes_sent
         assert image.content_size // 4 < first < image.content_size, first
         assert len(pull_leases(containerd)) == 1
-        events = agent.pull(order(ref))
-        done = final(events, ref)
-        assert done.phase == A.PHASE_SUCCEEDED, done
-        second = slow.bytes_sent - first
-        assert second < image.content_size - first // 2, (first, second, image.content_size)
-        assert not pull_leases(containerd)
-        assert_progress_resumed(events, first)
+        assert_resumes(agent, ref, slow, first, image.content_size, containerd)
 
 
 def test_an_agent_restarted_mid_pull_leaves_its_successor_only_the_rest(
@@ -446,18 +440,27 @@ def test_an_agent_restarted_mid_pull_leaves_its_successor_only_the_rest(
         assert first < image.content_size, first
         assert len(pull_leases(containerd)) == 1
         agent.start()
-        events = agent.pull(order(ref))
-        done = final(events, ref)
-        assert done.phase == A.PHASE_SUCCEEDED, done
-        second = slow.bytes_sent - first
-        assert second < image.content_size - first // 2, (first, second, image.content_size)
-        assert not pull_leases(containerd)
-        assert_progress_resumed(events, first)
+        assert_resumes(agent, ref, slow, first, image.content_size, containerd)
 
 
-def assert_progress_resumed(events: list[agent_pb2.PullEvent], kept: int) -> None:
-    """A resumed pull reports byte progress while it runs, from about what was `kept`."""
-    done = events[-1]
+def assert_resumes(
+    agent: AgentProcess,
+    ref: str,
+    proxy: RegistryProxy,
+    kept: int,
+    size: int,
+    containerd: Containerd,
+) -> None:
+    """`ref` ordered again after a pull of it was cut, `kept` bytes into its `size`:
+    it succeeds downloading only about the rest, reports its byte progress while it
+    runs, from about what was kept, and leaves no lease."""
+    before = proxy.bytes_sent
+    events = agent.pull(order(ref))
+    done = final(events, ref)
+    assert done.phase == A.PHASE_SUCCEEDED, done
+    again = proxy.bytes_sent - before
+    assert again < size - kept // 2, (kept, again, size)
+    assert not pull_leases(containerd)
     progress = [e for e in events if e.phase == A.PHASE_PULLING and e.bytes_total]
     assert any(e.bytes_done < e.bytes_total for e in progress), "no progress while it ran"
     assert progress[0].bytes_total == done.bytes_total
