@@ -18,7 +18,7 @@ from common.wire import NODE_HEADER
 from coordinator import nodes
 from coordinator.agents import AgentPool
 from coordinator.images import ImageKey
-from coordinator.model import AGENT_UNAVAILABLE, AgentInfo, Inventory, OrderPhase
+from coordinator.model import AGENT_UNAVAILABLE, AgentInfo, Inventory, NodeObservation, OrderPhase
 from coordinator.pairs import PullItem
 from protos.fledged.agent.v1 import agent_pb2
 from tests.unit.standin import EmptyNodeAgent, registry_over, wait_until
@@ -32,18 +32,21 @@ class _SlowAgent(EmptyNodeAgent):
         await asyncio.sleep(3600)
 
 
+def _pull_ordered(registry: nodes.NodeRegistry, endpoint: str) -> tuple[NodeObservation, ImageKey]:
+    """Node n1, listed, with its agent at `endpoint`, ordered to pull IMAGE."""
+    registry.set_agent("n1", AgentInfo("n1", endpoint, False, expires=1e12, acquired="a"))
+    obs = registry.observation("n1")
+    obs.listed(Inventory([], 0), True)
+    registry.submit_pulls({"n1": [PullItem(IMAGE, False, True, caches=("ns/c",))]}, lambda i: [])
+    return obs, ImageKey(IMAGE)
+
+
 async def test_a_pull_cut_by_our_own_channel_close_is_lost_not_in_flight_for_ever(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(nodes, "CHANNEL_CLOSE_GRACE", 0.2)
     async with registry_over(_SlowAgent(), endpoints=2) as (registry, (old, new)):  # type: ignore[abstract]
-        registry.set_agent("n1", AgentInfo("n1", old, False, expires=1e12, acquired="a"))
-        obs = registry.observation("n1")
-        obs.listed(Inventory([], 0), True)
-        key = ImageKey(IMAGE)
-        registry.submit_pulls(
-            {"n1": [PullItem(IMAGE, False, True, caches=("ns/c",))]}, lambda i: []
-        )
+        obs, key = _pull_ordered(registry, old)
         await wait_until(lambda: obs.pulls[key].phase is OrderPhase.PULLING, "the pull to start")
         # The same node's agent is now reached at another address: the old channel goes.
         registry.set_agent("n1", AgentInfo("n1", new, False, expires=1e12, acquired="a"))
@@ -173,13 +176,7 @@ async def test_work_queued_for_an_agent_that_moved_dials_no_channel_to_its_old_a
     that one for good: nothing closes a channel no node uses)."""
     monkeypatch.setattr(nodes, "CHANNEL_CLOSE_GRACE", 0.2)
     async with registry_over(_SlowAgent(), endpoints=2) as (registry, (old, new)):  # type: ignore[abstract]
-        registry.set_agent("n1", AgentInfo("n1", old, False, expires=1e12, acquired="a"))
-        obs = registry.observation("n1")
-        obs.listed(Inventory([], 0), True)
-        key = ImageKey(IMAGE)
-        registry.submit_pulls(
-            {"n1": [PullItem(IMAGE, False, True, caches=("ns/c",))]}, lambda i: []
-        )
+        obs, key = _pull_ordered(registry, old)
         registry.submit_pins("n1", [("r.io/pinned:1", True)])
         registry.set_agent("n1", AgentInfo("n1", new, False, expires=1e12, acquired="b"))
         await wait_until(lambda: not obs.pulls[key].in_flight, "the order to be lost")
