@@ -59,6 +59,7 @@ STATUS_MIN_INTERVAL = 1.0  # seconds between two status writes of one cache
 NODE_CHANGE_BATCH = 0.25  # seconds at most node results gather before a cache is projected
 PLAN_SHARE = 20  # a cheap cache waits this many times its reconcile's cost before a replan
 COSTLY_RECONCILE = 0.02  # seconds: past this, a cache is replanned at most once a status interval
+WORKER_TURN = 0.005  # seconds of node plans a worker runs before letting answers and writes in
 FIRST_LISTINGS_WAIT = 15.0  # seconds at most the agents' first listings hold back workers
 CONFIRM_RETRY = 5.0  # seconds between reads of the agents' Leases while they fail
 TAKEOVER_GRACE = 45.0  # seconds a new coordinator waits for agents it has not seen yet
@@ -366,6 +367,11 @@ class Controller:
                 self._apply(self.desired.set_cache(held))
 
     async def _worker(self, index: int) -> None:
+        """Node keys never wait on I/O, so a worker plans them back to back for a turn
+        (WORKER_TURN) before it lets answers and writes in. A fleet-wide order's plans
+        then reach the last nodes in about the time they cost, instead of each one
+        waiting behind every answer the first nodes sent meanwhile."""
+        yielded = time.monotonic()
         while True:
             key = await self.queue.get()
             if key is None:
@@ -393,7 +399,9 @@ class Controller:
                 self.queue.add_rate_limited(key)
             finally:
                 self.queue.done(key)
-            await asyncio.sleep(0)  # node keys never wait: let answers and writes in
+            if time.monotonic() - yielded >= WORKER_TURN:
+                await asyncio.sleep(0)
+                yielded = time.monotonic()
 
     async def _housekeeping(self) -> None:
         """Lease expiry, periodic inventory resync and the refresh timer."""
