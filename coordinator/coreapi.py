@@ -115,5 +115,18 @@ class CoreV1:
         )
         return secret
 
-    def create_namespaced_event(self, namespace: str, body: client.CoreV1Event) -> None:
-        self._send("POST", "/api/v1/namespaces/{namespace}/events", {"namespace": namespace}, body)
+    def create_namespaced_event(self, namespace: str, body: client.CoreV1Event) -> Obj:
+        """The Event as created (plain JSON: its name is what a repeat patches)."""
+        path = "/api/v1/namespaces/{namespace}/events"
+        event: Obj = self._send("POST", path, {"namespace": namespace}, body)
+        return event
+
+    def patch_namespaced_event(self, name: str, namespace: str, body: Obj) -> None:
+        """A strategic merge patch, as client-go's recorder counts a repeat."""
+        self._send(
+            "PATCH",
+            "/api/v1/namespaces/{namespace}/events/{name}",
+            {"namespace": namespace, "name": name},
+            body,
+            content_type="application/strategic-merge-patch+json",
+        )

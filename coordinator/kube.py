@@ -28,6 +28,7 @@ from kubernetes.client import (
 
 from .api import GATE_RELEASED_ANNOTATION, GROUP, PLURAL, VERSION
 from .coreapi import CoreV1
+from .eventseries import EventSeries, SeriesKey
 from .gate import without_taint
 
 log = logging.getLogger(__name__)
@@ -287,6 +288,7 @@ class KubeWriter:
         self._component = component
         self._host = f"{component}-{uuid.uuid4().hex[:6]}"
         self._secrets: dict[tuple[str, str], tuple[float, V1Secret | None]] = {}
+        self._series = EventSeries()
 
     def get_cache(self, namespace: str, name: str) -> Obj | None:
         try:
@@ -416,9 +418,12 @@ class KubeWriter:
         raise RuntimeError(f"node {name} kept changing")
 
     def event(self, obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
-        """`obj`'s own namespace, or default for cluster-scoped objects (a Node's)."""
+        """`obj`'s own namespace, or default for cluster-scoped objects (a Node's). Said
+        again, it is counted on the Event recorded first (eventseries.py)."""
         meta = obj["metadata"]
         namespace = meta.get("namespace") or "default"
+        involved = meta.get("uid") or meta["name"]
+        series_key = (namespace, involved, obj.get("kind") or "", type_, reason, message)
         stamp = datetime.now(UTC)
         body = CoreV1Event(
             metadata=V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=namespace),
@@ -441,6 +446,27 @@ class KubeWriter:
             reporting_instance=self._host,
         )
         try:
-            self._core.create_namespaced_event(namespace, body)
+            if self._said_again(series_key, namespace):
+                return
+            created = self._core.create_namespaced_event(namespace, body)
         except client.ApiException as err:  # Events are best effort
             log.warning("could not record event %s on %s: %s", reason, meta["name"], err.reason)
+            return
+        self._series.said(series_key, created["metadata"]["name"], 1)
+
+    def _said_again(self, key: SeriesKey, namespace: str) -> bool:
+        """Counted on the Event this process recorded for it; False if there is none
+        (any more: Events expire)."""
+        series = self._series.get(key)
+        if series is None:
+            return False
+        repeat = {"count": series.count + 1, "lastTimestamp": now_iso()}
+        try:
+            self._core.patch_namespaced_event(series.name, namespace, repeat)
+        except client.ApiException as err:
+            if err.status != 404:
+                raise
+            self._series.forget(key)
+            return False
+        self._series.said(key, series.name, series.count + 1)
+        return True

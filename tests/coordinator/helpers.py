@@ -131,11 +131,14 @@ def agents_logged(env: TestEnv, text: str, nodes: Iterable[str]) -> bool:
 
 
 def events(env: TestEnv, namespace: str, name: str) -> list[tuple[str, str, str]]:
+    """Each time something was said: an Event said again is counted on the first."""
     core = client.CoreV1Api(env.api_client())
     items = core.list_namespaced_event(
         namespace, field_selector=f"involvedObject.name={name}"
     ).items
-    return [(e.type or "", e.reason or "", e.message or "") for e in items]
+    return [
+        (e.type or "", e.reason or "", e.message or "") for e in items for _ in range(e.count or 1)
+    ]
 
 
 @contextlib.contextmanager

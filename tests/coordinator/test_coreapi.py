@@ -132,6 +132,47 @@ def test_an_event_is_recorded(testenv: TestEnv, namespace: str) -> None:
     ]
 
 
+def test_an_event_said_again_is_counted_on_the_first_one(testenv: TestEnv, namespace: str) -> None:
+    """A cache failing on every retry says the same Events every few minutes: one Event
+    counts them (`kubectl describe`: "x3 over ..."), as client-go's recorder does; one
+    that expired meanwhile is recorded anew."""
+    api = testenv.api_client()
+    core = client.CoreV1Api(api)
+    writer = KubeWriter(api)
+    obj: dict[str, Any] = {
+        "apiVersion": "kubefledged.io/v1alpha2",
+        "kind": "ImageCache",
+        "metadata": {"name": "c", "namespace": namespace, "uid": "u1"},
+    }
+    for _ in range(3):
+        writer.event(obj, "Warning", "ImagePullFailed", "a:1: failed on 2 of 2 nodes")
+    writer.event(obj, "Warning", "ImagePullFailed", "b:1: failed on 1 of 2 nodes")
+    writer.event(obj, "Normal", "ImageCacheRefresh", "refreshing")
+
+    def said() -> list[tuple[str, str, int]]:
+        items = core.list_namespaced_event(namespace).items
+        return sorted((e.reason or "", e.message or "", e.count or 0) for e in items)
+
+    assert said() == [
+        ("ImageCacheRefresh", "refreshing", 1),
+        ("ImagePullFailed", "a:1: failed on 2 of 2 nodes", 3),
+        ("ImagePullFailed", "b:1: failed on 1 of 2 nodes", 1),
+    ]
+    counted = next(e for e in core.list_namespaced_event(namespace).items if e.count == 3)
+    assert counted.first_timestamp is not None
+    assert counted.last_timestamp is not None
+    assert counted.last_timestamp >= counted.first_timestamp
+    # Expired (the apiserver's event TTL) or deleted: said again, it is recorded anew.
+    core.delete_namespaced_event(str(counted.metadata.name), namespace)
+    writer.event(obj, "Warning", "ImagePullFailed", "a:1: failed on 2 of 2 nodes")
+    writer.event(obj, "Warning", "ImagePullFailed", "a:1: failed on 2 of 2 nodes")
+    assert said() == [
+        ("ImageCacheRefresh", "refreshing", 1),
+        ("ImagePullFailed", "a:1: failed on 2 of 2 nodes", 2),
+        ("ImagePullFailed", "b:1: failed on 1 of 2 nodes", 1),
+    ]
+
+
 def test_the_coordinators_kubernetes_io_loads_neither_corev1api_nor_cryptography(
     testenv: TestEnv,
 ) -> None:
