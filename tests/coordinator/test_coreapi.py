@@ -117,14 +117,19 @@ def test_secrets_are_models_as_corev1api_gives_them(testenv: TestEnv, namespace:
     assert missing.value.status == 404
 
 
-def test_an_event_is_recorded(testenv: TestEnv, namespace: str) -> None:
-    api = testenv.api_client()
-    writer = KubeWriter(api)
-    obj: dict[str, Any] = {
+def a_cache(namespace: str) -> dict[str, Any]:
+    """An ImageCache's identity, as Events name it."""
+    return {
         "apiVersion": "kubefledged.io/v1alpha2",
         "kind": "ImageCache",
         "metadata": {"name": "c", "namespace": namespace, "uid": "u1"},
     }
+
+
+def test_an_event_is_recorded(testenv: TestEnv, namespace: str) -> None:
+    api = testenv.api_client()
+    writer = KubeWriter(api)
+    obj = a_cache(namespace)
     writer.event(obj, "Normal", "Tested", "an event through CoreV1")
     items = client.CoreV1Api(api).list_namespaced_event(namespace).items
     assert [(e.reason, e.message, e.involved_object.name) for e in items] == [
@@ -139,11 +144,7 @@ def test_an_event_said_again_is_counted_on_the_first_one(testenv: TestEnv, names
     api = testenv.api_client()
     core = client.CoreV1Api(api)
     writer = KubeWriter(api)
-    obj: dict[str, Any] = {
-        "apiVersion": "kubefledged.io/v1alpha2",
-        "kind": "ImageCache",
-        "metadata": {"name": "c", "namespace": namespace, "uid": "u1"},
-    }
+    obj = a_cache(namespace)
     for _ in range(3):
         writer.event(obj, "Warning", "ImagePullFailed", "a:1: failed on 2 of 2 nodes")
     writer.event(obj, "Warning", "ImagePullFailed", "b:1: failed on 1 of 2 nodes")
