@@ -377,6 +377,17 @@ class NodeRegistry:
             if self._syncing[node] <= 0:
                 del self._syncing[node]
 
+    def _still(self, node: str, obs: NodeObservation, agent: AgentInfo) -> bool:
+        """Whether a listing begun through `agent` still counts: the node is still known
+        (a plan forgets one without a Node, closing its channel) and served by the same
+        agent process (one that moved is listed anew through its new address)."""
+        current = obs.agent
+        return (
+            self.observations.get(node) is obs
+            and current is not None
+            and current.same_process(agent)
+        )
+
     async def _sync(self, node: str, abilities: bool) -> bool:
         obs = self.observation(node)
         agent = obs.agent
@@ -384,7 +395,7 @@ class NodeRegistry:
             return False
         try:
             async with self._listings:
-                if obs.agent is None or not obs.agent.same_process(agent):
+                if not self._still(node, obs, agent):
                     return False  # it moved while this waited its turn: listed anew
                 client = self._client(agent)
                 info = await client.node_info(node) if abilities else None
@@ -396,8 +407,12 @@ class NodeRegistry:
                 else:  # answers keep coming: the sync at the end of their batch lists
                     return False
         except grpc.RpcError as err:
-            if obs.agent is None or not obs.agent.same_process(agent):
-                log.debug("listing %s through %s ended: its agent moved", node, agent.endpoint)
+            if not self._still(node, obs, agent):
+                log.debug(
+                    "listing %s through %s ended: its agent moved or its node went",
+                    node,
+                    agent.endpoint,
+                )
                 return False  # the new process is listed anew
             failures = self._listing_failures[node] = self._listing_failures.get(node, 0) + 1
             retry = min(self._resync_every, RELIST_AFTER * 2 ** (failures - 1))
@@ -422,7 +437,7 @@ class NodeRegistry:
             )
             return False
         self._listing_failures.pop(node, None)
-        if obs.agent is None or not obs.agent.same_process(agent):
+        if not self._still(node, obs, agent):
             return False  # another process took over meanwhile: it is listed anew
         fresh = inventory_from(listing, time.time())
         pulling = [key for image in listing.pulling if (key := key_or_none(image)) is not None]

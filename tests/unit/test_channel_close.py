@@ -156,6 +156,29 @@ async def test_a_listing_whose_agent_moved_between_its_calls_is_dropped_quietly(
     assert not failed, failed
 
 
+async def test_a_listing_of_a_node_forgotten_between_its_calls_is_dropped_quietly(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An agent's Lease with no Node behind it (a Node deleted while its agent still
+    runs): the node's plan forgets it, which closes its channel, between the calls of
+    the listing its Lease started. That listing warned 'cannot list images ... the
+    channel was closed' and set a retry, which the next renewal's listing met again:
+    a warning every few seconds for as long as the Lease was renewed."""
+    monkeypatch.setattr(nodes, "CHANNEL_CLOSE_GRACE", 5.0)
+    agent = _HeldInfo()  # type: ignore[abstract]
+    async with registry_over(agent) as (registry, (endpoint,)):
+        registry.set_agent("n1", AgentInfo("n1", endpoint, False, expires=1e12, acquired="a"))
+        await asyncio.wait_for(agent.held.wait(), 5)
+        registry.forget_node("n1")
+        await asyncio.sleep(0.1)  # its channel closes, the call still running
+        agent.release.set()
+        await wait_until(lambda: not registry._tasks, "the listing to end")
+        assert not registry._relists
+        assert "n1" not in registry.observations
+    failed = [r.getMessage() for r in caplog.records if r.levelname in ("ERROR", "WARNING")]
+    assert not failed, failed
+
+
 async def test_a_call_on_a_closed_channel_fails_as_an_agent_out_of_reach() -> None:
     client = AgentPool(None).get("127.0.0.1:9")
     await client.close(1.0)
