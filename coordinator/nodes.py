@@ -359,8 +359,7 @@ class NodeRegistry:
         obs = self.observations.get(node)
         if (
             obs is not None
-            and obs.agent is not None
-            and obs.agent.same_process(agent)
+            and self._still(node, obs, agent)
             and obs.alive(time.time())  # expired: the periodic resync takes over once renewed
         ):
             self._list(node, abilities)
