@@ -424,8 +424,22 @@ class KubeWriter:
         namespace = meta.get("namespace") or "default"
         involved = meta.get("uid") or meta["name"]
         series_key = (namespace, involved, obj.get("kind") or "", type_, reason, message)
+        try:
+            if self._said_again(series_key, namespace):
+                return
+            body = self._new_event(obj, namespace, type_, reason, message)
+            created = self._core.create_namespaced_event(namespace, body)
+        except client.ApiException as err:  # Events are best effort
+            log.warning("could not record event %s on %s: %s", reason, meta["name"], err.reason)
+            return
+        self._series.said(series_key, created["metadata"]["name"], 1)
+
+    def _new_event(
+        self, obj: Mapping[str, Any], namespace: str, type_: str, reason: str, message: str
+    ) -> CoreV1Event:
+        meta = obj["metadata"]
         stamp = datetime.now(UTC)
-        body = CoreV1Event(
+        return CoreV1Event(
             metadata=V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=namespace),
             involved_object=V1ObjectReference(
                 api_version=obj.get("apiVersion"),
@@ -445,14 +459,6 @@ class KubeWriter:
             reporting_component=self._component,
             reporting_instance=self._host,
         )
-        try:
-            if self._said_again(series_key, namespace):
-                return
-            created = self._core.create_namespaced_event(namespace, body)
-        except client.ApiException as err:  # Events are best effort
-            log.warning("could not record event %s on %s: %s", reason, meta["name"], err.reason)
-            return
-        self._series.said(series_key, created["metadata"]["name"], 1)
 
     def _said_again(self, key: SeriesKey, namespace: str) -> bool:
         """Counted on the Event this process recorded for it; False if there is none
